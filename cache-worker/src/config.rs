@@ -1,0 +1,379 @@
+//! Worker configuration: a YAML file (what the operator writes into a ConfigMap), overridden by
+//! flags, each of which is also an environment variable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytesize::ByteSize;
+use clap::Args;
+use lakecache_lake::SourceSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::MetadataPolicy;
+use crate::store::{TierKind, TierSpec};
+
+/// Default block size: 4 MiB.
+pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
+
+/// One tier as written in the configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TierConfig {
+    pub kind: TierKind,
+    /// Directory of the tier's block files. The Memory tier defaults to a directory under
+    /// `/dev/shm`; the Disk tier needs one.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    pub size: ByteSize,
+}
+
+/// The worker's configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkerConfig {
+    /// This worker's id in the ring (the pod name in Kubernetes).
+    #[serde(default = "default_id")]
+    pub id: String,
+    pub source: SourceSpec,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_admin")]
+    pub admin_listen: SocketAddr,
+    #[serde(default = "default_block_size")]
+    pub block_size: ByteSize,
+    pub tiers: Vec<TierConfig>,
+    #[serde(default)]
+    pub metadata: MetadataPolicy,
+    /// File holding the data-plane token; without one (and without `LAKECACHE_TOKEN`) the data
+    /// plane is open, which only `lakecache local` should use.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The token itself, when it comes from the environment rather than a file. Never written to
+    /// a file by the operator.
+    #[serde(skip)]
+    pub token: Option<String>,
+}
+
+fn default_id() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "worker-0".into())
+}
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:7700".parse().expect("valid")
+}
+fn default_admin() -> SocketAddr {
+    "0.0.0.0:7701".parse().expect("valid")
+}
+fn default_block_size() -> ByteSize {
+    ByteSize::b(DEFAULT_BLOCK_SIZE)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0} is not valid: {1}")]
+    Parse(PathBuf, String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("cannot read the token file {0}: {1}")]
+    Token(PathBuf, std::io::Error),
+}
+
+/// Command-line flags of the worker; each overrides the file.
+#[derive(Debug, Clone, Args, Default)]
+pub struct WorkerFlags {
+    /// Configuration file (YAML).
+    #[arg(long, env = "LAKECACHE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Worker id in the ring.
+    #[arg(long, env = "LAKECACHE_WORKER_ID")]
+    pub id: Option<String>,
+    /// Source URI (s3://bucket/prefix, oss://…, gs://…, azblob://…, file:///path).
+    #[arg(long, env = "LAKECACHE_SOURCE")]
+    pub source: Option<String>,
+    /// Source endpoint (for S3-compatible stores and OSS).
+    #[arg(long, env = "LAKECACHE_SOURCE_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Source region.
+    #[arg(long, env = "LAKECACHE_SOURCE_REGION")]
+    pub region: Option<String>,
+    /// Directory of credential files (a mounted Secret).
+    #[arg(long, env = "LAKECACHE_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "LAKECACHE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin (metrics, probes) listen address.
+    #[arg(long, env = "LAKECACHE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Block size, e.g. 4MiB.
+    #[arg(long, env = "LAKECACHE_BLOCK_SIZE")]
+    pub block_size: Option<ByteSize>,
+    /// Memory tier size, e.g. 4GiB (replaces the file's Memory tier).
+    #[arg(long, env = "LAKECACHE_MEMORY")]
+    pub memory: Option<ByteSize>,
+    /// Directory of the Memory tier (a tmpfs).
+    #[arg(long, env = "LAKECACHE_MEMORY_DIR")]
+    pub memory_dir: Option<PathBuf>,
+    /// Disk tier as PATH:SIZE, e.g. /var/cache/lakecache:50GiB (replaces the file's Disk tier).
+    #[arg(long, env = "LAKECACHE_DISK")]
+    pub disk: Option<String>,
+    /// File holding the data-plane token.
+    #[arg(long, env = "LAKECACHE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Parses `PATH:SIZE`.
+pub fn parse_disk(s: &str) -> Result<(PathBuf, ByteSize), ConfigError> {
+    let (path, size) = s.rsplit_once(':').ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "disk tier {s:?}: expected PATH:SIZE, e.g. /var/cache/lakecache:50GiB"
+        ))
+    })?;
+    let size: ByteSize = size
+        .parse()
+        .map_err(|e| ConfigError::Invalid(format!("disk tier size {size:?}: {e}")))?;
+    Ok((PathBuf::from(path), size))
+}
+
+impl WorkerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e.to_string()))
+    }
+
+    /// The file (if any) with the flags applied on top.
+    pub fn from_flags(flags: &WorkerFlags) -> Result<Self, ConfigError> {
+        let mut cfg = match &flags.config {
+            Some(p) => Self::load(p)?,
+            None => {
+                let uri = flags.source.clone().ok_or_else(|| {
+                    ConfigError::Invalid("no source: give --source or a --config file".into())
+                })?;
+                WorkerConfig {
+                    id: default_id(),
+                    source: SourceSpec::new(uri),
+                    listen: default_listen(),
+                    admin_listen: default_admin(),
+                    block_size: default_block_size(),
+                    tiers: vec![],
+                    metadata: MetadataPolicy::Immutable,
+                    token_file: None,
+                    token: None,
+                }
+            }
+        };
+        if let Some(v) = &flags.id {
+            cfg.id = v.clone();
+        }
+        if let Some(v) = &flags.source {
+            cfg.source.uri = v.clone();
+        }
+        if let Some(v) = &flags.endpoint {
+            cfg.source.options.insert("endpoint".into(), v.clone());
+        }
+        if let Some(v) = &flags.region {
+            cfg.source.options.insert("region".into(), v.clone());
+        }
+        if let Some(v) = &flags.credentials_dir {
+            cfg.source.credentials_dir = Some(v.clone());
+        }
+        if let Some(v) = flags.listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = flags.admin_listen {
+            cfg.admin_listen = v;
+        }
+        if let Some(v) = flags.block_size {
+            cfg.block_size = v;
+        }
+        if let Some(size) = flags.memory {
+            cfg.tiers.retain(|t| t.kind != TierKind::Memory);
+            cfg.tiers.insert(
+                0,
+                TierConfig {
+                    kind: TierKind::Memory,
+                    path: flags.memory_dir.clone(),
+                    size,
+                },
+            );
+        }
+        if let Some(d) = &flags.disk {
+            let (path, size) = parse_disk(d)?;
+            cfg.tiers.retain(|t| t.kind != TierKind::Disk);
+            cfg.tiers.push(TierConfig {
+                kind: TierKind::Disk,
+                path: Some(path),
+                size,
+            });
+        }
+        if let Some(v) = &flags.token_file {
+            cfg.token_file = Some(v.clone());
+        }
+        if cfg.token.is_none() {
+            cfg.token = std::env::var("LAKECACHE_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty());
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what needs no I/O.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bs = self.block_size.as_u64();
+        if !bs.is_power_of_two() || !(64 << 10..=256 << 20).contains(&bs) {
+            return Err(ConfigError::Invalid(format!(
+                "block size {} must be a power of two between 64KiB and 256MiB",
+                self.block_size
+            )));
+        }
+        if self.tiers.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no tiers: give --memory and/or --disk".into(),
+            ));
+        }
+        let mems = self
+            .tiers
+            .iter()
+            .filter(|t| t.kind == TierKind::Memory)
+            .count();
+        let disks = self
+            .tiers
+            .iter()
+            .filter(|t| t.kind == TierKind::Disk)
+            .count();
+        if mems > 1 || disks > 1 {
+            return Err(ConfigError::Invalid(
+                "at most one Memory and one Disk tier".into(),
+            ));
+        }
+        for t in &self.tiers {
+            if t.size.as_u64() < bs {
+                return Err(ConfigError::Invalid(format!(
+                    "{:?} tier of {} is smaller than one block ({})",
+                    t.kind, t.size, self.block_size
+                )));
+            }
+            if t.kind == TierKind::Disk && t.path.is_none() {
+                return Err(ConfigError::Invalid("the Disk tier needs a path".into()));
+            }
+        }
+        if self.id.is_empty() {
+            return Err(ConfigError::Invalid("empty worker id".into()));
+        }
+        Ok(())
+    }
+
+    /// The tiers with their directories resolved, Memory first.
+    pub fn tier_specs(&self) -> Vec<TierSpec> {
+        let mut tiers: Vec<TierSpec> = self
+            .tiers
+            .iter()
+            .map(|t| TierSpec {
+                kind: t.kind,
+                dir: t.path.clone().unwrap_or_else(|| {
+                    PathBuf::from("/dev/shm").join(format!("lakecache-{}", self.id))
+                }),
+                capacity: t.size.as_u64(),
+            })
+            .collect();
+        tiers.sort_by_key(|t| t.kind != TierKind::Memory);
+        tiers
+    }
+
+    /// The data-plane token, from the token file or the environment.
+    pub fn resolve_token(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.token_file {
+            Some(p) => {
+                let t = std::fs::read_to_string(p).map_err(|e| ConfigError::Token(p.clone(), e))?;
+                Ok(Some(t.trim().to_string()))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file() {
+        let yaml = r#"
+id: w-1
+source:
+  uri: s3://bucket/prefix
+  options: { endpoint: "http://127.0.0.1:9000", region: us-east-1 }
+  credentialsDir: /etc/lakecache/credentials
+  timeout: 10s
+listen: 127.0.0.1:7700
+blockSize: 4MiB
+tiers:
+  - { kind: Memory, size: 1GiB }
+  - { kind: Disk, path: /var/cache/lakecache, size: 50GiB }
+metadata: { policy: Ttl, ttl: 5m }
+tokenFile: /etc/lakecache/token/token
+"#;
+        let cfg: WorkerConfig = serde_yaml_ng::from_str(yaml).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.block_size.as_u64(), 4 << 20);
+        assert_eq!(cfg.source.timeout, std::time::Duration::from_secs(10));
+        assert_eq!(
+            cfg.metadata,
+            MetadataPolicy::Ttl {
+                ttl: std::time::Duration::from_secs(300)
+            }
+        );
+        let tiers = cfg.tier_specs();
+        assert_eq!(tiers[0].dir, PathBuf::from("/dev/shm/lakecache-w-1"));
+        assert_eq!(tiers[1].capacity, 50 << 30);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        let e = serde_yaml_ng::from_str::<WorkerConfig>("source: {uri: x}\ntiers: []\nbogus: 1")
+            .unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let flags = WorkerFlags {
+            source: Some("file:///tmp".into()),
+            memory: Some(ByteSize::mib(64)),
+            block_size: Some(ByteSize::b(3_000_000)),
+            ..Default::default()
+        };
+        let e = WorkerConfig::from_flags(&flags).unwrap_err();
+        assert!(e.to_string().contains("power of two"), "{e}");
+        assert!(
+            parse_disk("/x")
+                .unwrap_err()
+                .to_string()
+                .contains("PATH:SIZE")
+        );
+        let flags = WorkerFlags {
+            source: Some("file:///tmp".into()),
+            ..Default::default()
+        };
+        assert!(
+            WorkerConfig::from_flags(&flags)
+                .unwrap_err()
+                .to_string()
+                .contains("no tiers")
+        );
+    }
+
+    #[test]
+    fn flags_build_a_config() {
+        let flags = WorkerFlags {
+            source: Some("file:///data".into()),
+            memory: Some(ByteSize::mib(64)),
+            disk: Some("/var/cache/x:1GiB".into()),
+            ..Default::default()
+        };
+        let cfg = WorkerConfig::from_flags(&flags).unwrap();
+        assert_eq!(cfg.tiers.len(), 2);
+        assert_eq!(cfg.tier_specs()[1].dir, PathBuf::from("/var/cache/x"));
+    }
+}

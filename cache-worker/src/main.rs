@@ -1,0 +1,37 @@
+//! `lakecache-worker`: one cache worker, configured by a file and flags.
+
+use clap::Parser;
+use lakecache_worker::Worker;
+use lakecache_worker::config::{WorkerConfig, WorkerFlags};
+
+#[derive(Debug, Parser)]
+#[command(name = "lakecache-worker", version, about = "A lakecache cache worker")]
+struct Cli {
+    #[command(flatten)]
+    worker: WorkerFlags,
+    /// Log format: text or json.
+    #[arg(long, env = "LAKECACHE_LOG_FORMAT", default_value = "text")]
+    log_format: lakecache_telemetry::LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    lakecache_telemetry::init_logging(cli.log_format);
+    let cfg = WorkerConfig::from_flags(&cli.worker)?;
+    let worker = Worker::start(cfg).await?;
+    lakecache_telemetry::shutdown_signal().await;
+    worker.stop().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

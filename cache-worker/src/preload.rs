@@ -1,0 +1,265 @@
+//! Preloading: loading paths into the cache before a job reads them.
+//!
+//! A preload names paths or glob patterns. The worker expands them through its metadata cache
+//! (which warms the metadata too), then loads the blocks it owns among the members it was given,
+//! by the same rendezvous placement the readers use, so that every worker of a CacheNamespace
+//! loads a disjoint share in parallel and the readers later find each block where they look.
+//! Progress (files and bytes done of total) and per-path failures are kept per preload id and
+//! can be watched; a preload can be cancelled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use globset::{Glob, GlobMatcher};
+use lakecache_lake::block::{block_count, rendezvous_order};
+use lakecache_lake::{BlockKey, LakeError, ObjectMeta};
+use lakecache_proto::lakecache::v1::{PathFailure, PreloadPhase, PreloadStatus};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cache::BlockCache;
+use crate::meta::MetadataCache;
+
+/// Files loaded at once by one worker.
+const FILE_CONCURRENCY: usize = 8;
+
+/// A preload request as the worker sees it.
+#[derive(Debug, Clone)]
+pub struct PreloadSpec {
+    pub id: String,
+    pub paths: Vec<String>,
+    pub metadata_only: bool,
+    pub members: Vec<String>,
+}
+
+struct Job {
+    status: watch::Sender<PreloadStatus>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Runs and tracks the preloads of one worker.
+pub struct Preloader {
+    me: String,
+    cache: Arc<BlockCache>,
+    meta: Arc<MetadataCache>,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Preloader {
+    pub fn new(me: String, cache: Arc<BlockCache>, meta: Arc<MetadataCache>) -> Arc<Self> {
+        Arc::new(Self {
+            me,
+            cache,
+            meta,
+            jobs: Default::default(),
+        })
+    }
+
+    /// Starts a preload, or returns the status of the one with that id.
+    pub fn start(self: &Arc<Self>, spec: PreloadSpec) -> PreloadStatus {
+        let mut jobs = self.jobs.lock();
+        if let Some(job) = jobs.get(&spec.id) {
+            return job.status.borrow().clone();
+        }
+        let initial = PreloadStatus {
+            id: spec.id.clone(),
+            phase: PreloadPhase::Running as i32,
+            started_unix_millis: now_millis(),
+            ..Default::default()
+        };
+        let (tx, _) = watch::channel(initial.clone());
+        let job = Arc::new(Job {
+            status: tx,
+            task: Mutex::new(None),
+        });
+        let this = self.clone();
+        let j = job.clone();
+        let task = tokio::spawn(async move { this.run(spec, j).await });
+        *job.task.lock() = Some(task);
+        jobs.insert(initial.id.clone(), job);
+        initial
+    }
+
+    pub fn watch(&self, id: &str) -> Option<watch::Receiver<PreloadStatus>> {
+        self.jobs.lock().get(id).map(|j| j.status.subscribe())
+    }
+
+    pub fn cancel(&self, id: &str) -> Option<PreloadStatus> {
+        let job = self.jobs.lock().get(id).cloned()?;
+        if let Some(t) = job.task.lock().take() {
+            t.abort();
+        }
+        job.status.send_if_modified(|s| {
+            if s.phase == PreloadPhase::Running as i32 {
+                s.phase = PreloadPhase::Cancelled as i32;
+                s.finished_unix_millis = now_millis();
+                true
+            } else {
+                false
+            }
+        });
+        let s = job.status.borrow().clone();
+        Some(s)
+    }
+
+    async fn run(self: Arc<Self>, spec: PreloadSpec, job: Arc<Job>) {
+        let update = |f: &dyn Fn(&mut PreloadStatus)| {
+            job.status.send_modify(|s| f(s));
+        };
+        let mut files: Vec<(String, ObjectMeta)> = Vec::new();
+        for pattern in &spec.paths {
+            match self.expand(pattern).await {
+                Ok(mut found) => files.append(&mut found),
+                Err(e) => update(&|s| {
+                    s.failures.push(PathFailure {
+                        path: pattern.clone(),
+                        reason: e.to_string(),
+                    })
+                }),
+            }
+        }
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        files.dedup_by(|a, b| a.0 == b.0);
+        let me = spec.members.iter().position(|m| *m == self.me);
+        if !spec.members.is_empty() && me.is_none() {
+            let reason = format!("worker {} is not among the preload's members", self.me);
+            update(&|s| {
+                s.failures.push(PathFailure {
+                    path: String::new(),
+                    reason: reason.clone(),
+                });
+                s.phase = PreloadPhase::Failed as i32;
+                s.finished_unix_millis = now_millis();
+            });
+            return;
+        }
+        let bs = self.cache.block_size();
+        // The blocks of each file that this worker owns.
+        let plan: Vec<(String, ObjectMeta, Vec<u64>)> = files
+            .into_iter()
+            .map(|(path, m)| {
+                let owned = if spec.metadata_only {
+                    vec![]
+                } else {
+                    (0..block_count(m.size, bs))
+                        .filter(|i| match me {
+                            None => true,
+                            Some(me) => {
+                                let id = BlockKey::new(&path, &m.version, *i).id();
+                                rendezvous_order(&spec.members, id.0)[0] == me
+                            }
+                        })
+                        .collect()
+                };
+                (path, m, owned)
+            })
+            .collect();
+        let bytes_total: u64 = plan
+            .iter()
+            .map(|(p, m, owned)| {
+                owned
+                    .iter()
+                    .map(|i| {
+                        let (a, b) = BlockKey::new(p, &m.version, *i).range(bs, m.size);
+                        b - a
+                    })
+                    .sum::<u64>()
+            })
+            .sum();
+        let files_total = plan.len() as u64;
+        update(&|s| {
+            s.files_total = files_total;
+            s.bytes_total = bytes_total;
+        });
+        let cache = self.cache.clone();
+        let mut results = futures::stream::iter(plan.into_iter().map(|(path, m, owned)| {
+            let cache = cache.clone();
+            async move {
+                let mut failure = None;
+                let mut loaded = 0u64;
+                for i in owned {
+                    let key = BlockKey::new(&path, &m.version, i);
+                    match cache.get(&key, m.size).await {
+                        Ok((b, _)) => loaded += b.len() as u64,
+                        Err(e) => {
+                            failure = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                (path, loaded, failure)
+            }
+        }))
+        .buffer_unordered(FILE_CONCURRENCY);
+        while let Some((path, loaded, failure)) = results.next().await {
+            update(&|s| {
+                s.files_done += 1;
+                s.bytes_done += loaded;
+                if let Some(reason) = &failure {
+                    s.failures.push(PathFailure {
+                        path: path.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+            });
+        }
+        update(&|s| {
+            s.phase = if s.failures.is_empty() {
+                PreloadPhase::Succeeded as i32
+            } else {
+                PreloadPhase::Failed as i32
+            };
+            s.finished_unix_millis = now_millis();
+        });
+    }
+
+    /// The files a path or glob pattern names.
+    async fn expand(&self, pattern: &str) -> Result<Vec<(String, ObjectMeta)>, LakeError> {
+        let pattern = lakecache_lake::normalize(pattern);
+        let is_glob = pattern.contains(['*', '?', '[', '{']);
+        let literal: Vec<&str> = pattern
+            .split('/')
+            .take_while(|c| !c.contains(['*', '?', '[', '{']))
+            .collect();
+        let base = literal.join("/");
+        let matcher: Option<GlobMatcher> = if is_glob {
+            Some(
+                Glob::new(&pattern)
+                    .map_err(|e| LakeError::Other {
+                        path: pattern.clone(),
+                        message: e.to_string(),
+                    })?
+                    .compile_matcher(),
+            )
+        } else {
+            None
+        };
+        let base_meta = self.meta.stat(&base).await?;
+        if !base_meta.is_dir() {
+            return Ok(vec![(base, base_meta)]);
+        }
+        let mut out = Vec::new();
+        let mut dirs = vec![base];
+        while let Some(dir) = dirs.pop() {
+            for e in self.meta.list(&dir).await?.iter() {
+                let path = lakecache_lake::join(&dir, &e.name);
+                if e.meta.is_dir() {
+                    dirs.push(path);
+                } else if matcher.as_ref().is_none_or(|m| m.is_match(&path)) {
+                    out.push((path, e.meta.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,302 @@
+//! The worker's gRPC service: thin handlers that check arguments, call the cache, and translate
+//! errors to status codes once, here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use lakecache_lake::{BlockKey, DirEntry as LakeEntry, Kind, LakeError, ObjectMeta};
+use lakecache_proto::lakecache::v1 as pb;
+use lakecache_proto::lakecache::v1::cache_worker_server::CacheWorker;
+use tonic::{Request, Response, Status};
+
+use crate::cache::{BlockCache, BlockError, Origin};
+use crate::meta::MetadataCache;
+use crate::metrics::WorkerMetrics;
+use crate::preload::{PreloadSpec, Preloader};
+use crate::store::TierKind;
+
+/// Chunk size of a ReadBlock stream.
+pub const CHUNK: usize = 1 << 20;
+
+/// Metadata key set on errors that come from the source, so that a reader knows failing over to
+/// another worker would not help.
+pub const SOURCE_ERROR_KEY: &str = "lakecache-source-error";
+
+pub struct WorkerService {
+    pub id: String,
+    pub cache: Arc<BlockCache>,
+    pub meta: Arc<MetadataCache>,
+    pub preloader: Arc<Preloader>,
+    pub metrics: Arc<WorkerMetrics>,
+}
+
+fn lake_status(e: &LakeError) -> Status {
+    let mut s = match e {
+        LakeError::NotFound { .. } => Status::not_found(e.to_string()),
+        LakeError::Changed { .. } => {
+            Status::failed_precondition(format!("{e}; the reader must look the object up again"))
+        }
+        LakeError::Unavailable(_) => Status::unavailable(e.to_string()),
+        LakeError::PermissionDenied { .. } => Status::permission_denied(e.to_string()),
+        LakeError::Other { .. } => Status::internal(e.to_string()),
+    };
+    s.metadata_mut()
+        .insert(SOURCE_ERROR_KEY, "1".parse().expect("ascii"));
+    s
+}
+
+fn block_status(e: &BlockError) -> Status {
+    match e {
+        BlockError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
+        BlockError::Lake(l) => lake_status(l),
+    }
+}
+
+pub fn attributes(m: &ObjectMeta) -> pb::Attributes {
+    let (secs, nanos) = m
+        .modified
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| (d.as_secs() as i64, d.subsec_nanos()))
+        .unwrap_or((0, 0));
+    pb::Attributes {
+        kind: match m.kind {
+            Kind::File => pb::EntryKind::File as i32,
+            Kind::Directory => pb::EntryKind::Directory as i32,
+        },
+        size: m.size,
+        version: m.version.clone(),
+        mtime_seconds: secs,
+        mtime_nanos: nanos,
+    }
+}
+
+fn entry(e: &LakeEntry) -> pb::DirEntry {
+    pb::DirEntry {
+        name: e.name.clone(),
+        attributes: Some(attributes(&e.meta)),
+    }
+}
+
+fn tier_pb(t: TierKind) -> pb::Tier {
+    match t {
+        TierKind::Memory => pb::Tier::Memory,
+        TierKind::Disk => pb::Tier::Disk,
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
+type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::PreloadStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CacheWorker for WorkerService {
+    type ReadBlockStream = ChunkStream;
+    type WatchPreloadStream = StatusStream;
+
+    async fn read_block(
+        &self,
+        req: Request<pb::ReadBlockRequest>,
+    ) -> Result<Response<Self::ReadBlockStream>, Status> {
+        let req = req.into_inner();
+        let key = req
+            .key
+            .ok_or_else(|| Status::invalid_argument("key is required"))?;
+        if key.path.is_empty() {
+            return Err(Status::invalid_argument("key.path is required"));
+        }
+        let bs = self.cache.block_size();
+        if req.block_size != bs {
+            return Err(Status::failed_precondition(format!(
+                "block size mismatch: the reader uses {} bytes, this worker {bs}; \
+                 configure readers and workers alike",
+                req.block_size
+            )));
+        }
+        let bkey = BlockKey::new(key.path, key.version, key.index);
+        let (bytes, origin) = self
+            .cache
+            .get(&bkey, key.object_size)
+            .await
+            .map_err(|e| block_status(&e))?;
+        let start = (req.offset as usize).min(bytes.len());
+        let end = if req.length == 0 {
+            bytes.len()
+        } else {
+            (start + req.length as usize).min(bytes.len())
+        };
+        let data: Bytes = bytes.slice(start..end);
+        self.metrics
+            .bytes_served
+            .get_or_create(&self.metrics.tier(origin.label()))
+            .inc_by(data.len() as u64);
+        let served = match origin {
+            Origin::Tier(t) => tier_pb(t),
+            Origin::Source => pb::Tier::Source,
+        } as i32;
+        let mut chunks = Vec::with_capacity(data.len() / CHUNK + 1);
+        let mut off = 0;
+        loop {
+            let n = CHUNK.min(data.len() - off);
+            chunks.push(Ok(pb::Chunk {
+                offset: (start + off) as u64,
+                data: data.slice(off..off + n),
+                served_from: if off == 0 { served } else { 0 },
+            }));
+            off += n;
+            if off >= data.len() {
+                break;
+            }
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn stat(
+        &self,
+        req: Request<pb::StatRequest>,
+    ) -> Result<Response<pb::StatResponse>, Status> {
+        let path = lakecache_lake::normalize(&req.into_inner().path);
+        let m = self.meta.stat(&path).await.map_err(|e| lake_status(&e))?;
+        Ok(Response::new(pb::StatResponse {
+            attributes: Some(attributes(&m)),
+        }))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let path = lakecache_lake::normalize(&req.into_inner().path);
+        let entries = self.meta.list(&path).await.map_err(|e| lake_status(&e))?;
+        Ok(Response::new(pb::ListResponse {
+            entries: entries.iter().map(entry).collect(),
+        }))
+    }
+
+    async fn start_preload(
+        &self,
+        req: Request<pb::StartPreloadRequest>,
+    ) -> Result<Response<pb::PreloadStatus>, Status> {
+        let r = req.into_inner();
+        if r.id.is_empty() {
+            return Err(Status::invalid_argument("id is required"));
+        }
+        if r.paths.is_empty() {
+            return Err(Status::invalid_argument(
+                "paths: give at least one path or pattern",
+            ));
+        }
+        let spec = PreloadSpec {
+            id: r.id,
+            paths: r.paths,
+            metadata_only: r.metadata_only,
+            members: r.members,
+        };
+        Ok(Response::new(self.preloader.start(spec)))
+    }
+
+    async fn watch_preload(
+        &self,
+        req: Request<pb::WatchPreloadRequest>,
+    ) -> Result<Response<Self::WatchPreloadStream>, Status> {
+        let id = req.into_inner().id;
+        let rx = self
+            .preloader
+            .watch(&id)
+            .ok_or_else(|| Status::not_found(format!("no preload {id:?} on worker {}", self.id)))?;
+        let stream = futures::stream::unfold((rx, false), |(mut rx, done)| async move {
+            if done {
+                return None;
+            }
+            let s = rx.borrow_and_update().clone();
+            let finished = s.phase != pb::PreloadPhase::Running as i32;
+            if !finished && rx.changed().await.is_err() {
+                return None;
+            }
+            let s = if finished {
+                s
+            } else {
+                rx.borrow_and_update().clone()
+            };
+            let finished = s.phase != pb::PreloadPhase::Running as i32;
+            Some((Ok(s), (rx, finished)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_preload(
+        &self,
+        req: Request<pb::CancelPreloadRequest>,
+    ) -> Result<Response<pb::PreloadStatus>, Status> {
+        let id = req.into_inner().id;
+        self.preloader
+            .cancel(&id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no preload {id:?} on worker {}", self.id)))
+    }
+
+    async fn info(
+        &self,
+        _req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
+        let usage = self.cache.store().usage();
+        let hits: u64 = [TierKind::Memory, TierKind::Disk]
+            .iter()
+            .map(|t| {
+                self.metrics
+                    .hits
+                    .get_or_create(&self.metrics.tier(t.label()))
+                    .get()
+            })
+            .sum();
+        Ok(Response::new(pb::WorkerInfo {
+            id: self.id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            source: self.cache.source().describe(),
+            block_size: self.cache.block_size(),
+            tiers: usage
+                .iter()
+                .map(|u| pb::TierUsage {
+                    tier: tier_pb(u.kind) as i32,
+                    capacity_bytes: u.capacity,
+                    used_bytes: u.used,
+                    blocks: u.blocks,
+                })
+                .collect(),
+            hits,
+            misses: self.metrics.misses.get(),
+        }))
+    }
+}
+
+/// Checks the bearer token of every call, in constant time.
+#[derive(Clone)]
+pub struct TokenCheck {
+    pub expected: Option<Arc<str>>,
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let (a, b) = (given.as_bytes(), expected.as_bytes());
+        let mut diff = a.len() ^ b.len();
+        for i in 0..a.len().min(b.len()) {
+            diff |= (a[i] ^ b[i]) as usize;
+        }
+        if diff == 0 {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong data-plane token: readers need the CacheNamespace's token",
+            ))
+        }
+    }
+}

@@ -1,0 +1,710 @@
+//! The block store: a Memory tier and a Disk tier of raw block files.
+//!
+//! Each tier is a directory: the Memory tier's lies on a tmpfs the worker owns (an emptyDir with
+//! `medium: Memory` in Kubernetes, `/dev/shm` on one machine), the Disk tier's on a local disk.
+//! A block is stored as its raw bytes in `<id>.blk`, so that a block, or a small file that is one
+//! block, can be handed to the kernel as a FUSE passthrough backing file; beside it `<id>.meta`
+//! holds the block's key, length and CRC32C. Files appear by rename, so a reader never sees a
+//! half-written block.
+//!
+//! The tiers are exclusive and form one LRU chain: new blocks enter the first tier, its least
+//! recently used block is demoted to the next tier when it overflows, and the last tier evicts.
+//! The door is guarded by the frequency admission of [`crate::policy`]: when the whole store is
+//! full, a newcomer gets in only if it was requested more often than the block it would push
+//! out. A hit in a lower tier is promoted to the first tier by the same rule.
+//!
+//! Every read from the Disk tier verifies the CRC32C; a bad block is deleted and reported as a
+//! miss, so the caller fetches it again and the bad bytes never reach a reader. At start the index
+//! is rebuilt from the `.meta` files, so a restarted worker keeps its cache.
+//!
+//! The index is a mutex-guarded map; file I/O happens outside the lock. Moves that race with
+//! reads are safe: a reader that finds a block's file gone looks in the other tiers, and if it is
+//! nowhere drops the index entry and treats the read as a miss.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use hashlink::LinkedHashMap;
+use lakecache_lake::{BlockId, BlockKey};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::WorkerMetrics;
+use crate::policy::{FrequencySketch, admit};
+
+/// The kind of a tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TierKind {
+    Memory,
+    Disk,
+}
+
+impl TierKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            TierKind::Memory => "memory",
+            TierKind::Disk => "disk",
+        }
+    }
+}
+
+/// A tier as configured.
+#[derive(Debug, Clone)]
+pub struct TierSpec {
+    pub kind: TierKind,
+    pub dir: PathBuf,
+    pub capacity: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    len: u64,
+    crc: u32,
+}
+
+#[derive(Debug)]
+struct TierState {
+    spec: TierSpec,
+    used: u64,
+    lru: LinkedHashMap<BlockId, Entry>,
+}
+
+impl TierState {
+    fn block_path(&self, id: BlockId) -> PathBuf {
+        self.spec.dir.join(format!("{id}.blk"))
+    }
+}
+
+struct Inner {
+    tiers: Vec<TierState>,
+    sketch: FrequencySketch,
+    /// Blocks whose file is being written; their space is already counted in the first tier.
+    pending: std::collections::HashSet<BlockId>,
+}
+
+impl Inner {
+    fn find(&self, id: BlockId) -> Option<usize> {
+        self.tiers.iter().position(|t| t.lru.contains_key(&id))
+    }
+}
+
+/// What the sidecar `.meta` file holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct BlockMeta {
+    path: String,
+    version: String,
+    index: u64,
+    len: u64,
+    crc32c: u32,
+}
+
+/// A file move or deletion decided under the lock and carried out after it.
+#[derive(Debug)]
+enum Action {
+    Move {
+        id: BlockId,
+        from: PathBuf,
+        to: PathBuf,
+    },
+    Delete {
+        id: BlockId,
+        dir: PathBuf,
+    },
+}
+
+/// Usage of one tier.
+#[derive(Debug, Clone)]
+pub struct TierUsage {
+    pub kind: TierKind,
+    pub capacity: u64,
+    pub used: u64,
+    pub blocks: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot use tier directory {0}: {1}")]
+    Dir(PathBuf, std::io::Error),
+    #[error("tier {0:?} of {1} bytes is smaller than one block of {2} bytes")]
+    TooSmall(TierKind, u64, u64),
+    #[error("no tiers configured: give a Memory or a Disk tier")]
+    NoTiers,
+}
+
+/// The tiered block store.
+pub struct BlockStore {
+    inner: Mutex<Inner>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+/// What [`BlockStore::get`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    Hit {
+        bytes: Bytes,
+        tier: TierKind,
+    },
+    /// Not cached; `past` is how often it was requested before (for admission).
+    Miss {
+        past: u8,
+    },
+}
+
+impl BlockStore {
+    /// Opens the tiers, creating their directories, and rebuilds the index from what is on disk.
+    pub fn open(
+        specs: Vec<TierSpec>,
+        block_size: u64,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Result<Self, StoreError> {
+        if specs.is_empty() {
+            return Err(StoreError::NoTiers);
+        }
+        let mut tiers = Vec::new();
+        let mut total_blocks = 0usize;
+        for spec in specs {
+            if spec.capacity < block_size {
+                return Err(StoreError::TooSmall(spec.kind, spec.capacity, block_size));
+            }
+            std::fs::create_dir_all(&spec.dir).map_err(|e| StoreError::Dir(spec.dir.clone(), e))?;
+            total_blocks += (spec.capacity / block_size) as usize;
+            let (lru, used) = rebuild(&spec).map_err(|e| StoreError::Dir(spec.dir.clone(), e))?;
+            tracing::info!(tier = spec.kind.label(), dir = %spec.dir.display(), blocks = lru.len(),
+                used, capacity = spec.capacity, "tier index rebuilt");
+            tiers.push(TierState { spec, used, lru });
+        }
+        let store = Self {
+            inner: Mutex::new(Inner {
+                tiers,
+                sketch: FrequencySketch::new(total_blocks),
+                pending: Default::default(),
+            }),
+            metrics,
+        };
+        // A tier that shrank since the last run gives back what no longer fits.
+        let actions = {
+            let mut inner = store.inner.lock();
+            let mut actions = Vec::new();
+            cascade(&mut inner, 0, &mut actions, &store.metrics);
+            actions
+        };
+        run_actions(actions);
+        store.publish_usage();
+        Ok(store)
+    }
+
+    /// Looks a block up, records the request for admission, and reads it if cached.
+    pub async fn get(&self, key: &BlockKey) -> Lookup {
+        let id = key.id();
+        let (past, found) = {
+            let mut inner = self.inner.lock();
+            let past = inner.sketch.estimate(id.short());
+            inner.sketch.record(id.short());
+            let found = inner.find(id).map(|t| {
+                let tier = &mut inner.tiers[t];
+                let entry = *tier.lru.to_back(&id).expect("found above");
+                (t, tier.spec.kind, entry)
+            });
+            (past, found)
+        };
+        let Some((t, kind, entry)) = found else {
+            return Lookup::Miss { past };
+        };
+        match self.read_file(id, t, kind, entry).await {
+            Some(bytes) => {
+                self.maybe_promote(id, t);
+                Lookup::Hit { bytes, tier: kind }
+            }
+            None => Lookup::Miss { past },
+        }
+    }
+
+    /// Reads a block file, verifying its checksum on the Disk tier. On a missing or bad file the
+    /// index entry is dropped and `None` returned.
+    async fn read_file(
+        &self,
+        id: BlockId,
+        t: usize,
+        kind: TierKind,
+        entry: Entry,
+    ) -> Option<Bytes> {
+        let dirs: Vec<PathBuf> = {
+            let inner = self.inner.lock();
+            let first = inner.tiers[t].spec.dir.clone();
+            let others = inner
+                .tiers
+                .iter()
+                .map(|x| x.spec.dir.clone())
+                .filter(|x| *x != first);
+            std::iter::once(first.clone()).chain(others).collect()
+        };
+        let verify = kind == TierKind::Disk;
+        let result = tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                let path = dir.join(format!("{id}.blk"));
+                match std::fs::read(&path) {
+                    Ok(data) => return Some((data, path)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        tracing::warn!(block = %id, path = %path.display(), error = %e,
+                            "cannot read block file");
+                        return None;
+                    }
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some((data, path)) = result else {
+            self.forget(id);
+            return None;
+        };
+        let ok = data.len() as u64 == entry.len && (!verify || crc32c::crc32c(&data) == entry.crc);
+        if !ok {
+            self.metrics.corrupt_blocks.inc();
+            tracing::warn!(block = %id, path = %path.display(), "block failed its checksum; \
+                dropping it and fetching it again from the source");
+            self.forget(id);
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            run_actions(vec![Action::Delete { id, dir }]);
+            return None;
+        }
+        Some(Bytes::from(data))
+    }
+
+    fn forget(&self, id: BlockId) {
+        let mut inner = self.inner.lock();
+        if let Some(t) = inner.find(id) {
+            let tier = &mut inner.tiers[t];
+            if let Some(e) = tier.lru.remove(&id) {
+                tier.used -= e.len;
+            }
+        }
+        drop(inner);
+        self.publish_usage();
+    }
+
+    /// Promotes a block hit in a lower tier to the first tier, if it beats that tier's victim.
+    fn maybe_promote(&self, id: BlockId, t: usize) {
+        if t == 0 {
+            return;
+        }
+        let actions = {
+            let mut inner = self.inner.lock();
+            let Some(cur) = inner.find(id) else { return };
+            if cur == 0 {
+                return;
+            }
+            let entry = inner.tiers[cur].lru[&id];
+            let first = &inner.tiers[0];
+            let fits = first.used + entry.len <= first.spec.capacity;
+            if !fits {
+                let victim = first.lru.front().map(|(v, _)| *v);
+                let mine = inner.sketch.estimate(id.short());
+                let theirs = victim
+                    .map(|v| inner.sketch.estimate(v.short()))
+                    .unwrap_or(0);
+                if !admit(mine.saturating_sub(1), theirs) {
+                    return;
+                }
+            }
+            let from = inner.tiers[cur].block_path(id);
+            let tier = &mut inner.tiers[cur];
+            tier.lru.remove(&id);
+            tier.used -= entry.len;
+            inner.tiers[0].lru.insert(id, entry);
+            inner.tiers[0].used += entry.len;
+            let to = inner.tiers[0].block_path(id);
+            let mut actions = vec![Action::Move { id, from, to }];
+            self.metrics.promotions.inc();
+            cascade(&mut inner, 0, &mut actions, &self.metrics);
+            actions
+        };
+        tokio::task::spawn_blocking(move || run_actions(actions));
+        self.publish_usage();
+    }
+
+    /// Offers a block fetched from the source. Returns whether it was admitted.
+    pub async fn put(&self, key: &BlockKey, past: u8, bytes: Bytes) -> bool {
+        let id = key.id();
+        let len = bytes.len() as u64;
+        let crc = crc32c::crc32c(&bytes);
+        let (dir, actions) = {
+            let mut inner = self.inner.lock();
+            if inner.find(id).is_some() || inner.pending.contains(&id) {
+                return true;
+            }
+            let total_cap: u64 = inner.tiers.iter().map(|t| t.spec.capacity).sum();
+            let total_used: u64 = inner.tiers.iter().map(|t| t.used).sum();
+            if len > inner.tiers[0].spec.capacity {
+                return false;
+            }
+            if total_used + len > total_cap {
+                let last = inner.tiers.last().expect("at least one tier");
+                let victim = last.lru.front().map(|(v, _)| *v);
+                let theirs = victim
+                    .map(|v| inner.sketch.estimate(v.short()))
+                    .unwrap_or(0);
+                if !admit(past, theirs) {
+                    self.metrics.rejections.inc();
+                    return false;
+                }
+            }
+            // Reserve the space now; the entry appears in the index once its file is written,
+            // so that no reader looks for a file that is not there yet.
+            inner.pending.insert(id);
+            inner.tiers[0].used += len;
+            let dir = inner.tiers[0].spec.dir.clone();
+            let mut actions = Vec::new();
+            cascade(&mut inner, 0, &mut actions, &self.metrics);
+            (dir, actions)
+        };
+        let meta = BlockMeta {
+            path: key.path.clone(),
+            version: key.version.clone(),
+            index: key.index,
+            len,
+            crc32c: crc,
+        };
+        let written = tokio::task::spawn_blocking(move || {
+            run_actions(actions);
+            write_block(&dir, id, &bytes, &meta)
+        })
+        .await;
+        let ok = match written {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(block = %id, error = %e, "cannot store block; serving it uncached");
+                false
+            }
+            Err(_) => false,
+        };
+        {
+            let mut inner = self.inner.lock();
+            inner.pending.remove(&id);
+            if ok {
+                // The reservation was made in the first tier; the block may since have been
+                // pushed down by others, which is fine: it enters as the most recent.
+                inner.tiers[0].lru.insert(id, Entry { len, crc });
+            } else {
+                inner.tiers[0].used -= len;
+            }
+        }
+        self.publish_usage();
+        ok
+    }
+
+    /// Usage of every tier, first tier first.
+    pub fn usage(&self) -> Vec<TierUsage> {
+        let inner = self.inner.lock();
+        inner
+            .tiers
+            .iter()
+            .map(|t| TierUsage {
+                kind: t.spec.kind,
+                capacity: t.spec.capacity,
+                used: t.used,
+                blocks: t.lru.len() as u64,
+            })
+            .collect()
+    }
+
+    /// The path of a cached block's file, if cached (for passthrough and tests).
+    pub fn block_file(&self, key: &BlockKey) -> Option<(TierKind, PathBuf)> {
+        let id = key.id();
+        let inner = self.inner.lock();
+        inner
+            .find(id)
+            .map(|t| (inner.tiers[t].spec.kind, inner.tiers[t].block_path(id)))
+    }
+
+    fn publish_usage(&self) {
+        for u in self.usage() {
+            let l = crate::metrics::TierLabel {
+                tier: u.kind.label().to_string(),
+            };
+            self.metrics
+                .tier_used_bytes
+                .get_or_create(&l)
+                .set(u.used as i64);
+            self.metrics
+                .tier_capacity_bytes
+                .get_or_create(&l)
+                .set(u.capacity as i64);
+            self.metrics
+                .tier_blocks
+                .get_or_create(&l)
+                .set(u.blocks as i64);
+        }
+    }
+}
+
+/// Pushes overflow down from tier `from`: each tier's LRU blocks go to the next tier, the last
+/// tier's are evicted.
+fn cascade(inner: &mut Inner, from: usize, actions: &mut Vec<Action>, metrics: &WorkerMetrics) {
+    for t in from..inner.tiers.len() {
+        while inner.tiers[t].used > inner.tiers[t].spec.capacity {
+            let Some((victim, entry)) = inner.tiers[t].lru.pop_front() else {
+                break;
+            };
+            inner.tiers[t].used -= entry.len;
+            let label = crate::metrics::TierLabel {
+                tier: inner.tiers[t].spec.kind.label().into(),
+            };
+            if t + 1 < inner.tiers.len() {
+                let from_path = inner.tiers[t].block_path(victim);
+                let next = &mut inner.tiers[t + 1];
+                // Demoted blocks enter the next tier as its most recent.
+                next.lru.insert(victim, entry);
+                next.used += entry.len;
+                actions.push(Action::Move {
+                    id: victim,
+                    from: from_path,
+                    to: next.block_path(victim),
+                });
+                metrics.demotions.get_or_create(&label).inc();
+            } else {
+                actions.push(Action::Delete {
+                    id: victim,
+                    dir: inner.tiers[t].spec.dir.clone(),
+                });
+                metrics.evictions.get_or_create(&label).inc();
+            }
+        }
+    }
+}
+
+fn run_actions(actions: Vec<Action>) {
+    for a in actions {
+        let result = match &a {
+            Action::Move { id, from, to } => move_block(*id, from, to),
+            Action::Delete { id, dir } => {
+                let _ = std::fs::remove_file(dir.join(format!("{id}.meta")));
+                match std::fs::remove_file(dir.join(format!("{id}.blk"))) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(action = ?a, error = %e, "block file action failed");
+        }
+    }
+}
+
+fn move_block(id: BlockId, from: &Path, to: &Path) -> std::io::Result<()> {
+    let from_dir = from.parent().unwrap_or(Path::new("."));
+    let to_dir = to.parent().unwrap_or(Path::new("."));
+    let from_meta = from_dir.join(format!("{id}.meta"));
+    let to_meta = to_dir.join(format!("{id}.meta"));
+    // Tiers live on different filesystems, so copy to a temporary name and rename.
+    let tmp = to_dir.join(format!("{id}.blk.tmp"));
+    match std::fs::copy(from, &tmp) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let tmp_meta = to_dir.join(format!("{id}.meta.tmp"));
+    std::fs::copy(&from_meta, &tmp_meta)?;
+    std::fs::rename(&tmp, to)?;
+    std::fs::rename(&tmp_meta, &to_meta)?;
+    let _ = std::fs::remove_file(&from_meta);
+    let _ = std::fs::remove_file(from);
+    Ok(())
+}
+
+fn write_block(dir: &Path, id: BlockId, bytes: &[u8], meta: &BlockMeta) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{id}.blk.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(format!("{id}.blk")))?;
+    let tmp_meta = dir.join(format!("{id}.meta.tmp"));
+    std::fs::write(
+        &tmp_meta,
+        serde_json::to_vec(meta).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp_meta, dir.join(format!("{id}.meta")))
+}
+
+/// Rebuilds a tier's index from its `.meta` files, oldest first; removes leftovers.
+fn rebuild(spec: &TierSpec) -> std::io::Result<(LinkedHashMap<BlockId, Entry>, u64)> {
+    let mut found: Vec<(SystemTime, BlockId, Entry)> = Vec::new();
+    let mut strays: Vec<PathBuf> = Vec::new();
+    for entry in std::fs::read_dir(&spec.dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let path = entry.path();
+        if name.ends_with(".tmp") {
+            strays.push(path);
+            continue;
+        }
+        let Some(stem) = name.strip_suffix(".meta") else {
+            if let Some(stem) = name.strip_suffix(".blk") {
+                if !spec.dir.join(format!("{stem}.meta")).exists() {
+                    strays.push(path);
+                }
+            }
+            continue;
+        };
+        let Some(id) = BlockId::parse(stem) else {
+            continue;
+        };
+        let blk = spec.dir.join(format!("{id}.blk"));
+        let meta: Option<BlockMeta> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let blk_len = std::fs::metadata(&blk).map(|m| m.len()).ok();
+        match (meta, blk_len) {
+            (Some(m), Some(len))
+                if len == m.len && BlockKey::new(&m.path, &m.version, m.index).id() == id =>
+            {
+                let mtime = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                found.push((mtime, id, Entry { len, crc: m.crc32c }));
+            }
+            _ => {
+                strays.push(path);
+                strays.push(blk);
+            }
+        }
+    }
+    for p in strays {
+        let _ = std::fs::remove_file(p);
+    }
+    found.sort_by_key(|(t, id, _)| (*t, *id));
+    let mut lru = LinkedHashMap::new();
+    let mut used = 0;
+    for (_, id, e) in found {
+        used += e.len;
+        lru.insert(id, e);
+    }
+    Ok((lru, used))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(mem: &Path, disk: &Path, mem_blocks: u64, disk_blocks: u64) -> BlockStore {
+        let bs = 10;
+        BlockStore::open(
+            vec![
+                TierSpec {
+                    kind: TierKind::Memory,
+                    dir: mem.into(),
+                    capacity: mem_blocks * bs,
+                },
+                TierSpec {
+                    kind: TierKind::Disk,
+                    dir: disk.into(),
+                    capacity: disk_blocks * bs,
+                },
+            ],
+            bs,
+            Arc::new(WorkerMetrics::default()),
+        )
+        .unwrap()
+    }
+
+    fn key(i: u64) -> BlockKey {
+        BlockKey::new("f", "v", i)
+    }
+
+    fn data(i: u64) -> Bytes {
+        Bytes::from(vec![i as u8; 10])
+    }
+
+    async fn fill(s: &BlockStore, i: u64) {
+        match s.get(&key(i)).await {
+            Lookup::Miss { past } => {
+                s.put(&key(i), past, data(i)).await;
+            }
+            Lookup::Hit { .. } => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn demotes_to_disk_and_rebuilds_after_restart() {
+        let (m, d) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s = store(m.path(), d.path(), 2, 3);
+        for i in 0..5 {
+            fill(&s, i).await;
+        }
+        let u = s.usage();
+        assert_eq!((u[0].blocks, u[1].blocks), (2, 3), "{u:?}");
+        // Oldest blocks went to disk, newest stay in memory.
+        assert_eq!(s.block_file(&key(0)).unwrap().0, TierKind::Disk);
+        assert_eq!(s.block_file(&key(4)).unwrap().0, TierKind::Memory);
+        drop(s);
+        let s = store(m.path(), d.path(), 2, 3);
+        let u = s.usage();
+        assert_eq!(
+            (u[0].blocks, u[1].blocks),
+            (2, 3),
+            "index not rebuilt: {u:?}"
+        );
+        for i in 0..5 {
+            match s.get(&key(i)).await {
+                Lookup::Hit { bytes, .. } => assert_eq!(bytes, data(i)),
+                Lookup::Miss { .. } => panic!("block {i} lost across restart"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_disk_block_is_a_miss_and_is_removed() {
+        let (m, d) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s = store(m.path(), d.path(), 1, 3);
+        fill(&s, 0).await;
+        fill(&s, 1).await;
+        let (tier, path) = s.block_file(&key(0)).unwrap();
+        assert_eq!(tier, TierKind::Disk);
+        let mut bad = std::fs::read(&path).unwrap();
+        bad[3] ^= 0xff;
+        std::fs::write(&path, bad).unwrap();
+        assert!(matches!(s.get(&key(0)).await, Lookup::Miss { .. }));
+        assert!(!path.exists(), "bad block file left behind");
+        assert!(s.block_file(&key(0)).is_none());
+    }
+
+    #[tokio::test]
+    async fn rebuild_drops_truncated_and_stray_files() {
+        let (m, d) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s = store(m.path(), d.path(), 1, 3);
+        fill(&s, 0).await;
+        fill(&s, 1).await;
+        let (_, path) = s.block_file(&key(0)).unwrap();
+        drop(s);
+        std::fs::write(&path, b"short").unwrap();
+        std::fs::write(d.path().join("junk.blk.tmp"), b"x").unwrap();
+        let s = store(m.path(), d.path(), 1, 3);
+        assert!(s.block_file(&key(0)).is_none(), "truncated block kept");
+        assert!(s.block_file(&key(1)).is_some());
+        assert!(!d.path().join("junk.blk.tmp").exists());
+    }
+
+    #[tokio::test]
+    async fn full_store_rejects_a_cold_newcomer() {
+        let (m, d) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s = store(m.path(), d.path(), 1, 1);
+        fill(&s, 0).await;
+        fill(&s, 1).await;
+        // Block 2 was never requested before: it must not evict a block.
+        fill(&s, 2).await;
+        assert!(s.block_file(&key(2)).is_none());
+        assert!(s.block_file(&key(0)).is_some() && s.block_file(&key(1)).is_some());
+        // Requested a few more times, it gets in.
+        for _ in 0..3 {
+            fill(&s, 2).await;
+        }
+        assert!(s.block_file(&key(2)).is_some());
+    }
+}

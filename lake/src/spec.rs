@@ -1,0 +1,282 @@
+//! Parsing a source URI and its options into what OpenDAL needs.
+//!
+//! Options come from three places, later ones winning: the `options` map of the configuration,
+//! files in a credentials directory (one file per key, the way a Kubernetes Secret is mounted),
+//! and environment variables `LAKECACHE_SOURCE_<KEY>`. Credentials never come from the URI.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Keys whose values are secret: they are never printed.
+const SECRET_KEYS: &[&str] = &[
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+    "access_key_secret",
+    "security_token",
+    "credential",
+    "account_key",
+    "sas_token",
+];
+
+/// Where a source is and how to read it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// `s3://bucket/prefix`, `oss://bucket/prefix`, `gs://bucket/prefix`,
+    /// `azblob://container/prefix`, `file:///path`, or `memory://`.
+    pub uri: String,
+    /// Service options passed to OpenDAL (`endpoint`, `region`, …).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// A directory of credential files: each file's name is an option key, its content the value.
+    #[serde(default)]
+    pub credentials_dir: Option<PathBuf>,
+    /// Deadline of one source request, retries included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How many times a failed request is retried.
+    #[serde(default = "default_retries")]
+    pub retries: usize,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_retries() -> usize {
+    3
+}
+
+impl SourceSpec {
+    pub fn new(uri: impl Into<String>) -> Self {
+        Self {
+            uri: uri.into(),
+            options: BTreeMap::new(),
+            credentials_dir: None,
+            timeout: default_timeout(),
+            retries: default_retries(),
+        }
+    }
+
+    pub fn option(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.options.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// The URI and the options with secrets masked, for logs.
+    pub fn redacted(&self) -> String {
+        let opts: Vec<String> = self
+            .options
+            .iter()
+            .map(|(k, v)| {
+                if SECRET_KEYS.contains(&k.as_str()) {
+                    format!("{k}=***")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
+        if opts.is_empty() {
+            self.uri.clone()
+        } else {
+            format!("{} ({})", self.uri, opts.join(", "))
+        }
+    }
+
+    /// Resolves the URI and every option source into an OpenDAL scheme and configuration.
+    pub fn resolve(&self) -> Result<Resolved, SpecError> {
+        let (scheme, rest) = self
+            .uri
+            .split_once("://")
+            .ok_or_else(|| SpecError::BadUri(self.uri.clone(), "expected SCHEME://…".into()))?;
+        let mut cfg: BTreeMap<String, String> = BTreeMap::new();
+        let service = match scheme {
+            "s3" | "oss" | "gs" | "gcs" | "azblob" | "az" => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(SpecError::BadUri(
+                        self.uri.clone(),
+                        "the bucket is empty".into(),
+                    ));
+                }
+                let key = if matches!(scheme, "azblob" | "az") {
+                    "container"
+                } else {
+                    "bucket"
+                };
+                cfg.insert(key.into(), bucket.into());
+                cfg.insert("root".into(), format!("/{}", crate::normalize(prefix)));
+                match scheme {
+                    "s3" => "s3",
+                    "oss" => "oss",
+                    "gs" | "gcs" => "gcs",
+                    _ => "azblob",
+                }
+            }
+            "file" => {
+                if !rest.starts_with('/') {
+                    return Err(SpecError::BadUri(
+                        self.uri.clone(),
+                        "a file URI needs an absolute path: file:///path".into(),
+                    ));
+                }
+                cfg.insert("root".into(), rest.into());
+                "fs"
+            }
+            "memory" => "memory",
+            "hdfs" => {
+                return Err(SpecError::Unsupported(
+                    "hdfs: this build has no HDFS service (it needs libhdfs and a JVM); \
+                     read HDFS through its S3 gateway or build with HDFS support"
+                        .into(),
+                ));
+            }
+            other => {
+                return Err(SpecError::Unsupported(format!(
+                    "{other}: use s3, oss, gs, azblob or file"
+                )));
+            }
+        };
+        for (k, v) in &self.options {
+            cfg.insert(k.clone(), v.clone());
+        }
+        if let Some(dir) = &self.credentials_dir {
+            read_credentials_dir(dir, &mut cfg)?;
+        }
+        for (k, v) in std::env::vars() {
+            if let Some(key) = k.strip_prefix("LAKECACHE_SOURCE_") {
+                cfg.insert(key.to_ascii_lowercase(), v);
+            }
+        }
+        Ok(Resolved {
+            scheme: service.to_string(),
+            config: cfg,
+        })
+    }
+}
+
+/// A source resolved into an OpenDAL scheme and its configuration.
+#[derive(Clone)]
+pub struct Resolved {
+    pub scheme: String,
+    pub config: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked: BTreeMap<&str, &str> = self
+            .config
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if SECRET_KEYS.contains(&k.as_str()) {
+                        "***"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
+            .collect();
+        f.debug_struct("Resolved")
+            .field("scheme", &self.scheme)
+            .field("config", &masked)
+            .finish()
+    }
+}
+
+fn read_credentials_dir(dir: &Path, cfg: &mut BTreeMap<String, String>) -> Result<(), SpecError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| SpecError::Credentials(dir.to_path_buf(), e.to_string()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| SpecError::Credentials(dir.to_path_buf(), e.to_string()))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        // Kubernetes mounts Secrets with `..data` symlinks and dot-directories: skip them.
+        if name.starts_with('.') || !entry.path().is_file() {
+            continue;
+        }
+        let value = std::fs::read_to_string(entry.path())
+            .map_err(|e| SpecError::Credentials(entry.path(), e.to_string()))?;
+        cfg.insert(
+            name.to_ascii_lowercase(),
+            value.trim_end_matches(['\n', '\r']).to_string(),
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("bad source URI {0:?}: {1}")]
+    BadUri(String, String),
+    #[error("unsupported source scheme {0}")]
+    Unsupported(String),
+    #[error("cannot read credentials from {0}: {1}")]
+    Credentials(PathBuf, String),
+    #[error("cannot configure the source: {0}")]
+    Build(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_uri_becomes_bucket_and_root() {
+        let r = SourceSpec::new("s3://data/imagenet/train/").option("region", "us-east-1");
+        let r = r.resolve().unwrap();
+        assert_eq!(r.scheme, "s3");
+        assert_eq!(r.config["bucket"], "data");
+        assert_eq!(r.config["root"], "/imagenet/train");
+        assert_eq!(r.config["region"], "us-east-1");
+    }
+
+    #[test]
+    fn azblob_uses_container() {
+        let r = SourceSpec::new("azblob://c/p").resolve().unwrap();
+        assert_eq!(r.scheme, "azblob");
+        assert_eq!(r.config["container"], "c");
+    }
+
+    #[test]
+    fn bad_uris_say_what_to_fix() {
+        let e = SourceSpec::new("bucket/prefix").resolve().unwrap_err();
+        assert!(e.to_string().contains("SCHEME://"), "{e}");
+        let e = SourceSpec::new("ftp://x").resolve().unwrap_err();
+        assert!(e.to_string().contains("use s3"), "{e}");
+        let e = SourceSpec::new("file://relative").resolve().unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+        let e = SourceSpec::new("s3:///nobucket").resolve().unwrap_err();
+        assert!(e.to_string().contains("bucket is empty"), "{e}");
+    }
+
+    #[test]
+    fn credentials_dir_is_read_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("access_key_id"), "AKIAEXAMPLE\n").unwrap();
+        std::fs::write(dir.path().join("secret_access_key"), "s3cr3t").unwrap();
+        std::fs::create_dir(dir.path().join("..data")).unwrap();
+        let mut spec = SourceSpec::new("s3://b/p").option("secret_access_key", "inline");
+        spec.credentials_dir = Some(dir.path().to_path_buf());
+        let r = spec.resolve().unwrap();
+        assert_eq!(r.config["access_key_id"], "AKIAEXAMPLE");
+        assert_eq!(r.config["secret_access_key"], "s3cr3t");
+        let shown = format!("{r:?} {}", spec.redacted());
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("inline"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn missing_credentials_dir_is_a_clear_error() {
+        let mut spec = SourceSpec::new("s3://b/p");
+        spec.credentials_dir = Some("/nonexistent/creds".into());
+        let e = spec.resolve().unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/creds"), "{e}");
+    }
+}

@@ -1,0 +1,18 @@
+//! Compiles the checked-in `.proto` files with `protox` (pure Rust), so no system `protoc` is needed.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto");
+    let files = ["lakecache/v1/cache.proto", "csi/v1/csi.proto"];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", root.join(f).display());
+    }
+    let fds = protox::compile(files, [&root])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .bytes(".lakecache.v1.Chunk.data")
+        .compile_fds(fds)?;
+    Ok(())
+}
