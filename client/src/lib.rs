@@ -1,1 +1,23 @@
-//! placeholder
+//! The reader side of lakecache.
+//!
+//! - [`membership`]: the workers of a CacheNamespace and a lazily connected gRPC client to each;
+//!   the list can change while reads go on (the operator publishes it; `lakecache local` fixes it).
+//! - [`reader`]: metadata (listings and attributes, cached with entry TTLs or forever for
+//!   `Immutable` data) and blocks, each asked of its rendezvous owner, failing over to the next
+//!   owner and finally to the source, so a dead worker costs speed, never a failed read.
+//! - [`prefetch`]: a per-open-file read-ahead window that doubles on sequential reads and resets
+//!   on seeks, under a memory budget shared by every open file.
+//! - [`fs`]: the filesystem core (inodes, lookup, readdir, open, read) as async functions tested
+//!   without a mount; [`fuse`]: the thin fuser adapter that mounts it.
+#![forbid(unsafe_code)]
+
+pub mod fs;
+pub mod fuse;
+pub mod membership;
+pub mod metrics;
+pub mod prefetch;
+pub mod reader;
+
+pub use fs::{FsConfig, FsCore};
+pub use membership::{Member, Membership};
+pub use reader::{ReadError, Reader, ReaderConfig};

@@ -1,0 +1,278 @@
+//! The filesystem core: inodes, lookup, attributes, directory listings, open files and reads,
+//! as async functions over the [`Reader`]. The FUSE adapter ([`crate::fuse`]) only translates;
+//! everything here is tested without a mount.
+//!
+//! Inode numbers are handed out on first lookup and kept while the kernel holds a reference
+//! (lookup counts, dropped by `forget`), so a tree of millions of files costs memory only for
+//! what the kernel has seen recently. The filesystem is read-only; every error becomes an errno
+//! in one place ([`ReadError::errno`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use lakecache_lake::{Kind, ObjectMeta};
+use parking_lot::Mutex;
+
+use crate::prefetch::{FileReader, PrefetchBudget};
+use crate::reader::{ReadError, Reader};
+
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// How long the kernel may cache attributes and entries.
+    pub attr_ttl: Duration,
+    /// Keep the kernel page cache between opens (data is immutable).
+    pub keep_cache: bool,
+    pub uid: u32,
+    pub gid: u32,
+    /// Bytes of read-ahead over all open files.
+    pub prefetch_budget: u64,
+    /// Largest read-ahead window of one file, in blocks.
+    pub max_window_blocks: u64,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        Self {
+            attr_ttl: Duration::from_secs(3600),
+            keep_cache: true,
+            uid: 0,
+            gid: 0,
+            prefetch_budget: 512 << 20,
+            max_window_blocks: 16,
+        }
+    }
+}
+
+/// Attributes as the filesystem reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+}
+
+struct Node {
+    path: String,
+    meta: ObjectMeta,
+    lookups: u64,
+}
+
+#[derive(Default)]
+struct Inodes {
+    nodes: HashMap<u64, Node>,
+    by_path: HashMap<String, u64>,
+}
+
+/// Filesystem statistics for `statfs`.
+#[derive(Debug, Clone, Copy)]
+pub struct FsStats {
+    pub blocks: u64,
+    pub block_size: u32,
+    pub files: u64,
+}
+
+pub struct FsCore {
+    reader: Arc<Reader>,
+    cfg: FsConfig,
+    budget: PrefetchBudget,
+    inodes: Mutex<Inodes>,
+    next_ino: AtomicU64,
+    handles: Mutex<HashMap<u64, Arc<FileReader>>>,
+    next_fh: AtomicU64,
+}
+
+impl FsCore {
+    pub fn new(reader: Arc<Reader>, cfg: FsConfig) -> Self {
+        let mut inodes = Inodes::default();
+        inodes.nodes.insert(
+            ROOT_INO,
+            Node {
+                path: String::new(),
+                meta: ObjectMeta::directory(),
+                lookups: 1,
+            },
+        );
+        inodes.by_path.insert(String::new(), ROOT_INO);
+        let budget = PrefetchBudget::new(cfg.prefetch_budget, cfg.max_window_blocks);
+        Self {
+            reader,
+            cfg,
+            budget,
+            inodes: Mutex::new(inodes),
+            next_ino: AtomicU64::new(ROOT_INO + 1),
+            handles: Default::default(),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    pub fn reader(&self) -> &Arc<Reader> {
+        &self.reader
+    }
+
+    fn attr(ino: u64, meta: &ObjectMeta) -> Attr {
+        Attr {
+            ino,
+            kind: meta.kind,
+            size: meta.size,
+            mtime: meta.modified.unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+
+    fn path_of(&self, ino: u64) -> Result<(String, ObjectMeta), ReadError> {
+        let inodes = self.inodes.lock();
+        inodes
+            .nodes
+            .get(&ino)
+            .map(|n| (n.path.clone(), n.meta.clone()))
+            .ok_or_else(|| ReadError::NotFound(format!("inode {ino}")))
+    }
+
+    /// Registers (or refreshes) a path and takes one kernel reference on it.
+    fn remember(&self, path: String, meta: ObjectMeta) -> Attr {
+        let mut inodes = self.inodes.lock();
+        if let Some(ino) = inodes.by_path.get(&path).copied() {
+            let node = inodes.nodes.get_mut(&ino).expect("by_path and nodes agree");
+            node.lookups += 1;
+            node.meta = meta;
+            return Self::attr(ino, &node.meta);
+        }
+        let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
+        let attr = Self::attr(ino, &meta);
+        inodes.by_path.insert(path.clone(), ino);
+        inodes.nodes.insert(
+            ino,
+            Node {
+                path,
+                meta,
+                lookups: 1,
+            },
+        );
+        attr
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, ReadError> {
+        let (dir, dir_meta) = self.path_of(parent)?;
+        if !dir_meta.is_dir() {
+            return Err(ReadError::NotADirectory(dir));
+        }
+        let path = lakecache_lake::join(&dir, name);
+        let meta = self.reader.stat(&path).await?;
+        Ok(self.remember(path, meta))
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut inodes = self.inodes.lock();
+        let gone = match inodes.nodes.get_mut(&ino) {
+            Some(node) => {
+                node.lookups = node.lookups.saturating_sub(n);
+                (node.lookups == 0).then(|| node.path.clone())
+            }
+            None => None,
+        };
+        if let Some(path) = gone {
+            inodes.nodes.remove(&ino);
+            inodes.by_path.remove(&path);
+        }
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, ReadError> {
+        let (_, meta) = self.path_of(ino)?;
+        Ok(Self::attr(ino, &meta))
+    }
+
+    /// Entries of a directory from `offset` on (offsets are 1-based positions in the listing;
+    /// `.` and `..` come first). With `plus`, each entry takes a kernel reference and gets an
+    /// inode number that stays valid; without, entries get their number if they have one.
+    pub async fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        plus: bool,
+    ) -> Result<Vec<(u64, String, Attr)>, ReadError> {
+        let (dir, meta) = self.path_of(ino)?;
+        if !meta.is_dir() {
+            return Err(ReadError::NotADirectory(dir));
+        }
+        let entries = self.reader.list(&dir).await?;
+        let mut out = Vec::new();
+        let dots = [(".", ino), ("..", ino)];
+        for (pos, (name, i)) in dots.iter().enumerate() {
+            if (pos as u64) >= offset {
+                out.push((pos as u64 + 1, name.to_string(), Self::attr(*i, &meta)));
+            }
+        }
+        for (pos, e) in entries.iter().enumerate() {
+            let pos = pos as u64 + 2;
+            if pos < offset {
+                continue;
+            }
+            let path = lakecache_lake::join(&dir, &e.name);
+            let attr = if plus {
+                self.remember(path, e.meta.clone())
+            } else {
+                let known = self.inodes.lock().by_path.get(&path).copied();
+                // Without plus the kernel only needs a number that is unique in the listing.
+                Self::attr(known.unwrap_or(u64::MAX - pos), &e.meta)
+            };
+            out.push((pos + 1, e.name.clone(), attr));
+        }
+        Ok(out)
+    }
+
+    pub async fn open(&self, ino: u64) -> Result<u64, ReadError> {
+        let (path, meta) = self.path_of(ino)?;
+        if meta.is_dir() {
+            return Err(ReadError::IsADirectory(path));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let file = FileReader::new(self.reader.clone(), path, meta, self.budget.clone());
+        self.handles.lock().insert(fh, Arc::new(file));
+        Ok(fh)
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, ReadError> {
+        let file = self
+            .handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| ReadError::NotFound(format!("file handle {fh}")))?;
+        file.read(offset, size).await
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    pub fn open_files(&self) -> usize {
+        self.handles.lock().len()
+    }
+
+    pub fn statfs(&self) -> FsStats {
+        let bs = self.reader.config().block_size as u32;
+        FsStats {
+            blocks: 0,
+            block_size: bs,
+            files: self.inodes.lock().nodes.len() as u64,
+        }
+    }
+
+    /// Bytes of prefetch budget not in use.
+    pub fn prefetch_available(&self) -> u64 {
+        self.budget.available()
+    }
+}

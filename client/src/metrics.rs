@@ -1,0 +1,65 @@
+//! The reader's metrics; registered under the `lakecache_fuse` prefix.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabel {
+    /// `memory`, `disk` or `source` as the worker reported, or `direct` for reads that bypassed
+    /// every worker.
+    pub origin: String,
+}
+
+#[derive(Debug, Default)]
+pub struct ReaderMetrics {
+    pub blocks: Family<OriginLabel, Counter>,
+    pub bytes: Family<OriginLabel, Counter>,
+    /// Worker calls that failed and moved to the next owner.
+    pub failovers: Counter,
+    pub read_errors: Counter,
+    pub prefetched_blocks: Counter,
+    /// Bytes held by prefetched blocks.
+    pub prefetch_bytes: Gauge,
+}
+
+impl ReaderMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register("blocks", "Blocks read, by origin", self.blocks.clone());
+        r.register("bytes", "Bytes read, by origin", self.bytes.clone());
+        r.register(
+            "failovers",
+            "Worker calls that failed over",
+            self.failovers.clone(),
+        );
+        r.register("read_errors", "Reads that failed", self.read_errors.clone());
+        r.register(
+            "prefetched_blocks",
+            "Blocks fetched ahead",
+            self.prefetched_blocks.clone(),
+        );
+        r.register(
+            "prefetch_bytes",
+            "Bytes held by prefetch",
+            self.prefetch_bytes.clone(),
+        );
+    }
+
+    /// Hits over all blocks read (memory and disk against everything).
+    pub fn hit_ratio(&self) -> f64 {
+        let get = |o: &str| {
+            self.blocks
+                .get_or_create(&OriginLabel { origin: o.into() })
+                .get()
+        };
+        let hits = get("memory") + get("disk");
+        let all = hits + get("source") + get("direct");
+        if all == 0 {
+            0.0
+        } else {
+            hits as f64 / all as f64
+        }
+    }
+}

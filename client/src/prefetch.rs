@@ -1,0 +1,205 @@
+//! Read-ahead for one open file.
+//!
+//! Training loaders read shards front to back and images whole. Waiting for each block only when
+//! the kernel asks for it would pay a worker round trip (and on a miss a lake round trip) per
+//! block. So each open file keeps a window of blocks fetched ahead of the reader: it starts at
+//! one block, doubles every time a read continues where the last one ended (or in the next
+//! block: the kernel's own read-ahead issues reads slightly out of order), up to
+//! `max_window` blocks, and collapses to nothing on a seek, so random readers fetch only what
+//! they read. Blocks fetched ahead hold bytes from a budget shared by every open file; when the
+//! budget is spent, read-ahead pauses rather than grow memory, and the blocks a read needs are
+//! fetched regardless. Blocks behind the reader are dropped as it moves on.
+//!
+//! A file no larger than one block is one block: it is fetched whole on its first read, which is
+//! how shuffled small files (images) are served.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use lakecache_lake::ObjectMeta;
+use lakecache_lake::block::block_count;
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::reader::{ReadError, Reader};
+
+/// Budget granularity: permits are KiB.
+const UNIT: u64 = 1024;
+
+type Flight = Shared<BoxFuture<'static, Result<Bytes, ReadError>>>;
+
+struct Slot {
+    flight: Flight,
+    _permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+struct State {
+    /// Block index where the next sequential read is expected.
+    next_block: Option<u64>,
+    window: u64,
+    blocks: BTreeMap<u64, Slot>,
+}
+
+/// Prefetch settings shared by every open file.
+#[derive(Clone)]
+pub struct PrefetchBudget {
+    sem: Arc<Semaphore>,
+    pub max_window: u64,
+}
+
+impl PrefetchBudget {
+    pub fn new(bytes: u64, max_window: u64) -> Self {
+        let permits = (bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
+        Self {
+            sem: Arc::new(Semaphore::new(permits)),
+            max_window: max_window.max(1),
+        }
+    }
+
+    /// Bytes of budget not in use.
+    pub fn available(&self) -> u64 {
+        self.sem.available_permits() as u64 * UNIT
+    }
+}
+
+/// One open file.
+pub struct FileReader {
+    reader: Arc<Reader>,
+    path: String,
+    meta: ObjectMeta,
+    budget: PrefetchBudget,
+    state: Mutex<State>,
+}
+
+impl FileReader {
+    pub fn new(
+        reader: Arc<Reader>,
+        path: String,
+        meta: ObjectMeta,
+        budget: PrefetchBudget,
+    ) -> Self {
+        Self {
+            reader,
+            path,
+            meta,
+            budget,
+            state: Mutex::new(State {
+                next_block: None,
+                window: 0,
+                blocks: BTreeMap::new(),
+            }),
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        &self.meta
+    }
+
+    fn flight(&self, index: u64) -> Flight {
+        let reader = self.reader.clone();
+        let path = self.path.clone();
+        let meta = self.meta.clone();
+        let task = tokio::spawn(async move { reader.block(&path, &meta, index).await });
+        async move {
+            task.await
+                .unwrap_or_else(|e| Err(ReadError::Unavailable(format!("read task failed: {e}"))))
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Reads `size` bytes at `offset` (fewer at the end of the file).
+    pub async fn read(&self, offset: u64, size: u32) -> Result<Bytes, ReadError> {
+        let file_size = self.meta.size;
+        if offset >= file_size || size == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + size as u64).min(file_size);
+        let bs = self.reader.config().block_size;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let blocks = block_count(file_size, bs);
+        let needed: Vec<(u64, Flight)> = {
+            let mut st = self.state.lock();
+            let sequential = match st.next_block {
+                None => offset == 0,
+                Some(n) => first == n || first + 1 == n || first == n + 1,
+            };
+            st.window = if sequential {
+                (st.window * 2).clamp(1, self.budget.max_window)
+            } else {
+                0
+            };
+            // Drop blocks behind the reader, and on a seek everything not needed now.
+            let keep_from = first;
+            let keep_to = if sequential { last + st.window } else { last };
+            st.blocks.retain(|i, _| *i >= keep_from && *i <= keep_to);
+            let needed = (first..=last)
+                .map(|i| {
+                    let slot = st.blocks.entry(i).or_insert_with(|| Slot {
+                        flight: self.flight(i),
+                        _permit: None,
+                    });
+                    (i, slot.flight.clone())
+                })
+                .collect();
+            // Read ahead within the window and the budget.
+            for i in last + 1..=(last + st.window).min(blocks.saturating_sub(1)) {
+                if st.blocks.contains_key(&i) {
+                    continue;
+                }
+                let len = bs.min(file_size - i * bs);
+                let permits = len.div_ceil(UNIT) as u32;
+                let Ok(permit) = self.budget.sem.clone().try_acquire_many_owned(permits) else {
+                    break;
+                };
+                self.reader.metrics.prefetched_blocks.inc();
+                st.blocks.insert(
+                    i,
+                    Slot {
+                        flight: self.flight(i),
+                        _permit: Some(Arc::new(permit)),
+                    },
+                );
+            }
+            st.next_block = Some(if end % bs == 0 { end / bs } else { last });
+            needed
+        };
+        let mut parts = Vec::with_capacity(needed.len());
+        for (i, f) in needed {
+            let block = match f.await {
+                Ok(b) => b,
+                Err(e) => {
+                    // Do not keep a failed fetch: the next read tries again.
+                    self.state.lock().blocks.remove(&i);
+                    return Err(e);
+                }
+            };
+            let block_start = i * bs;
+            let from = offset.max(block_start) - block_start;
+            let to = end.min(block_start + block.len() as u64) - block_start;
+            if from > to || to as usize > block.len() {
+                return Err(ReadError::Unavailable(format!(
+                    "{}: block {i} is shorter than expected",
+                    self.path
+                )));
+            }
+            parts.push(block.slice(from as usize..to as usize));
+        }
+        if parts.len() == 1 {
+            return Ok(parts.pop().unwrap_or_default());
+        }
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for p in parts {
+            out.extend_from_slice(&p);
+        }
+        Ok(out.freeze())
+    }
+
+    /// The current read-ahead window, in blocks.
+    pub fn window(&self) -> u64 {
+        self.state.lock().window
+    }
+}
