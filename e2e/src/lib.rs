@@ -1,1 +1,41 @@
-//! placeholder
+//! Test harness for lakecache: real parts, started and stopped by tests.
+//!
+//! - [`S3Server`]: a real S3-compatible server (moto's, from PyPI) on a loopback port.
+//! - [`Proxy`]: a TCP proxy that can black-hole its traffic, to make a lake unreachable the way
+//!   a broken network does (connections hang; nothing is refused).
+//! - [`Stack`]: N real workers and a real FUSE mount over a source, with the means to kill,
+//!   restart and remount.
+//!
+//! Later issues add the cluster harness (etcd, kube-apiserver) here.
+
+pub mod proxy;
+pub mod s3;
+pub mod stack;
+
+pub use proxy::Proxy;
+pub use s3::S3Server;
+pub use stack::{Stack, StackConfig};
+
+/// Deterministic content for test files: `len` bytes of stream `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sets up logging for tests once (RUST_LOG controls it).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}

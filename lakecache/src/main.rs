@@ -1,1 +1,63 @@
-fn main() {}
+//! The `lakecache` command.
+//!
+//! - `lakecache local --source URI --mount DIR`: workers and the FUSE mount in one process.
+//! - `lakecache demo`: the embedded default: a generated sample lake behind an emulated slow
+//!   link, read for two epochs.
+
+mod demo;
+mod local;
+mod sample;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lakecache",
+    version,
+    about = "A distributed read cache for data lakes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "LAKECACHE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: lakecache_telemetry::LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run cache workers and mount the cache read-only at a directory, until Ctrl-C.
+    Local(local::LocalArgs),
+    /// Generate a sample lake, mount it through lakecache, and read it for two epochs.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    lakecache_telemetry::init_logging(cli.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Local(a) => local::run(a).await,
+            Command::Demo(a) => demo::run(a).await,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

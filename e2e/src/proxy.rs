@@ -1,0 +1,86 @@
+//! A TCP proxy that can black-hole traffic: while `blackhole` is on, new connections are
+//! accepted but never answered, and bytes on existing ones stop flowing. That is what a lake
+//! behind a broken network looks like: no error, only silence.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub struct Proxy {
+    pub port: u16,
+    blackhole: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let blackhole = Arc::new(AtomicBool::new(false));
+        let bh = blackhole.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let bh = bh.clone();
+                tokio::spawn(async move {
+                    if bh.load(Ordering::SeqCst) {
+                        // Hold the connection open and silent.
+                        tokio::time::sleep(Duration::from_secs(600)).await;
+                        drop(client);
+                        return;
+                    }
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let a = tokio::spawn(pump(cr, sw, bh.clone()));
+                    let b = tokio::spawn(pump(sr, cw, bh));
+                    let _ = tokio::join!(a, b);
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            blackhole,
+            task,
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_blackhole(&self, on: bool) {
+        self.blackhole.store(on, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    bh: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while bh.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,268 @@
+//! `lakecache local`: N workers and the FUSE mount in one process.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytesize::ByteSize;
+use clap::Args;
+use lakecache_client::fuse::{self, Mount, MountConfig};
+use lakecache_client::{FsConfig, FsCore, Member, Membership, Reader, ReaderConfig};
+use lakecache_lake::{OpendalSource, Source, SourceSpec};
+use lakecache_worker::Worker;
+use lakecache_worker::config::{TierConfig, WorkerConfig, parse_disk};
+use lakecache_worker::meta::MetadataPolicy;
+use lakecache_worker::store::TierKind;
+
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    /// Source URI: s3://bucket/prefix, oss://bucket/prefix, gs://…, azblob://…, file:///path.
+    #[arg(long, env = "LAKECACHE_SOURCE")]
+    pub source: String,
+    /// Where to mount the cache (a directory).
+    #[arg(long, env = "LAKECACHE_MOUNT")]
+    pub mount: PathBuf,
+    /// Number of cache workers.
+    #[arg(long, env = "LAKECACHE_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Memory tier size over all workers (0 for none).
+    #[arg(long, env = "LAKECACHE_MEMORY", default_value = "1GiB")]
+    pub memory: ByteSize,
+    /// Disk tier over all workers, as PATH:SIZE.
+    #[arg(long, env = "LAKECACHE_DISK")]
+    pub disk: Option<String>,
+    /// Block size.
+    #[arg(long, env = "LAKECACHE_BLOCK_SIZE", default_value = "4MiB")]
+    pub block_size: ByteSize,
+    /// Source endpoint (S3-compatible stores, OSS).
+    #[arg(long, env = "LAKECACHE_SOURCE_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Source region.
+    #[arg(long, env = "LAKECACHE_SOURCE_REGION")]
+    pub region: Option<String>,
+    /// Directory of credential files (access_key_id, secret_access_key, …).
+    #[arg(long, env = "LAKECACHE_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
+    /// Extra source option KEY=VALUE (repeatable).
+    #[arg(
+        long = "source-option",
+        env = "LAKECACHE_SOURCE_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub source_options: Vec<String>,
+    /// Deadline of one source request, retries included.
+    #[arg(long, env = "LAKECACHE_SOURCE_TIMEOUT", default_value = "30s")]
+    pub source_timeout: humantime::Duration,
+    /// Metadata TTL; 0 means the data is immutable (cache metadata and pages for good).
+    #[arg(long, env = "LAKECACHE_METADATA_TTL", default_value = "0s")]
+    pub metadata_ttl: humantime::Duration,
+    /// Read-ahead memory over all open files.
+    #[arg(long, env = "LAKECACHE_PREFETCH_BUDGET", default_value = "512MiB")]
+    pub prefetch_budget: ByteSize,
+    /// Threads reading FUSE requests.
+    #[arg(long, env = "LAKECACHE_FUSE_THREADS", default_value_t = 2)]
+    pub fuse_threads: usize,
+    /// First worker's gRPC port (0 picks free ports).
+    #[arg(long, env = "LAKECACHE_PORT", default_value_t = 0)]
+    pub port: u16,
+}
+
+/// A running `lakecache local`.
+pub struct Local {
+    pub workers: Vec<Worker>,
+    pub reader: Arc<Reader>,
+    pub core: Arc<FsCore>,
+    pub mount: Option<Mount>,
+    memory_dirs: Vec<PathBuf>,
+}
+
+impl LocalArgs {
+    pub fn source_spec(&self) -> anyhow::Result<SourceSpec> {
+        let mut spec = SourceSpec::new(self.source.clone());
+        if let Some(e) = &self.endpoint {
+            spec.options.insert("endpoint".into(), e.clone());
+        }
+        if let Some(r) = &self.region {
+            spec.options.insert("region".into(), r.clone());
+        }
+        for kv in &self.source_options {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("source option {kv:?}: expected KEY=VALUE"))?;
+            spec.options.insert(k.trim().into(), v.trim().into());
+        }
+        spec.credentials_dir = self.credentials_dir.clone();
+        spec.timeout = *self.source_timeout;
+        Ok(spec)
+    }
+}
+
+/// Starts the workers over `source`, and the reader (not yet mounted).
+pub async fn start(args: &LocalArgs, source: Arc<dyn Source>) -> anyhow::Result<Local> {
+    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
+    let spec = args.source_spec()?;
+    let n = args.workers as u64;
+    let disk = args.disk.as_deref().map(parse_disk).transpose()?;
+    let ttl = *args.metadata_ttl;
+    let metadata = if ttl.is_zero() {
+        MetadataPolicy::Immutable
+    } else {
+        MetadataPolicy::Ttl { ttl }
+    };
+    let mut workers = Vec::new();
+    let mut memory_dirs = Vec::new();
+    for i in 0..args.workers {
+        let id = format!("local-{i}");
+        let mut tiers = Vec::new();
+        if args.memory.as_u64() > 0 {
+            let dir =
+                PathBuf::from("/dev/shm").join(format!("lakecache-{}-{id}", std::process::id()));
+            memory_dirs.push(dir.clone());
+            tiers.push(TierConfig {
+                kind: TierKind::Memory,
+                path: Some(dir),
+                size: ByteSize::b(args.memory.as_u64() / n),
+            });
+        }
+        if let Some((path, size)) = &disk {
+            tiers.push(TierConfig {
+                kind: TierKind::Disk,
+                path: Some(path.join(&id)),
+                size: ByteSize::b(size.as_u64() / n),
+            });
+        }
+        let port = if args.port == 0 {
+            0
+        } else {
+            args.port + i as u16
+        };
+        let cfg = WorkerConfig {
+            id: id.clone(),
+            source: spec.clone(),
+            listen: format!("127.0.0.1:{port}").parse()?,
+            admin_listen: "127.0.0.1:0".parse()?,
+            block_size: args.block_size,
+            tiers,
+            metadata,
+            token_file: None,
+            token: None,
+        };
+        let w = Worker::start_with_source(cfg, source.clone())
+            .await
+            .with_context(|| format!("starting worker {id}"))?;
+        workers.push(w);
+    }
+    let membership = Arc::new(Membership::new(None, Duration::from_secs(2))?);
+    membership.set(
+        workers
+            .iter()
+            .map(|w| Member {
+                id: w.id.clone(),
+                endpoint: format!("http://{}", w.addr),
+            })
+            .collect(),
+    )?;
+    let reader_cfg = ReaderConfig {
+        block_size: args.block_size.as_u64(),
+        worker_timeout: *args.source_timeout + Duration::from_secs(5),
+        read_timeout: *args.source_timeout * 2 + Duration::from_secs(5),
+        metadata_ttl: (!ttl.is_zero()).then_some(ttl),
+        direct_fallback: true,
+    };
+    let reader = Arc::new(Reader::new(reader_cfg, membership, Some(source)));
+    let core = Arc::new(FsCore::new(reader.clone(), fs_config(args, ttl)));
+    Ok(Local {
+        workers,
+        reader,
+        core,
+        mount: None,
+        memory_dirs,
+    })
+}
+
+fn fs_config(args: &LocalArgs, ttl: Duration) -> FsConfig {
+    FsConfig {
+        attr_ttl: if ttl.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            ttl
+        },
+        keep_cache: ttl.is_zero(),
+        uid: 0,
+        gid: 0,
+        prefetch_budget: args.prefetch_budget.as_u64(),
+        max_window_blocks: 16,
+    }
+}
+
+impl Local {
+    /// Mounts at `at` (a fresh filesystem core, so the kernel's caches start empty).
+    pub fn mount(&mut self, args: &LocalArgs, at: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
+        let ttl = *args.metadata_ttl;
+        self.core = Arc::new(FsCore::new(self.reader.clone(), fs_config(args, ttl)));
+        let cfg = MountConfig {
+            threads: args.fuse_threads,
+            ..MountConfig::default()
+        };
+        let m = fuse::mount(
+            self.core.clone(),
+            at,
+            &cfg,
+            tokio::runtime::Handle::current(),
+        )
+        .with_context(|| {
+            format!(
+                "mounting at {} (is fuse3 installed and /dev/fuse usable?)",
+                at.display()
+            )
+        })?;
+        self.mount = Some(m);
+        Ok(())
+    }
+
+    pub fn unmount(&mut self) -> anyhow::Result<()> {
+        if let Some(m) = self.mount.take() {
+            let at = m.mountpoint.clone();
+            m.unmount()
+                .with_context(|| format!("unmounting {}", at.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts, stops the workers, and frees their memory tiers.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.unmount()?;
+        for w in self.workers.drain(..) {
+            w.stop().await;
+        }
+        for d in &self.memory_dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        Ok(())
+    }
+}
+
+/// Runs `lakecache local` until SIGINT or SIGTERM.
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    let spec = args.source_spec()?;
+    let source: Arc<dyn Source> = Arc::new(OpendalSource::new(&spec)?);
+    // Fail early and clearly if the source cannot be listed.
+    source
+        .list("")
+        .await
+        .with_context(|| format!("listing {}", spec.redacted()))?;
+    let mut local = start(&args, source).await?;
+    local.mount(&args, &args.mount)?;
+    eprintln!(
+        "lakecache: {} mounted read-only at {} with {} worker(s); Ctrl-C to unmount",
+        spec.redacted(),
+        args.mount.display(),
+        args.workers
+    );
+    lakecache_telemetry::shutdown_signal().await;
+    local.stop().await?;
+    eprintln!("lakecache: unmounted {}", args.mount.display());
+    Ok(())
+}
