@@ -39,7 +39,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    lakecache_telemetry::init_logging(cli.log_format);
+    // An interactive command: warnings only, unless RUST_LOG says otherwise.
+    lakecache_telemetry::init_logging(cli.log_format, "warn");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

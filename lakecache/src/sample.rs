@@ -54,7 +54,7 @@ pub fn files(spec: &SampleSpec) -> Vec<(String, u64, u64)> {
 
 /// Writes the sample lake under `root` unless the same one is there already.
 pub fn generate(root: &Path, spec: &SampleSpec) -> anyhow::Result<PathBuf> {
-    let marker = root.join(".lakecache-sample");
+    let marker = root.with_extension("generated");
     let want = format!("{spec:?}");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
         return Ok(root.to_path_buf());

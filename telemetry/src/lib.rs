@@ -1,6 +1,6 @@
 //! One telemetry setup for every lakecache binary.
 //!
-//! - [`init_logging`]: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text or
+//! - [`init_logging`]: `tracing` to stderr, filtered by `RUST_LOG` (else the binary's default), as text or
 //!   JSON lines.
 //! - [`Registry`]: the Prometheus registry each component adds its metrics to, under its own
 //!   prefix (`lakecache_worker_…`, `lakecache_fuse_…`).
@@ -44,9 +44,10 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// Sets up `tracing` once for the process; later calls are ignored (tests call it many times).
-pub fn init_logging(format: LogFormat) {
+pub fn init_logging(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
