@@ -29,6 +29,10 @@ use crate::reader::{ReadError, Reader};
 /// Budget granularity: permits are KiB.
 const UNIT: u64 = 1024;
 
+/// How far behind the stream's front a read may arrive and still belong to it: twice the
+/// kernel's largest read-ahead request.
+const LAG: u64 = 2 << 20;
+
 type Flight = Shared<BoxFuture<'static, Result<Bytes, ReadError>>>;
 
 struct Slot {
@@ -123,18 +127,43 @@ impl FileReader {
         let blocks = block_count(file_size, bs);
         let needed: Vec<(u64, Flight)> = {
             let mut st = self.state.lock();
+            // The kernel's own read-ahead sends several reads at once, and they arrive out of
+            // order. A read that starts in a block already fetched ahead, or within `LAG` bytes
+            // behind the furthest point the stream reached, or right after it, continues the
+            // stream; only a read elsewhere is a seek.
+            let lag_blocks = LAG.div_ceil(bs);
             let sequential = match st.next_block {
                 None => offset == 0,
-                Some(n) => first == n || first + 1 == n || first == n + 1,
+                Some(n) => {
+                    st.blocks.contains_key(&first) || (first + lag_blocks >= n && first <= n + 1)
+                }
             };
-            st.window = if sequential {
-                (st.window * 2).clamp(1, self.budget.max_window)
+            let previous_window = st.window;
+            let advancing = st.next_block.is_none_or(|n| first >= n);
+            if sequential && advancing {
+                st.window = (st.window * 2).clamp(1, self.budget.max_window);
+            } else if !sequential {
+                st.window = 0;
+            }
+            // Keep blocks from `LAG` behind the stream's front to the window ahead of it; on a
+            // seek, keep what lies near the new position (reads sent earlier may still arrive).
+            let max = self.budget.max_window;
+            let front = if sequential {
+                st.next_block.unwrap_or(0).max(last)
             } else {
-                0
+                last
             };
-            // Drop blocks behind the reader, and on a seek everything not needed now.
-            let keep_from = first;
-            let keep_to = if sequential { last + st.window } else { last };
+            let (keep_from, keep_to) = if sequential {
+                (
+                    front.saturating_sub(lag_blocks).min(first),
+                    front + st.window,
+                )
+            } else {
+                (
+                    first.saturating_sub(max + 1),
+                    last + previous_window.max(max) + 1,
+                )
+            };
             st.blocks.retain(|i, _| *i >= keep_from && *i <= keep_to);
             let needed = (first..=last)
                 .map(|i| {
@@ -146,7 +175,7 @@ impl FileReader {
                 })
                 .collect();
             // Read ahead within the window and the budget.
-            for i in last + 1..=(last + st.window).min(blocks.saturating_sub(1)) {
+            for i in last + 1..=(front + st.window).min(blocks.saturating_sub(1)) {
                 if st.blocks.contains_key(&i) {
                     continue;
                 }
@@ -164,7 +193,11 @@ impl FileReader {
                     },
                 );
             }
-            st.next_block = Some(if end % bs == 0 { end / bs } else { last });
+            let next = if end % bs == 0 { end / bs } else { last };
+            st.next_block = Some(match st.next_block {
+                Some(n) if sequential => n.max(next),
+                _ => next,
+            });
             needed
         };
         let mut parts = Vec::with_capacity(needed.len());

@@ -168,10 +168,10 @@ async fn restarted_worker_keeps_its_disk_tier_and_bad_blocks_never_reach_readers
         0,
         "restarted worker went to the source"
     );
-    assert_eq!(
-        m.hits.get_or_create(&m.tier("disk")).get(),
-        31,
-        "not every block hit the disk tier"
+    let disk_hits = m.hits.get_or_create(&m.tier("disk")).get();
+    assert!(
+        disk_hits >= 31,
+        "only {disk_hits} of 31 block requests hit the disk tier"
     );
 
     // Corrupt three block files on disk.
