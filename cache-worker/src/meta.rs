@@ -39,11 +39,14 @@ impl MetadataPolicy {
     }
 }
 
+/// A cached listing and when it was fetched.
+type Listing = (Arc<Vec<DirEntry>>, Instant);
+
 pub struct MetadataCache {
     source: Arc<dyn Source>,
     policy: MetadataPolicy,
     stats: Mutex<HashMap<String, (ObjectMeta, Instant)>>,
-    lists: Mutex<HashMap<String, (Arc<Vec<DirEntry>>, Instant)>>,
+    lists: Mutex<HashMap<String, Listing>>,
     metrics: Arc<WorkerMetrics>,
 }
 
@@ -72,11 +75,11 @@ impl MetadataCache {
     }
 
     pub async fn stat(&self, path: &str) -> Result<ObjectMeta, LakeError> {
-        if let Some((m, at)) = self.stats.lock().get(path) {
-            if self.policy.fresh(*at) {
-                self.count("stat", true);
-                return Ok(m.clone());
-            }
+        if let Some((m, at)) = self.stats.lock().get(path)
+            && self.policy.fresh(*at)
+        {
+            self.count("stat", true);
+            return Ok(m.clone());
         }
         self.count("stat", false);
         let m = self.source.stat(path).await?;
@@ -87,11 +90,11 @@ impl MetadataCache {
     }
 
     pub async fn list(&self, dir: &str) -> Result<Arc<Vec<DirEntry>>, LakeError> {
-        if let Some((l, at)) = self.lists.lock().get(dir) {
-            if self.policy.fresh(*at) {
-                self.count("list", true);
-                return Ok(l.clone());
-            }
+        if let Some((l, at)) = self.lists.lock().get(dir)
+            && self.policy.fresh(*at)
+        {
+            self.count("list", true);
+            return Ok(l.clone());
         }
         self.count("list", false);
         let entries = Arc::new(self.source.list(dir).await?);

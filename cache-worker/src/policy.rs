@@ -133,10 +133,10 @@ mod tests {
             }
             if self.lru.len() >= self.capacity {
                 let victim = *self.lru.front().map(|(k, _)| k).unwrap();
-                if let (Some(past), Some(s)) = (past, &self.sketch) {
-                    if !admit(past, s.estimate(victim)) {
-                        return false;
-                    }
+                if let (Some(past), Some(s)) = (past, &self.sketch)
+                    && !admit(past, s.estimate(victim))
+                {
+                    return false;
                 }
                 self.lru.pop_front();
             }

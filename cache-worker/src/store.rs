@@ -545,10 +545,10 @@ fn rebuild(spec: &TierSpec) -> std::io::Result<(LinkedHashMap<BlockId, Entry>, u
             continue;
         }
         let Some(stem) = name.strip_suffix(".meta") else {
-            if let Some(stem) = name.strip_suffix(".blk") {
-                if !spec.dir.join(format!("{stem}.meta")).exists() {
-                    strays.push(path);
-                }
+            if let Some(stem) = name.strip_suffix(".blk")
+                && !spec.dir.join(format!("{stem}.meta")).exists()
+            {
+                strays.push(path);
             }
             continue;
         };

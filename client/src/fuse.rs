@@ -346,10 +346,10 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
-                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
-            }
+        if let Some(s) = self.session.take()
+            && let Err(e) = s.umount_and_join()
+        {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
         }
     }
 }

@@ -193,7 +193,11 @@ impl FileReader {
                     },
                 );
             }
-            let next = if end % bs == 0 { end / bs } else { last };
+            let next = if end.is_multiple_of(bs) {
+                end / bs
+            } else {
+                last
+            };
             st.next_block = Some(match st.next_block {
                 Some(n) if sequential => n.max(next),
                 _ => next,

@@ -169,10 +169,10 @@ impl Reader {
 
     /// The entries of a directory.
     pub async fn list(&self, dir: &str) -> Result<Arc<Vec<DirEntry>>, ReadError> {
-        if let Some(l) = self.listings.lock().get(dir) {
-            if self.cfg.metadata_ttl.is_none_or(|ttl| l.at.elapsed() < ttl) {
-                return Ok(l.entries.clone());
-            }
+        if let Some(l) = self.listings.lock().get(dir)
+            && self.cfg.metadata_ttl.is_none_or(|ttl| l.at.elapsed() < ttl)
+        {
+            return Ok(l.entries.clone());
         }
         let entries = Arc::new(self.bounded(dir, self.list_uncached(dir)).await?);
         self.listings.lock().insert(
