@@ -1,0 +1,117 @@
+//! `lakecache local` as a user runs it: the real binary mounts a lake, serves reads, and
+//! unmounts cleanly on SIGTERM and on SIGINT.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn mounted(at: &std::path::Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let at = at.to_string_lossy().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(at.as_str()))
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run_and_stop(signal: &str) {
+    let lake = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(lake.path().join("a b/ç")).unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(lake.path().join("a b/ç/data.bin"), &data).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mnt = work.path().join("mnt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lakecache"))
+        .args([
+            "local",
+            "--workers",
+            "2",
+            "--memory",
+            "64MiB",
+            "--block-size",
+            "1MiB",
+        ])
+        .arg("--source")
+        .arg(format!("file://{}", lake.path().display()))
+        .arg("--mount")
+        .arg(&mnt)
+        .arg("--disk")
+        .arg(format!("{}:256MiB", work.path().join("cache").display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lakecache local");
+    wait_for("the mount", Duration::from_secs(20), || mounted(&mnt));
+    let got = std::fs::read(mnt.join("a b/ç/data.bin")).expect("read through the mount");
+    assert!(got == data, "bytes differ");
+    assert!(
+        std::fs::write(mnt.join("new"), b"x").is_err(),
+        "the mount is writable"
+    );
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status();
+    assert!(status.unwrap().success());
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "lakecache did not stop on SIG{signal}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        exit.success(),
+        "lakecache exited with {exit} on SIG{signal}"
+    );
+    assert!(!mounted(&mnt), "still mounted after SIG{signal}");
+}
+
+#[test]
+fn mounts_serves_and_unmounts_on_sigterm() {
+    run_and_stop("TERM");
+}
+
+#[test]
+fn unmounts_on_sigint() {
+    run_and_stop("INT");
+}
+
+#[test]
+fn unreachable_or_bad_source_fails_clearly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lakecache"))
+        .args([
+            "local",
+            "--source",
+            "ftp://x/y",
+            "--mount",
+            "/tmp/lakecache-never",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("use s3, oss, gs, azblob or file"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_lakecache"))
+        .args([
+            "local",
+            "--source",
+            "file:///nonexistent/lake",
+            "--mount",
+            "/tmp/lakecache-never",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listing file:///nonexistent/lake"), "{err}");
+}
