@@ -46,6 +46,18 @@ pub enum BlockError {
 
 type Flight = Shared<BoxFuture<'static, Result<Bytes, BlockError>>>;
 
+/// Removes a block's flight from the in-flight map when dropped.
+struct Leave {
+    map: Arc<Mutex<HashMap<BlockId, Flight>>>,
+    id: BlockId,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.map.lock().remove(&self.id);
+    }
+}
+
 /// The block cache of one worker.
 pub struct BlockCache {
     store: Arc<BlockStore>,
@@ -98,6 +110,12 @@ impl BlockCache {
             return Ok((Bytes::new(), Origin::Source));
         }
         let (bytes, origin) = match self.store.get(key).await {
+            // The key does not include the object's size: a block cached for a caller that
+            // claimed another size is not this caller's block. Fetch it again.
+            Lookup::Hit { bytes, .. } if bytes.len() as u64 != end - start => {
+                self.metrics.misses.inc();
+                (self.fetch(key, 0, start, end).await?, Origin::Source)
+            }
             Lookup::Hit { bytes, tier } => {
                 self.metrics
                     .hits
@@ -140,11 +158,13 @@ impl BlockCache {
                 let map = self.inflight.clone();
                 let key = key.clone();
                 let task = tokio::spawn(async move {
+                    // Leave the in-flight map however this task ends, panics included.
+                    let _leave = Leave { map, id };
                     let t = Instant::now();
                     metrics.source_requests.inc();
                     let result = source.read(&key.path, &key.version, start, end).await;
                     metrics.source_latency.observe(t.elapsed().as_secs_f64());
-                    let out = match result {
+                    match result {
                         Ok(bytes) => {
                             metrics.source_bytes.inc_by(bytes.len() as u64);
                             store.put(&key, past, bytes.clone()).await;
@@ -154,9 +174,7 @@ impl BlockCache {
                             metrics.source_errors.inc();
                             Err(BlockError::Lake(e))
                         }
-                    };
-                    map.lock().remove(&id);
-                    out
+                    }
                 });
                 let fut: BoxFuture<'static, Result<Bytes, BlockError>> = async move {
                     match task.await {

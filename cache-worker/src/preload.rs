@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use globset::{Glob, GlobMatcher};
+use globset::{GlobBuilder, GlobMatcher};
 use lakecache_lake::block::{block_count, rendezvous_order};
 use lakecache_lake::{BlockKey, LakeError, ObjectMeta};
 use lakecache_proto::lakecache::v1::{PathFailure, PreloadPhase, PreloadStatus};
@@ -234,7 +234,10 @@ impl Preloader {
         let base = literal.join("/");
         let matcher: Option<GlobMatcher> = if is_glob {
             Some(
-                Glob::new(&pattern)
+                GlobBuilder::new(&pattern)
+                    // `*` stays within one folder; `**` crosses folders.
+                    .literal_separator(true)
+                    .build()
                     .map_err(|e| LakeError::Other {
                         path: pattern.clone(),
                         message: e.to_string(),

@@ -123,7 +123,7 @@ impl CacheWorker for WorkerService {
         let end = if req.length == 0 {
             bytes.len()
         } else {
-            (start + req.length as usize).min(bytes.len())
+            start.saturating_add(req.length as usize).min(bytes.len())
         };
         let data: Bytes = bytes.slice(start..end);
         self.metrics

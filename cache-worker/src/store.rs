@@ -13,13 +13,16 @@
 //! full, a newcomer gets in only if it was requested more often than the block it would push
 //! out. A hit in a lower tier is promoted to the first tier by the same rule.
 //!
-//! Every read from the Disk tier verifies the CRC32C; a bad block is deleted and reported as a
-//! miss, so the caller fetches it again and the bad bytes never reach a reader. At start the index
-//! is rebuilt from the `.meta` files, so a restarted worker keeps its cache.
+//! Every read verifies the block's length and CRC32C (the Disk tier is where bits rot, but the
+//! check costs little next to the copy, so Memory reads are checked too); a bad block is deleted
+//! and reported as a miss, so the caller fetches it again and the bad bytes never reach a reader.
+//! At start the index is rebuilt from the `.meta` files, so a restarted worker keeps its cache.
 //!
-//! The index is a mutex-guarded map; file I/O happens outside the lock. Moves that race with
-//! reads are safe: a reader that finds a block's file gone looks in the other tiers, and if it is
-//! nowhere drops the index entry and treats the read as a miss.
+//! The index is a mutex-guarded map. Changes to files (writes, moves between tiers, deletes)
+//! are decided under the index lock and carried out in that order under a second lock that
+//! serialises them; reads take neither lock while reading. A reader that finds a block's file
+//! gone looks in the other tiers, then once more with file changes paused, and only then drops
+//! the index entry and treats the read as a miss.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -136,7 +139,15 @@ pub enum StoreError {
 
 /// The tiered block store.
 pub struct BlockStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     inner: Mutex<Inner>,
+    /// Serialises every change to the files (writes, moves, deletes) in the order the index
+    /// decided them: each change is decided under `inner` while `io` is held, then carried out
+    /// before `io` is released. Reads take neither lock while they read a file.
+    io: Mutex<()>,
     metrics: Arc<WorkerMetrics>,
 }
 
@@ -163,7 +174,7 @@ impl BlockStore {
         if specs.is_empty() {
             return Err(StoreError::NoTiers);
         }
-        let mut tiers = Vec::new();
+        let mut tiers: Vec<TierState> = Vec::new();
         let mut total_blocks = 0usize;
         for spec in specs {
             if spec.capacity < block_size {
@@ -171,28 +182,47 @@ impl BlockStore {
             }
             std::fs::create_dir_all(&spec.dir).map_err(|e| StoreError::Dir(spec.dir.clone(), e))?;
             total_blocks += (spec.capacity / block_size) as usize;
-            let (lru, used) = rebuild(&spec).map_err(|e| StoreError::Dir(spec.dir.clone(), e))?;
+            let (mut lru, mut used) =
+                rebuild(&spec).map_err(|e| StoreError::Dir(spec.dir.clone(), e))?;
+            // A crash in the middle of a move can leave a block in two tiers: keep the copy in
+            // the upper tier and delete this one.
+            let dups: Vec<BlockId> = lru
+                .keys()
+                .filter(|id| tiers.iter().any(|t| t.lru.contains_key(id)))
+                .copied()
+                .collect();
+            for id in dups {
+                if let Some(e) = lru.remove(&id) {
+                    used -= e.len;
+                }
+                run_actions(vec![Action::Delete {
+                    id,
+                    dir: spec.dir.clone(),
+                }]);
+            }
             tracing::info!(tier = spec.kind.label(), dir = %spec.dir.display(), blocks = lru.len(),
                 used, capacity = spec.capacity, "tier index rebuilt");
             tiers.push(TierState { spec, used, lru });
         }
-        let store = Self {
+        let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 tiers,
                 sketch: FrequencySketch::new(total_blocks),
                 pending: Default::default(),
             }),
+            io: Mutex::new(()),
             metrics,
-        };
+        });
         // A tier that shrank since the last run gives back what no longer fits.
         let actions = {
-            let mut inner = store.inner.lock();
+            let mut inner = shared.inner.lock();
             let mut actions = Vec::new();
-            cascade(&mut inner, 0, &mut actions, &store.metrics);
+            cascade(&mut inner, 0, &mut actions, &shared.metrics);
             actions
         };
         run_actions(actions);
-        store.publish_usage();
+        let store = Self { shared };
+        store.shared.publish_usage();
         Ok(store)
     }
 
@@ -200,53 +230,74 @@ impl BlockStore {
     pub async fn get(&self, key: &BlockKey) -> Lookup {
         let id = key.id();
         let (past, found) = {
-            let mut inner = self.inner.lock();
+            let mut inner = self.shared.inner.lock();
             let past = inner.sketch.estimate(id.short());
             inner.sketch.record(id.short());
             let found = inner.find(id).map(|t| {
                 let tier = &mut inner.tiers[t];
-                let entry = *tier.lru.to_back(&id).expect("found above");
-                (t, tier.spec.kind, entry)
+                *tier.lru.to_back(&id).expect("found above")
             });
             (past, found)
         };
-        let Some((t, kind, entry)) = found else {
+        let Some(entry) = found else {
             return Lookup::Miss { past };
         };
-        match self.read_file(id, t, kind, entry).await {
-            Some(bytes) => {
-                self.maybe_promote(id, t);
+        let shared = self.shared.clone();
+        let read = tokio::task::spawn_blocking(move || shared.read_verified(id, entry)).await;
+        match read {
+            Ok(Some((bytes, kind))) => {
+                let shared = self.shared.clone();
+                // Promotion moves files: do it before answering, so that the file moves of one
+                // request are over when it returns (a restart right after loses nothing).
+                let _ = tokio::task::spawn_blocking(move || shared.maybe_promote(id)).await;
                 Lookup::Hit { bytes, tier: kind }
             }
-            None => Lookup::Miss { past },
+            _ => Lookup::Miss { past },
         }
     }
 
-    /// Reads a block file, verifying its checksum on the Disk tier. On a missing or bad file the
-    /// index entry is dropped and `None` returned.
-    async fn read_file(
-        &self,
-        id: BlockId,
-        t: usize,
-        kind: TierKind,
-        entry: Entry,
-    ) -> Option<Bytes> {
-        let dirs: Vec<PathBuf> = {
-            let inner = self.inner.lock();
-            let first = inner.tiers[t].spec.dir.clone();
-            let others = inner
-                .tiers
-                .iter()
-                .map(|x| x.spec.dir.clone())
-                .filter(|x| *x != first);
-            std::iter::once(first.clone()).chain(others).collect()
-        };
-        let verify = kind == TierKind::Disk;
-        let result = tokio::task::spawn_blocking(move || {
-            for dir in dirs {
+    /// Offers a block fetched from the source. Returns whether it was admitted.
+    pub async fn put(&self, key: &BlockKey, past: u8, bytes: Bytes) -> bool {
+        let shared = self.shared.clone();
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || shared.put(&key, past, &bytes))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Usage of every tier, first tier first.
+    pub fn usage(&self) -> Vec<TierUsage> {
+        self.shared.usage()
+    }
+
+    /// The path of a cached block's file, if cached (for passthrough and tests).
+    pub fn block_file(&self, key: &BlockKey) -> Option<(TierKind, PathBuf)> {
+        let id = key.id();
+        let inner = self.shared.inner.lock();
+        inner
+            .find(id)
+            .map(|t| (inner.tiers[t].spec.kind, inner.tiers[t].block_path(id)))
+    }
+}
+
+impl Shared {
+    fn dirs(&self) -> Vec<(TierKind, PathBuf)> {
+        let inner = self.inner.lock();
+        inner
+            .tiers
+            .iter()
+            .map(|t| (t.spec.kind, t.spec.dir.clone()))
+            .collect()
+    }
+
+    /// Reads a block's file wherever it is, and checks its length and CRC32C. A block that is
+    /// nowhere, or bad, leaves the index (and a bad file is deleted), and `None` is returned.
+    fn read_verified(&self, id: BlockId, entry: Entry) -> Option<(Bytes, TierKind)> {
+        let attempt = || -> Option<(Vec<u8>, TierKind, PathBuf)> {
+            for (kind, dir) in self.dirs() {
                 let path = dir.join(format!("{id}.blk"));
                 match std::fs::read(&path) {
-                    Ok(data) => return Some((data, path)),
+                    Ok(data) => return Some((data, kind, path)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => {
                         tracing::warn!(block = %id, path = %path.display(), error = %e,
@@ -256,25 +307,34 @@ impl BlockStore {
                 }
             }
             None
-        })
-        .await
-        .ok()
-        .flatten();
-        let Some((data, path)) = result else {
-            self.forget(id);
-            return None;
         };
-        let ok = data.len() as u64 == entry.len && (!verify || crc32c::crc32c(&data) == entry.crc);
-        if !ok {
-            self.metrics.corrupt_blocks.inc();
-            tracing::warn!(block = %id, path = %path.display(), "block failed its checksum; \
-                dropping it and fetching it again from the source");
-            self.forget(id);
-            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            run_actions(vec![Action::Delete { id, dir }]);
-            return None;
+        let found = match attempt() {
+            Some(f) => Some(f),
+            None => {
+                // The file may have been between tiers: look again with file changes paused,
+                // and only then drop the entry.
+                let _io = self.io.lock();
+                let again = attempt();
+                if again.is_none() {
+                    self.forget(id);
+                }
+                again
+            }
+        };
+        let (data, kind, path) = found?;
+        // Every read is verified, whichever tier the file was found in: CRC32C runs at memory
+        // speed, and wrong bytes are the one failure a cache must never show.
+        if data.len() as u64 == entry.len && crc32c::crc32c(&data) == entry.crc {
+            return Some((Bytes::from(data), kind));
         }
-        Some(Bytes::from(data))
+        self.metrics.corrupt_blocks.inc();
+        tracing::warn!(block = %id, path = %path.display(), "block failed its checksum; \
+            dropping it and fetching it again from the source");
+        let _io = self.io.lock();
+        self.forget(id);
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        run_actions(vec![Action::Delete { id, dir }]);
+        None
     }
 
     fn forget(&self, id: BlockId) {
@@ -290,10 +350,8 @@ impl BlockStore {
     }
 
     /// Promotes a block hit in a lower tier to the first tier, if it beats that tier's victim.
-    fn maybe_promote(&self, id: BlockId, t: usize) {
-        if t == 0 {
-            return;
-        }
+    fn maybe_promote(&self, id: BlockId) {
+        let _io = self.io.lock();
         let actions = {
             let mut inner = self.inner.lock();
             let Some(cur) = inner.find(id) else { return };
@@ -305,11 +363,12 @@ impl BlockStore {
             let fits = first.used + entry.len <= first.spec.capacity;
             if !fits {
                 let victim = first.lru.front().map(|(v, _)| *v);
-                let mine = inner.sketch.estimate(id.short());
+                // The hit itself was recorded already: compare the requests before it.
+                let mine = inner.sketch.estimate(id.short()).saturating_sub(1);
                 let theirs = victim
                     .map(|v| inner.sketch.estimate(v.short()))
                     .unwrap_or(0);
-                if !admit(mine.saturating_sub(1), theirs) {
+                if !admit(mine, theirs) {
                     return;
                 }
             }
@@ -325,15 +384,15 @@ impl BlockStore {
             cascade(&mut inner, 0, &mut actions, &self.metrics);
             actions
         };
-        tokio::task::spawn_blocking(move || run_actions(actions));
+        run_actions(actions);
         self.publish_usage();
     }
 
-    /// Offers a block fetched from the source. Returns whether it was admitted.
-    pub async fn put(&self, key: &BlockKey, past: u8, bytes: Bytes) -> bool {
+    fn put(&self, key: &BlockKey, past: u8, bytes: &[u8]) -> bool {
         let id = key.id();
         let len = bytes.len() as u64;
-        let crc = crc32c::crc32c(&bytes);
+        let crc = crc32c::crc32c(bytes);
+        let _io = self.io.lock();
         let (dir, actions) = {
             let mut inner = self.inner.lock();
             if inner.find(id).is_some() || inner.pending.contains(&id) {
@@ -364,6 +423,7 @@ impl BlockStore {
             cascade(&mut inner, 0, &mut actions, &self.metrics);
             (dir, actions)
         };
+        run_actions(actions);
         let meta = BlockMeta {
             path: key.path.clone(),
             version: key.version.clone(),
@@ -371,25 +431,24 @@ impl BlockStore {
             len,
             crc32c: crc,
         };
-        let written = tokio::task::spawn_blocking(move || {
-            run_actions(actions);
-            write_block(&dir, id, &bytes, &meta)
-        })
-        .await;
-        let ok = match written {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
+        let ok = match write_block(&dir, id, bytes, &meta) {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::warn!(block = %id, error = %e, "cannot store block; serving it uncached");
+                run_actions(vec![Action::Delete {
+                    id,
+                    dir: dir.clone(),
+                }]);
+                for tmp in [format!("{id}.blk.tmp"), format!("{id}.meta.tmp")] {
+                    let _ = std::fs::remove_file(dir.join(tmp));
+                }
                 false
             }
-            Err(_) => false,
         };
         {
             let mut inner = self.inner.lock();
             inner.pending.remove(&id);
             if ok {
-                // The reservation was made in the first tier; the block may since have been
-                // pushed down by others, which is fine: it enters as the most recent.
                 inner.tiers[0].lru.insert(id, Entry { len, crc });
             } else {
                 inner.tiers[0].used -= len;
@@ -399,8 +458,7 @@ impl BlockStore {
         ok
     }
 
-    /// Usage of every tier, first tier first.
-    pub fn usage(&self) -> Vec<TierUsage> {
+    fn usage(&self) -> Vec<TierUsage> {
         let inner = self.inner.lock();
         inner
             .tiers
@@ -412,15 +470,6 @@ impl BlockStore {
                 blocks: t.lru.len() as u64,
             })
             .collect()
-    }
-
-    /// The path of a cached block's file, if cached (for passthrough and tests).
-    pub fn block_file(&self, key: &BlockKey) -> Option<(TierKind, PathBuf)> {
-        let id = key.id();
-        let inner = self.inner.lock();
-        inner
-            .find(id)
-            .map(|t| (inner.tiers[t].spec.kind, inner.tiers[t].block_path(id)))
     }
 
     fn publish_usage(&self) {
@@ -460,7 +509,9 @@ fn cascade(inner: &mut Inner, from: usize, actions: &mut Vec<Action>, metrics: &
                 let from_path = inner.tiers[t].block_path(victim);
                 let next = &mut inner.tiers[t + 1];
                 // Demoted blocks enter the next tier as its most recent.
-                next.lru.insert(victim, entry);
+                if let Some(old) = next.lru.insert(victim, entry) {
+                    next.used -= old.len;
+                }
                 next.used += entry.len;
                 actions.push(Action::Move {
                     id: victim,

@@ -250,7 +250,7 @@ impl FsCore {
             .lock()
             .get(&fh)
             .cloned()
-            .ok_or_else(|| ReadError::NotFound(format!("file handle {fh}")))?;
+            .ok_or(ReadError::BadHandle(fh))?;
         file.read(offset, size).await
     }
 

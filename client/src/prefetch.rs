@@ -125,7 +125,7 @@ impl FileReader {
         let bs = self.reader.config().block_size;
         let (first, last) = (offset / bs, (end - 1) / bs);
         let blocks = block_count(file_size, bs);
-        let needed: Vec<(u64, Flight)> = {
+        let needed: Vec<(u64, Flight, bool)> = {
             let mut st = self.state.lock();
             // The kernel's own read-ahead sends several reads at once, and they arrive out of
             // order. A read that starts in a block already fetched ahead, or within `LAG` bytes
@@ -167,11 +167,12 @@ impl FileReader {
             st.blocks.retain(|i, _| *i >= keep_from && *i <= keep_to);
             let needed = (first..=last)
                 .map(|i| {
+                    let ahead = st.blocks.contains_key(&i);
                     let slot = st.blocks.entry(i).or_insert_with(|| Slot {
                         flight: self.flight(i),
                         _permit: None,
                     });
-                    (i, slot.flight.clone())
+                    (i, slot.flight.clone(), ahead)
                 })
                 .collect();
             // Read ahead within the window and the budget.
@@ -205,13 +206,21 @@ impl FileReader {
             needed
         };
         let mut parts = Vec::with_capacity(needed.len());
-        for (i, f) in needed {
+        for (i, f, ahead) in needed {
             let block = match f.await {
                 Ok(b) => b,
-                Err(e) => {
-                    // Do not keep a failed fetch: the next read tries again.
+                Err(first_err) => {
+                    // Do not keep a failed fetch. A block fetched ahead may have failed long
+                    // before this read needed it (a passing fault): try it once more now.
                     self.state.lock().blocks.remove(&i);
-                    return Err(e);
+                    let transient = matches!(
+                        first_err,
+                        ReadError::Unavailable(_) | ReadError::TimedOut { .. }
+                    );
+                    if !(ahead && transient) {
+                        return Err(first_err);
+                    }
+                    self.reader.block(&self.path, &self.meta, i).await?
                 }
             };
             let block_start = i * bs;

@@ -61,6 +61,8 @@ pub enum ReadError {
     Stale { path: String },
     #[error("access denied: {0}")]
     Denied(String),
+    #[error("file handle {0} is not open")]
+    BadHandle(u64),
     #[error("{what}: no answer within {timeout:?}")]
     TimedOut { what: String, timeout: Duration },
     #[error("{0}")]
@@ -76,6 +78,7 @@ impl ReadError {
             ReadError::IsADirectory(_) => libc::EISDIR,
             ReadError::Stale { .. } => libc::ESTALE,
             ReadError::Denied(_) => libc::EACCES,
+            ReadError::BadHandle(_) => libc::EBADF,
             ReadError::TimedOut { .. } | ReadError::Unavailable(_) => libc::EIO,
         }
     }
@@ -108,6 +111,11 @@ fn classify(status: tonic::Status, what: &str, worker: &str) -> Option<ReadError
         Code::Unauthenticated => {
             tracing::error!(worker, "{}", status.message());
             None
+        }
+        // A reader and workers configured differently (block size): no worker will do better.
+        Code::FailedPrecondition | Code::InvalidArgument | Code::OutOfRange => {
+            tracing::error!(worker, "{msg}");
+            Some(ReadError::Unavailable(msg))
         }
         _ => {
             tracing::debug!(worker, code = ?status.code(), "{msg}; trying the next worker");
@@ -284,6 +292,11 @@ impl Reader {
                     .read(&key.path, &key.version, start, end)
                     .await
                     .map_err(from_lake)?;
+                if bytes.len() as u64 != end - start {
+                    return Err(ReadError::Stale {
+                        path: key.path.clone(),
+                    });
+                }
                 self.count("direct", bytes.len());
                 Ok(bytes)
             }

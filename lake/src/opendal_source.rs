@@ -26,6 +26,19 @@ impl OpendalSource {
     pub fn new(spec: &SourceSpec) -> Result<Self, SpecError> {
         opendal::install_default();
         let resolved = spec.resolve()?;
+        if resolved.scheme == "fs" {
+            let root = resolved
+                .config
+                .get("root")
+                .map(String::as_str)
+                .unwrap_or("/");
+            if !std::path::Path::new(root).is_dir() {
+                return Err(SpecError::BadUri(
+                    spec.uri.clone(),
+                    format!("{root} is not a directory on this machine"),
+                ));
+            }
+        }
         let op = Operator::via_iter(&resolved.scheme, resolved.config.clone())
             .map_err(|e| SpecError::Build(format!("{}: {e}", spec.redacted())))?;
         let attempts = spec.retries as u32 + 1;
@@ -72,7 +85,7 @@ fn map_err(path: &str, e: opendal::Error) -> LakeError {
     let path = path.to_string();
     match e.kind() {
         ErrorKind::NotFound => LakeError::NotFound { path },
-        ErrorKind::ConditionNotMatch => LakeError::Changed {
+        ErrorKind::ConditionNotMatch | ErrorKind::RangeNotSatisfied => LakeError::Changed {
             path,
             expected: String::new(),
         },
@@ -194,7 +207,12 @@ impl Source for OpendalSource {
             return Ok(Bytes::new());
         }
         let mut req = self.op.read_with(path).range(start..end);
-        if self.if_match && !version.is_empty() && !version.starts_with(SYNTHETIC_VERSION) {
+        // A weak ETag (`W/"…"`) cannot be an If-Match condition.
+        if self.if_match
+            && !version.is_empty()
+            && !version.starts_with(SYNTHETIC_VERSION)
+            && !version.starts_with("W/")
+        {
             req = req.if_match(&format!("\"{version}\""));
         }
         let buf = self.bounded(path, req).await.map_err(|e| match e {

@@ -86,32 +86,43 @@ fn unmounts_on_sigint() {
     run_and_stop("INT");
 }
 
+/// Runs `lakecache` with `args`; it must fail (not mount and wait) within 20 s.
+fn must_fail(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lakecache"))
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("lakecache {args:?} did not fail within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "lakecache {args:?} succeeded");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    err
+}
+
 #[test]
-fn unreachable_or_bad_source_fails_clearly() {
-    let out = Command::new(env!("CARGO_BIN_EXE_lakecache"))
-        .args([
-            "local",
-            "--source",
-            "ftp://x/y",
-            "--mount",
-            "/tmp/lakecache-never",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+fn bad_or_missing_sources_fail_clearly() {
+    let work = tempfile::tempdir().unwrap();
+    let mnt = work.path().join("mnt");
+    let mnt = mnt.to_str().unwrap();
+    let err = must_fail(&["local", "--source", "ftp://x/y", "--mount", mnt]);
     assert!(err.contains("use s3, oss, gs, azblob or file"), "{err}");
-    let out = Command::new(env!("CARGO_BIN_EXE_lakecache"))
-        .args([
-            "local",
-            "--source",
-            "file:///nonexistent/lake",
-            "--mount",
-            "/tmp/lakecache-never",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("listing file:///nonexistent/lake"), "{err}");
+    let missing = work.path().join("no-such-lake");
+    let uri = format!("file://{}", missing.display());
+    let err = must_fail(&["local", "--source", &uri, "--mount", mnt]);
+    assert!(err.contains("is not a directory on this machine"), "{err}");
+    assert!(!missing.exists(), "the missing lake was created");
+    let err = must_fail(&["local", "--source", "s3://", "--mount", mnt]);
+    assert!(err.contains("bucket is empty"), "{err}");
 }
