@@ -232,3 +232,123 @@ async fn wrong_token_is_refused() {
     let e = fs.lookup(ROOT_INO, "train").await.unwrap_err();
     assert_eq!(e.errno(), libc::EIO, "{e}");
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn workers_serve_metrics_and_probes() {
+    let l = lake(1).await;
+    let fs = FsCore::new(reader(&l, "secret", false), FsConfig::default());
+    let train = fs.lookup(ROOT_INO, "train").await.unwrap();
+    let big = fs.lookup(train.ino, "big.rec").await.unwrap();
+    read_all(&fs, big.ino, 1 << 20).await;
+    let admin = l.workers[0].as_ref().unwrap().admin_addr;
+    assert!(http_get(admin, "/livez").await.starts_with("HTTP/1.1 200"));
+    assert!(http_get(admin, "/readyz").await.starts_with("HTTP/1.1 200"));
+    let m = http_get(admin, "/metrics").await;
+    for needle in [
+        "lakecache_worker_block_misses_total 21",
+        "lakecache_worker_source_requests_total 21",
+        "lakecache_worker_served_bytes_total{tier=\"source\"} 1310737",
+        "lakecache_worker_source_bytes_total 1310737",
+        "lakecache_worker_block_seconds_bucket{",
+        "lakecache_worker_tier_used_bytes{tier=\"disk\"} 1310737",
+        "lakecache_worker_metadata_misses_total{op=\"list\"}",
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle:?}:\n{m}");
+    }
+}
+
+#[tokio::test]
+async fn preload_loads_each_workers_share_and_reports_progress() {
+    use lakecache_proto::lakecache::v1 as pb;
+    let l = lake(2).await;
+    let members: Vec<String> = l.workers.iter().flatten().map(|w| w.id.clone()).collect();
+    let mut watches = Vec::new();
+    for w in l.workers.iter().flatten() {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", w.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let token: tonic::metadata::MetadataValue<_> = "Bearer secret".parse().unwrap();
+        let mut c = pb::cache_worker_client::CacheWorkerClient::with_interceptor(
+            ch,
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", token.clone());
+                Ok(r)
+            },
+        );
+        let req = pb::StartPreloadRequest {
+            id: "p1".into(),
+            paths: vec!["train/*.rec".into(), "missing/**".into()],
+            metadata_only: false,
+            members: members.clone(),
+        };
+        let started = c.start_preload(req).await.unwrap().into_inner();
+        assert_eq!(started.phase, pb::PreloadPhase::Running as i32);
+        let bad = c
+            .start_preload(pb::StartPreloadRequest {
+                id: "p2".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        let stream = c
+            .watch_preload(pb::WatchPreloadRequest { id: "p1".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        watches.push(stream);
+    }
+    let mut bytes_done = 0;
+    for mut stream in watches {
+        let mut last = None;
+        while let Some(s) = stream.message().await.unwrap() {
+            last = Some(s);
+        }
+        let s = last.expect("a final status");
+        // `missing/**` names nothing that exists: the preload reports it, by path.
+        assert_eq!(s.phase, pb::PreloadPhase::Failed as i32, "{s:?}");
+        assert_eq!(s.failures.len(), 1, "{s:?}");
+        assert_eq!(s.failures[0].path, "missing/**");
+        assert_eq!(s.files_total, 1, "`*` must not cross folders: {s:?}");
+        assert_eq!(s.bytes_done, s.bytes_total);
+        bytes_done += s.bytes_done;
+    }
+    assert_eq!(
+        bytes_done,
+        BS * 20 + 17,
+        "the workers' shares do not add up to the file"
+    );
+    // Every block of the file is now where readers look: reading it goes to no source.
+    let fs = FsCore::new(reader(&l, "secret", false), FsConfig::default());
+    let train = fs.lookup(ROOT_INO, "train").await.unwrap();
+    let big = fs.lookup(train.ino, "big.rec").await.unwrap();
+    let before: u64 = l
+        .workers
+        .iter()
+        .flatten()
+        .map(|w| w.metrics.source_requests.get())
+        .sum();
+    assert_eq!(
+        read_all(&fs, big.ino, 1 << 20).await.len() as u64,
+        BS * 20 + 17
+    );
+    let after: u64 = l
+        .workers
+        .iter()
+        .flatten()
+        .map(|w| w.metrics.source_requests.get())
+        .sum();
+    assert_eq!(before, after, "reads after a preload went to the source");
+}
