@@ -125,8 +125,8 @@ async fn a_worker_stopped_mid_read_fails_no_read() -> anyhow::Result<()> {
                     break;
                 }
                 got.extend_from_slice(&buf[..n]);
-                // Slow readers, so the kill lands mid-read.
-                std::thread::sleep(Duration::from_micros(300));
+                // Slow readers (at least 240 ms a file), so the kill at 150 ms lands mid-read.
+                std::thread::sleep(Duration::from_millis(1));
             }
             anyhow::ensure!(got == data, "{}: bytes differ", p.display());
             Ok(())
