@@ -37,7 +37,8 @@ type Flight = Shared<BoxFuture<'static, Result<Bytes, ReadError>>>;
 
 struct Slot {
     flight: Flight,
-    _permit: Option<Arc<OwnedSemaphorePermit>>,
+    /// Budget held by a block fetched ahead; `None` for blocks a read asked for.
+    permit: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 struct State {
@@ -164,13 +165,20 @@ impl FileReader {
                     last + previous_window.max(max) + 1,
                 )
             };
-            st.blocks.retain(|i, _| *i >= keep_from && *i <= keep_to);
+            // Blocks fetched for reads (not ahead) hold no budget: on a seek keep only those
+            // next to this read, so that a random reader's memory stays bounded.
+            let near = first.saturating_sub(1)..=last;
+            st.blocks.retain(|i, slot| {
+                *i >= keep_from
+                    && *i <= keep_to
+                    && (sequential || slot.permit.is_some() || near.contains(i))
+            });
             let needed = (first..=last)
                 .map(|i| {
                     let ahead = st.blocks.contains_key(&i);
                     let slot = st.blocks.entry(i).or_insert_with(|| Slot {
                         flight: self.flight(i),
-                        _permit: None,
+                        permit: None,
                     });
                     (i, slot.flight.clone(), ahead)
                 })
@@ -190,7 +198,7 @@ impl FileReader {
                     i,
                     Slot {
                         flight: self.flight(i),
-                        _permit: Some(Arc::new(permit)),
+                        permit: Some(Arc::new(permit)),
                     },
                 );
             }
