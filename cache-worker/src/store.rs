@@ -235,23 +235,27 @@ impl BlockStore {
             inner.sketch.record(id.short());
             let found = inner.find(id).map(|t| {
                 let tier = &mut inner.tiers[t];
-                *tier.lru.to_back(&id).expect("found above")
+                (t, *tier.lru.to_back(&id).expect("found above"))
             });
             (past, found)
         };
-        let Some(entry) = found else {
+        let Some((t, entry)) = found else {
             return Lookup::Miss { past };
         };
         let shared = self.shared.clone();
-        let read = tokio::task::spawn_blocking(move || shared.read_verified(id, entry)).await;
-        match read {
-            Ok(Some((bytes, kind))) => {
-                let shared = self.shared.clone();
-                // Promotion moves files: do it before answering, so that the file moves of one
-                // request are over when it returns (a restart right after loses nothing).
-                let _ = tokio::task::spawn_blocking(move || shared.maybe_promote(id)).await;
-                Lookup::Hit { bytes, tier: kind }
+        let read = tokio::task::spawn_blocking(move || {
+            let hit = shared.read_verified(id, t, entry);
+            // Promotion moves files: do it before answering, so that the file moves of one
+            // request are over when it returns (a restart right after loses nothing). A hit in
+            // the first tier has nowhere to go.
+            if hit.is_some() && t > 0 {
+                shared.maybe_promote(id);
             }
+            hit
+        })
+        .await;
+        match read {
+            Ok(Some((bytes, kind))) => Lookup::Hit { bytes, tier: kind },
             _ => Lookup::Miss { past },
         }
     }
@@ -281,20 +285,24 @@ impl BlockStore {
 }
 
 impl Shared {
-    fn dirs(&self) -> Vec<(TierKind, PathBuf)> {
+    /// The tier directories, the one at index `first` first.
+    fn dirs(&self, first: usize) -> Vec<(TierKind, PathBuf)> {
         let inner = self.inner.lock();
-        inner
+        let mut dirs: Vec<_> = inner
             .tiers
             .iter()
             .map(|t| (t.spec.kind, t.spec.dir.clone()))
-            .collect()
+            .collect();
+        let last = dirs.len() - 1;
+        dirs.swap(0, first.min(last));
+        dirs
     }
 
     /// Reads a block's file wherever it is, and checks its length and CRC32C. A block that is
     /// nowhere, or bad, leaves the index (and a bad file is deleted), and `None` is returned.
-    fn read_verified(&self, id: BlockId, entry: Entry) -> Option<(Bytes, TierKind)> {
+    fn read_verified(&self, id: BlockId, t: usize, entry: Entry) -> Option<(Bytes, TierKind)> {
         let attempt = || -> Option<(Vec<u8>, TierKind, PathBuf)> {
-            for (kind, dir) in self.dirs() {
+            for (kind, dir) in self.dirs(t) {
                 let path = dir.join(format!("{id}.blk"));
                 match std::fs::read(&path) {
                     Ok(data) => return Some((data, kind, path)),
