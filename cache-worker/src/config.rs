@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use bytesize::ByteSize;
 use clap::Args;
-use lakecache_lake::SourceSpec;
+use lakecache_lake::{SourceFlags, SourceSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::meta::MetadataPolicy;
@@ -91,15 +91,8 @@ pub struct WorkerFlags {
     /// Source URI (s3://bucket/prefix, oss://…, gs://…, azblob://…, file:///path).
     #[arg(long, env = "LAKECACHE_SOURCE")]
     pub source: Option<String>,
-    /// Source endpoint (for S3-compatible stores and OSS).
-    #[arg(long, env = "LAKECACHE_SOURCE_ENDPOINT")]
-    pub endpoint: Option<String>,
-    /// Source region.
-    #[arg(long, env = "LAKECACHE_SOURCE_REGION")]
-    pub region: Option<String>,
-    /// Directory of credential files (a mounted Secret).
-    #[arg(long, env = "LAKECACHE_CREDENTIALS_DIR")]
-    pub credentials_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub source_flags: SourceFlags,
     /// gRPC listen address.
     #[arg(long, env = "LAKECACHE_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -169,15 +162,10 @@ impl WorkerConfig {
         if let Some(v) = &flags.source {
             cfg.source.uri = v.clone();
         }
-        if let Some(v) = &flags.endpoint {
-            cfg.source.options.insert("endpoint".into(), v.clone());
-        }
-        if let Some(v) = &flags.region {
-            cfg.source.options.insert("region".into(), v.clone());
-        }
-        if let Some(v) = &flags.credentials_dir {
-            cfg.source.credentials_dir = Some(v.clone());
-        }
+        flags
+            .source_flags
+            .apply(&mut cfg.source)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if let Some(v) = flags.listen {
             cfg.listen = v;
         }

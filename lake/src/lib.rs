@@ -27,7 +27,7 @@ use bytes::Bytes;
 pub use block::{BlockId, BlockKey};
 pub use fault::{FaultMode, FaultSource};
 pub use opendal_source::OpendalSource;
-pub use spec::{SourceSpec, SpecError};
+pub use spec::{SourceFlags, SourceSpec, SpecError};
 pub use throttle::ThrottledSource;
 
 /// Whether a path names a file or a directory.

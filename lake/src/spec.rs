@@ -2,7 +2,8 @@
 //!
 //! Options come from three places, later ones winning: the `options` map of the configuration,
 //! files in a credentials directory (one file per key, the way a Kubernetes Secret is mounted),
-//! and environment variables `LAKECACHE_SOURCE_<KEY>`. Credentials never come from the URI.
+//! and environment variables `LAKECACHE_SOURCE_OPT_<KEY>`. Credentials never come from the URI.
+//! [`SourceFlags`] is the command-line group every binary shares for these.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -148,7 +149,7 @@ impl SourceSpec {
             read_credentials_dir(dir, &mut cfg)?;
         }
         for (k, v) in std::env::vars() {
-            if let Some(key) = k.strip_prefix("LAKECACHE_SOURCE_") {
+            if let Some(key) = k.strip_prefix("LAKECACHE_SOURCE_OPT_") {
                 cfg.insert(key.to_ascii_lowercase(), v);
             }
         }
@@ -156,6 +157,56 @@ impl SourceSpec {
             scheme: service.to_string(),
             config: cfg,
         })
+    }
+}
+
+/// Source flags shared by every binary; each overrides what a configuration file says.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SourceFlags {
+    /// Source endpoint (S3-compatible stores, OSS).
+    #[arg(long, env = "LAKECACHE_SOURCE_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Source region.
+    #[arg(long, env = "LAKECACHE_SOURCE_REGION")]
+    pub region: Option<String>,
+    /// Directory of credential files, one per key (access_key_id, secret_access_key, …): a
+    /// mounted Secret.
+    #[arg(long, env = "LAKECACHE_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
+    /// Extra source option KEY=VALUE (repeatable, or comma-separated).
+    #[arg(
+        long = "source-option",
+        env = "LAKECACHE_SOURCE_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub options: Vec<String>,
+    /// Deadline of one source request, retries included (default 30s).
+    #[arg(long, env = "LAKECACHE_SOURCE_TIMEOUT")]
+    pub source_timeout: Option<humantime::Duration>,
+}
+
+impl SourceFlags {
+    /// Applies the flags given to `spec`.
+    pub fn apply(&self, spec: &mut SourceSpec) -> Result<(), SpecError> {
+        if let Some(v) = &self.endpoint {
+            spec.options.insert("endpoint".into(), v.clone());
+        }
+        if let Some(v) = &self.region {
+            spec.options.insert("region".into(), v.clone());
+        }
+        for kv in &self.options {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| SpecError::BadOption(kv.clone(), "expected KEY=VALUE".into()))?;
+            spec.options.insert(k.trim().into(), v.trim().into());
+        }
+        if let Some(v) = &self.credentials_dir {
+            spec.credentials_dir = Some(v.clone());
+        }
+        if let Some(t) = self.source_timeout {
+            spec.timeout = *t;
+        }
+        Ok(())
     }
 }
 
@@ -219,6 +270,8 @@ pub enum SpecError {
     Credentials(PathBuf, String),
     #[error("cannot configure the source: {0}")]
     Build(String),
+    #[error("source option {0:?}: {1}")]
+    BadOption(String, String),
 }
 
 #[cfg(test)]
@@ -270,6 +323,27 @@ mod tests {
             !shown.contains("s3cr3t") && !shown.contains("inline"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn flags_override_the_spec() {
+        let flags = SourceFlags {
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            options: vec!["enable_virtual_host_style = true".into()],
+            source_timeout: Some(std::time::Duration::from_secs(5).into()),
+            ..Default::default()
+        };
+        let mut spec = SourceSpec::new("s3://b").option("endpoint", "http://old");
+        flags.apply(&mut spec).unwrap();
+        assert_eq!(spec.options["endpoint"], "http://127.0.0.1:9000");
+        assert_eq!(spec.options["enable_virtual_host_style"], "true");
+        assert_eq!(spec.timeout, std::time::Duration::from_secs(5));
+        let bad = SourceFlags {
+            options: vec!["novalue".into()],
+            ..Default::default()
+        };
+        let e = bad.apply(&mut spec).unwrap_err();
+        assert!(e.to_string().contains("KEY=VALUE"), "{e}");
     }
 
     #[test]

@@ -35,25 +35,8 @@ pub struct LocalArgs {
     /// Block size.
     #[arg(long, env = "LAKECACHE_BLOCK_SIZE", default_value = "4MiB")]
     pub block_size: ByteSize,
-    /// Source endpoint (S3-compatible stores, OSS).
-    #[arg(long, env = "LAKECACHE_SOURCE_ENDPOINT")]
-    pub endpoint: Option<String>,
-    /// Source region.
-    #[arg(long, env = "LAKECACHE_SOURCE_REGION")]
-    pub region: Option<String>,
-    /// Directory of credential files (access_key_id, secret_access_key, …).
-    #[arg(long, env = "LAKECACHE_CREDENTIALS_DIR")]
-    pub credentials_dir: Option<PathBuf>,
-    /// Extra source option KEY=VALUE (repeatable).
-    #[arg(
-        long = "source-option",
-        env = "LAKECACHE_SOURCE_OPTIONS",
-        value_delimiter = ','
-    )]
-    pub source_options: Vec<String>,
-    /// Deadline of one source request, retries included.
-    #[arg(long, env = "LAKECACHE_SOURCE_TIMEOUT", default_value = "30s")]
-    pub source_timeout: humantime::Duration,
+    #[command(flatten)]
+    pub source_flags: lakecache_lake::SourceFlags,
     /// Metadata TTL; 0 means the data is immutable (cache metadata and pages for good).
     #[arg(long, env = "LAKECACHE_METADATA_TTL", default_value = "0s")]
     pub metadata_ttl: humantime::Duration,
@@ -80,20 +63,7 @@ pub struct Local {
 impl LocalArgs {
     pub fn source_spec(&self) -> anyhow::Result<SourceSpec> {
         let mut spec = SourceSpec::new(self.source.clone());
-        if let Some(e) = &self.endpoint {
-            spec.options.insert("endpoint".into(), e.clone());
-        }
-        if let Some(r) = &self.region {
-            spec.options.insert("region".into(), r.clone());
-        }
-        for kv in &self.source_options {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("source option {kv:?}: expected KEY=VALUE"))?;
-            spec.options.insert(k.trim().into(), v.trim().into());
-        }
-        spec.credentials_dir = self.credentials_dir.clone();
-        spec.timeout = *self.source_timeout;
+        self.source_flags.apply(&mut spec)?;
         Ok(spec)
     }
 }
@@ -165,8 +135,8 @@ pub async fn start(args: &LocalArgs, source: Arc<dyn Source>) -> anyhow::Result<
     )?;
     let reader_cfg = ReaderConfig {
         block_size: args.block_size.as_u64(),
-        worker_timeout: *args.source_timeout + Duration::from_secs(5),
-        read_timeout: *args.source_timeout * 2 + Duration::from_secs(5),
+        worker_timeout: spec.timeout + Duration::from_secs(5),
+        read_timeout: spec.timeout * 2 + Duration::from_secs(5),
         metadata_ttl: (!ttl.is_zero()).then_some(ttl),
         direct_fallback: true,
     };
