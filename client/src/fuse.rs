@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -26,6 +26,11 @@ struct LakeFs {
 
 fn errno(e: &ReadError) -> Errno {
     Errno::from_i32(e.errno())
+}
+
+fn fattr(core: &FsCore, a: &Attr) -> FileAttr {
+    let c = core.config();
+    file_attr(a, c.uid, c.gid, 128 << 10)
 }
 
 fn file_attr(a: &Attr, uid: u32, gid: u32, block_size: u32) -> FileAttr {
@@ -73,10 +78,10 @@ impl Filesystem for LakeFs {
             reply.error(Errno::ENOENT);
             return;
         };
-        let (ttl, this) = (self.ttl(), self.clone_view());
+        let ttl = self.ttl();
         self.rt.spawn(async move {
             match core.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&ttl, &this.fattr(&a), Generation(0)),
+                Ok(a) => reply.entry(&ttl, &fattr(&core, &a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -88,10 +93,10 @@ impl Filesystem for LakeFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let core = self.core.clone();
-        let (ttl, this) = (self.ttl(), self.clone_view());
+        let ttl = self.ttl();
         self.rt.spawn(async move {
             match core.getattr(ino.0).await {
-                Ok(a) => reply.attr(&ttl, &this.fattr(&a)),
+                Ok(a) => reply.attr(&ttl, &fattr(&core, &a)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -233,7 +238,7 @@ impl Filesystem for LakeFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let core = self.core.clone();
-        let (ttl, this) = (self.ttl(), self.clone_view());
+        let ttl = self.ttl();
         self.rt.spawn(async move {
             match core.readdir(ino.0, offset, true).await {
                 Ok(entries) => {
@@ -252,7 +257,7 @@ impl Filesystem for LakeFs {
                             off,
                             &name,
                             &ttl,
-                            &this.fattr(&a),
+                            &fattr(&core, &a),
                             Generation(0),
                         ) {
                             full = true;
@@ -282,28 +287,6 @@ impl Filesystem for LakeFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.core.statfs();
         reply.statfs(s.blocks, 0, 0, s.files, 0, s.block_size, 255, s.block_size);
-    }
-}
-
-impl LakeFs {
-    fn clone_view(&self) -> View {
-        View {
-            uid: self.core.config().uid,
-            gid: self.core.config().gid,
-        }
-    }
-}
-
-/// What a spawned reply needs to build attributes.
-#[derive(Clone, Copy)]
-struct View {
-    uid: u32,
-    gid: u32,
-}
-
-impl View {
-    fn fattr(&self, a: &Attr) -> FileAttr {
-        file_attr(a, self.uid, self.gid, 128 << 10)
     }
 }
 
@@ -387,6 +370,3 @@ pub fn mount(
         mountpoint: mountpoint.to_path_buf(),
     })
 }
-
-/// Modification time shown for paths the source gives none for.
-pub const EPOCH: SystemTime = SystemTime::UNIX_EPOCH;

@@ -38,7 +38,7 @@ type Flight = Shared<BoxFuture<'static, Result<Bytes, ReadError>>>;
 struct Slot {
     flight: Flight,
     /// Budget held by a block fetched ahead; `None` for blocks a read asked for.
-    permit: Option<Arc<OwnedSemaphorePermit>>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 struct State {
@@ -198,7 +198,7 @@ impl FileReader {
                     i,
                     Slot {
                         flight: self.flight(i),
-                        permit: Some(Arc::new(permit)),
+                        permit: Some(permit),
                     },
                 );
             }
