@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto");
-    let files = ["lakecache/v1/cache.proto", "csi/v1/csi.proto"];
+    let files = [
+        "lakecache/v1/cache.proto",
+        "lakecache/v1/mounter.proto",
+        "csi/v1/csi.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

@@ -1,1 +1,158 @@
-fn main() {}
+//! `lakecache-csi-node`: the CSI node plugin, its mounter, and the FUSE servers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytesize::ByteSize;
+use clap::{Args, Parser, Subcommand};
+use lakecache_csi_node::mounter::{self, MounterConfig};
+use lakecache_csi_node::node::PluginConfig;
+use lakecache_csi_node::state::StateDir;
+use lakecache_csi_node::volume::FuseServerConfig;
+use lakecache_csi_node::{PluginOptions, fuse_server, socket_path, start_plugin};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lakecache-csi-node",
+    version,
+    about = "The lakecache CSI node plugin (csi.lakecache.io)"
+)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "LAKECACHE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: lakecache_telemetry::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the CSI Identity and Node services (the plugin container).
+    Plugin(PluginArgs),
+    /// Host the FUSE servers (the mounter sidecar container).
+    Mounter(MounterArgs),
+    /// Serve one volume through FUSE (started by the mounter).
+    #[command(hide = true)]
+    FuseServer {
+        /// The configuration the plugin wrote.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PluginArgs {
+    /// The CSI socket kubelet talks to.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// This node's name (NodeGetInfo's node id).
+    #[arg(long, env = "NODE_NAME")]
+    node_id: String,
+    /// Where the plugin keeps its state; shared with the mounter.
+    #[arg(
+        long,
+        env = "LAKECACHE_STATE_DIR",
+        default_value = "/var/lib/kubelet/plugins/csi.lakecache.io/state"
+    )]
+    state_dir: PathBuf,
+    /// Address of /metrics, /livez and /readyz.
+    #[arg(long, env = "LAKECACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9810")]
+    admin_listen: std::net::SocketAddr,
+    /// How often mounts are checked and broken ones repaired.
+    #[arg(long, env = "LAKECACHE_REPAIR_INTERVAL", default_value = "10s")]
+    repair_interval: humantime::Duration,
+    /// Read-ahead memory of each mount, unless the volume sets prefetchBudget.
+    #[arg(long, env = "LAKECACHE_PREFETCH_BUDGET", default_value = "256MiB")]
+    prefetch_budget: ByteSize,
+    /// Threads reading /dev/fuse in each FUSE server.
+    #[arg(long, env = "LAKECACHE_FUSE_THREADS", default_value_t = 2)]
+    fuse_threads: usize,
+    /// How long a new mount waits for a first cache worker to answer.
+    #[arg(long, env = "LAKECACHE_STARTUP_TIMEOUT", default_value = "30s")]
+    startup_timeout: humantime::Duration,
+}
+
+#[derive(Debug, Args)]
+struct MounterArgs {
+    /// The plugin's state directory (the mounter's socket lives there).
+    #[arg(
+        long,
+        env = "LAKECACHE_STATE_DIR",
+        default_value = "/var/lib/kubelet/plugins/csi.lakecache.io/state"
+    )]
+    state_dir: PathBuf,
+    /// How long a FUSE server may take to mount.
+    #[arg(long, env = "LAKECACHE_MOUNT_TIMEOUT", default_value = "60s")]
+    mount_timeout: humantime::Duration,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    lakecache_telemetry::init_logging(cli.log_format, "info");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Plugin(a) => rt.block_on(plugin(a)),
+        Command::Mounter(a) => rt.block_on(async move {
+            let state = StateDir::open(&a.state_dir)
+                .with_context(|| format!("opening {}", a.state_dir.display()))?;
+            let cfg = MounterConfig {
+                state,
+                exe: std::env::current_exe().context("finding this binary")?,
+                mount_timeout: *a.mount_timeout,
+                stop_timeout: Duration::from_secs(10),
+            };
+            mounter::serve(cfg, lakecache_telemetry::shutdown_signal()).await
+        }),
+        Command::FuseServer { config } => {
+            let text =
+                std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
+            let cfg: FuseServerConfig = serde_json::from_slice(&text)
+                .with_context(|| format!("parsing {}", config.display()))?;
+            let mut out = std::io::stdout();
+            rt.block_on(fuse_server::run(cfg, &mut out))
+        }
+    }
+}
+
+async fn plugin(a: PluginArgs) -> anyhow::Result<()> {
+    let opts = PluginOptions {
+        endpoint: socket_path(&a.endpoint)?,
+        state_dir: a.state_dir,
+        admin_listen: a.admin_listen,
+        repair_interval: *a.repair_interval,
+        plugin: PluginConfig {
+            node_id: a.node_id,
+            prefetch_budget: a.prefetch_budget.as_u64(),
+            fuse_threads: a.fuse_threads,
+            startup_timeout: *a.startup_timeout,
+            mounter_timeout: *a.startup_timeout + Duration::from_secs(30),
+        },
+    };
+    anyhow::ensure!(
+        !opts.plugin.node_id.is_empty(),
+        "--node-id (or NODE_NAME) must not be empty"
+    );
+    let running = start_plugin(opts).await?;
+    lakecache_telemetry::shutdown_signal().await;
+    running.stop().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,156 @@
+//! One FUSE server: serves one volume's mount until it is told to stop.
+//!
+//! The mounter starts one per staged volume (`lakecache-csi-node fuse-server --config …`). It
+//! prints one status line on stdout, `ready` once the mount serves or `error: …` when it cannot,
+//! then logs to stderr.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lakecache_client::fuse::{self, MountConfig};
+use lakecache_client::{FsConfig, FsCore, Member, Membership, Reader, ReaderConfig};
+use lakecache_proto::lakecache::v1::InfoRequest;
+
+use crate::mounts;
+use crate::volume::{FuseServerConfig, WorkerSpec};
+
+/// The line the mounter waits for.
+pub const READY: &str = "ready";
+
+fn members(workers: &[WorkerSpec]) -> Vec<Member> {
+    workers
+        .iter()
+        .map(|w| Member {
+            id: w.id.clone(),
+            endpoint: w.endpoint.clone(),
+        })
+        .collect()
+}
+
+/// Asks the workers, in turn, for their block size until one answers or `timeout` passes.
+async fn first_answer(membership: &Membership, timeout: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no workers are published yet");
+    // Bounded by the deadline; each pass asks every worker once.
+    while Instant::now() < deadline {
+        for conn in membership.snapshot().iter() {
+            let mut client = conn.client.clone();
+            let left = deadline.saturating_duration_since(Instant::now());
+            let call = client.info(InfoRequest {});
+            match tokio::time::timeout(left.min(Duration::from_secs(3)), call).await {
+                Ok(Ok(info)) => return Ok(info.into_inner().block_size),
+                Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => anyhow::bail!(
+                    "worker {} refused the data-plane token ({}): check the token in the \
+                     Secret named by the PV's nodeStageSecretRef",
+                    conn.member.id,
+                    s.message()
+                ),
+                Ok(Err(s)) => {
+                    last = format!(
+                        "worker {} at {}: {}",
+                        conn.member.id,
+                        conn.member.endpoint,
+                        s.message()
+                    )
+                }
+                Err(_) => {
+                    last = format!(
+                        "worker {} at {}: no answer",
+                        conn.member.id, conn.member.endpoint
+                    )
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!(
+        "no cache worker answered within {}; last: {last}",
+        humantime::format_duration(timeout)
+    )
+}
+
+/// Mounts and serves until SIGTERM. Writes the status line to `status`.
+pub async fn run(cfg: FuseServerConfig, status: &mut dyn Write) -> anyhow::Result<()> {
+    let result = mount(&cfg).await;
+    let mount = match result {
+        Ok(m) => {
+            writeln!(status, "{READY}")?;
+            status.flush()?;
+            m
+        }
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            let _ = writeln!(status, "error: {msg}");
+            let _ = status.flush();
+            return Err(e);
+        }
+    };
+    tracing::info!(volume = %cfg.volume_id, path = %cfg.mount_path.display(), "serving");
+    lakecache_telemetry::shutdown_signal().await;
+    let path = mount.mountpoint.clone();
+    let unmounted = tokio::task::spawn_blocking(move || mount.unmount()).await?;
+    if let Err(e) = unmounted {
+        tracing::warn!(error = %e, "unmount failed; detaching");
+        mounts::detach(&path)?;
+    }
+    tracing::info!(volume = %cfg.volume_id, "stopped");
+    Ok(())
+}
+
+async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<fuse::Mount> {
+    let membership = Arc::new(
+        Membership::new(cfg.token.as_deref(), Duration::from_secs(2))
+            .context("the data-plane token")?,
+    );
+    match &cfg.workers {
+        Some(w) => membership.set(members(w))?,
+        None => crate::kube_members::follow(&cfg.namespace, &cfg.name, membership.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "following the workers of CacheNamespace {}/{}",
+                    cfg.namespace, cfg.name
+                )
+            })?,
+    }
+    let block_size = first_answer(&membership, cfg.startup_timeout).await?;
+    anyhow::ensure!(
+        block_size.is_power_of_two(),
+        "the workers reported block size {block_size}, which is not a power of two"
+    );
+    let reader_cfg = ReaderConfig {
+        block_size,
+        worker_timeout: Duration::from_secs(60),
+        read_timeout: Duration::from_secs(120),
+        metadata_ttl: cfg.metadata_ttl,
+        direct_fallback: false,
+    };
+    let reader = Arc::new(Reader::new(reader_cfg, membership, None));
+    let fs = FsConfig {
+        attr_ttl: cfg.metadata_ttl.unwrap_or(Duration::from_secs(3600)),
+        keep_cache: cfg.metadata_ttl.is_none(),
+        prefetch_budget: cfg.prefetch_budget,
+        ..FsConfig::default()
+    };
+    let core = Arc::new(FsCore::new(reader, fs));
+    // A dead server leaves "transport endpoint is not connected" behind: detach it first.
+    if let mounts::Health::Broken(why) = mounts::health(&cfg.mount_path) {
+        tracing::info!(path = %cfg.mount_path.display(), %why, "detaching a broken mount");
+        mounts::detach(&cfg.mount_path)?;
+    }
+    std::fs::create_dir_all(&cfg.mount_path)
+        .with_context(|| format!("creating {}", cfg.mount_path.display()))?;
+    let mc = MountConfig {
+        allow_other: true,
+        threads: cfg.fuse_threads.max(1),
+        fs_name: format!("lakecache:{}/{}", cfg.namespace, cfg.name),
+    };
+    let handle = tokio::runtime::Handle::current();
+    let path = cfg.mount_path.clone();
+    let m = tokio::task::spawn_blocking(move || fuse::mount(core, &path, &mc, handle))
+        .await?
+        .with_context(|| format!("mounting FUSE at {}", cfg.mount_path.display()))?;
+    Ok(m)
+}

@@ -1,0 +1,177 @@
+//! The lakecache CSI node plugin (`csi.lakecache.io`).
+//!
+//! Three roles in one binary, in two containers of the node DaemonSet pod:
+//! - **plugin** ([`node`]): the CSI Identity and Node services on kubelet's unix socket. It keeps
+//!   its state in a directory ([`state`]), binds the cache into pods, and repairs broken mounts at
+//!   start and then periodically.
+//! - **mounter** ([`mounter`]): hosts the FUSE servers, in the sidecar container, so a restart of
+//!   the plugin never takes a mount down.
+//! - **fuse-server** ([`fuse_server`]): one process per staged volume, serving the cache through
+//!   FUSE; started by the mounter.
+#![forbid(unsafe_code)]
+
+pub mod fuse_server;
+pub mod kube_members;
+pub mod metrics;
+pub mod mounter;
+pub mod mounts;
+pub mod node;
+pub mod state;
+pub mod volume;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lakecache_proto::csi::v1::identity_server::IdentityServer;
+use lakecache_proto::csi::v1::node_server::NodeServer;
+use lakecache_proto::lakecache::v1::mounter_client::MounterClient;
+use lakecache_telemetry::{AdminServer, Readiness, Registry};
+use tokio::net::UnixListener;
+use tonic::transport::{Channel, Endpoint};
+
+/// The CSI driver name.
+pub const DRIVER_NAME: &str = "csi.lakecache.io";
+/// The topology key NodeGetInfo reports, with the node name as its value.
+pub const TOPOLOGY_KEY: &str = "topology.lakecache.io/node";
+
+/// The path of a `unix://` endpoint (`unix:///csi/csi.sock` or a plain path).
+pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
+    let p = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    anyhow::ensure!(
+        p.starts_with('/'),
+        "endpoint {endpoint:?} must be unix:///absolute/path"
+    );
+    Ok(PathBuf::from(p))
+}
+
+/// Binds a unix socket, replacing a stale socket file left by an earlier process.
+pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?,
+        Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
+        Err(_) => {}
+    }
+    UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))
+}
+
+/// A lazily connecting client of the mounter's socket.
+pub fn mounter_client(socket: &Path) -> MounterClient<Channel> {
+    let socket = socket.to_path_buf();
+    // The URI is required by tonic but unused: the connector dials the socket.
+    let channel = Endpoint::from_static("http://mounter.invalid")
+        .connect_timeout(Duration::from_secs(3))
+        .connect_with_connector_lazy(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(&socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }));
+    MounterClient::new(channel)
+}
+
+/// Settings of the plugin process.
+#[derive(Debug, Clone)]
+pub struct PluginOptions {
+    pub endpoint: PathBuf,
+    pub state_dir: PathBuf,
+    pub admin_listen: std::net::SocketAddr,
+    pub repair_interval: Duration,
+    pub plugin: node::PluginConfig,
+}
+
+/// A running plugin: its socket, its admin server and its repair loop.
+pub struct RunningPlugin {
+    pub plugin: Arc<node::Plugin>,
+    pub admin: AdminServer,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RunningPlugin {
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let mut tasks = std::mem::take(&mut self.tasks);
+        let server = tasks.pop();
+        for t in tasks {
+            t.abort();
+        }
+        if let Some(server) = server {
+            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        }
+        self.admin.stop();
+    }
+}
+
+/// Starts the plugin: repairs what it finds, then serves CSI on the endpoint.
+pub async fn start_plugin(opts: PluginOptions) -> anyhow::Result<RunningPlugin> {
+    let state = state::StateDir::open(&opts.state_dir)
+        .with_context(|| format!("opening the state directory {}", opts.state_dir.display()))?;
+    let plugin = Arc::new(node::Plugin::new(opts.plugin.clone(), state));
+    let mut registry = Registry::with_prefix("lakecache_csi");
+    plugin.metrics.register(&mut registry);
+    let ready = Readiness::default();
+    let admin = AdminServer::start(
+        opts.admin_listen,
+        Arc::new(parking_lot::Mutex::new(registry)),
+        ready.clone(),
+    )
+    .await?;
+
+    let repairer = plugin.clone();
+    let interval = opts.repair_interval;
+    let repair = tokio::spawn(async move {
+        // Bounded by the process's life; one pass per interval.
+        loop {
+            match repairer.can_mount().await {
+                Ok(()) => {
+                    ready.set_ready(true);
+                    let n = repairer.repair_all().await;
+                    if n > 0 {
+                        tracing::warn!(repairs = n, "repair pass done");
+                    }
+                }
+                Err(why) => {
+                    ready.set_ready(false);
+                    tracing::warn!(%why, "cannot mount; repair waits");
+                }
+            }
+            tokio::time::sleep(interval).await;
+        }
+    });
+
+    let listener = bind_unix(&opts.endpoint)?;
+    tracing::info!(endpoint = %opts.endpoint.display(), node = %opts.plugin.node_id, admin = %admin.addr, "CSI plugin listening");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let services = node::Services(plugin.clone());
+    let server = tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(IdentityServer::new(services.clone()))
+            .add_service(NodeServer::new(services))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                async {
+                    let _ = rx.await;
+                },
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "CSI server stopped");
+        }
+    });
+    Ok(RunningPlugin {
+        plugin,
+        admin,
+        tasks: vec![repair, server],
+        shutdown: Some(tx),
+    })
+}

@@ -1,0 +1,799 @@
+//! The CSI Identity and Node services, and the repair loop.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lakecache_proto::csi::v1 as csi;
+use lakecache_proto::csi::v1::identity_server::Identity;
+use lakecache_proto::csi::v1::node_server::Node;
+use lakecache_proto::csi::v1::node_service_capability::rpc::Type as RpcType;
+use lakecache_proto::csi::v1::volume_capability::access_mode::Mode;
+use lakecache_proto::lakecache::v1::mounter_client::MounterClient;
+use lakecache_proto::lakecache::v1::{ListMountsRequest, MountRequest, UnmountRequest};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use crate::metrics::CsiMetrics;
+use crate::mounts::{self, Health};
+use crate::state::{StateDir, TargetRecord, VolumeRecord, write_atomic};
+use crate::volume::{FuseServerConfig, TOKEN_KEY, VolumeContext};
+use crate::{DRIVER_NAME, TOPOLOGY_KEY};
+
+/// Plugin settings.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    pub node_id: String,
+    /// Read-ahead budget of a mount, unless its volume context sets one.
+    pub prefetch_budget: u64,
+    pub fuse_threads: usize,
+    /// How long a FUSE server may wait for a first worker.
+    pub startup_timeout: Duration,
+    /// How long a call to the mounter may take.
+    pub mounter_timeout: Duration,
+}
+
+/// The plugin: CSI services over the state directory and the mounter.
+pub struct Plugin {
+    cfg: PluginConfig,
+    state: StateDir,
+    mounter: MounterClient<Channel>,
+    busy: parking_lot::Mutex<HashSet<String>>,
+    pub metrics: Arc<CsiMetrics>,
+}
+
+/// Marks a volume busy for the length of one operation.
+struct Busy<'a> {
+    plugin: &'a Plugin,
+    volume_id: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.plugin.busy.lock().remove(&self.volume_id);
+    }
+}
+
+fn required<'a>(v: &'a str, field: &str, rpc: &str) -> Result<&'a str, Status> {
+    if v.is_empty() {
+        Err(Status::invalid_argument(format!(
+            "{rpc}: {field} is required"
+        )))
+    } else {
+        Ok(v)
+    }
+}
+
+/// Checks the capability: a filesystem, used read-only.
+fn check_capability(cap: Option<&csi::VolumeCapability>, rpc: &str) -> Result<(), Status> {
+    let cap = cap
+        .ok_or_else(|| Status::invalid_argument(format!("{rpc}: volume_capability is required")))?;
+    match &cap.access_type {
+        Some(csi::volume_capability::AccessType::Mount(_)) => {}
+        Some(csi::volume_capability::AccessType::Block(_)) => {
+            return Err(Status::invalid_argument(format!(
+                "{rpc}: lakecache volumes are filesystems; use volumeMode: Filesystem, not Block"
+            )));
+        }
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "{rpc}: volume_capability has no access type; ask for a mount volume"
+            )));
+        }
+    }
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| m.mode())
+        .unwrap_or(Mode::Unknown);
+    match mode {
+        Mode::MultiNodeMultiWriter | Mode::SingleNodeMultiWriter => {
+            Err(Status::invalid_argument(format!(
+                "{rpc}: lakecache volumes are read-only; use access mode ReadOnlyMany ({mode:?} was asked)"
+            )))
+        }
+        Mode::Unknown => Err(Status::invalid_argument(format!(
+            "{rpc}: volume_capability has no access mode; use ReadOnlyMany"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn context_error(rpc: &str, e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{rpc}: {e}"))
+}
+
+fn io_error(what: String, e: std::io::Error) -> Status {
+    Status::internal(format!("{what}: {e}"))
+}
+
+impl Plugin {
+    pub fn new(cfg: PluginConfig, state: StateDir) -> Self {
+        let mounter = crate::mounter_client(&state.mounter_socket());
+        Self {
+            cfg,
+            state,
+            mounter,
+            busy: Default::default(),
+            metrics: Arc::new(CsiMetrics::default()),
+        }
+    }
+
+    fn busy(&self, volume_id: &str, rpc: &str) -> Result<Busy<'_>, Status> {
+        if !self.busy.lock().insert(volume_id.to_string()) {
+            return Err(Status::aborted(format!(
+                "{rpc}: another operation on volume {volume_id} is in progress; retry"
+            )));
+        }
+        Ok(Busy {
+            plugin: self,
+            volume_id: volume_id.to_string(),
+        })
+    }
+
+    fn load(&self, volume_id: &str) -> Result<Option<VolumeRecord>, Status> {
+        self.state
+            .load(volume_id)
+            .map_err(|e| Status::internal(format!("reading the state of volume {volume_id}: {e}")))
+    }
+
+    fn save(&self, rec: &VolumeRecord) -> Result<(), Status> {
+        self.state.save(rec).map_err(|e| {
+            Status::internal(format!("saving the state of volume {}: {e}", rec.volume_id))
+        })
+    }
+
+    /// Times and counts one call, and logs its outcome.
+    async fn observed<T>(
+        &self,
+        rpc: &'static str,
+        volume_id: &str,
+        f: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let start = Instant::now();
+        let r = f.await;
+        let code = match &r {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics.observe(rpc, code, start.elapsed());
+        match &r {
+            Ok(_) => tracing::info!(
+                rpc,
+                volume = volume_id,
+                ms = start.elapsed().as_millis() as u64,
+                "ok"
+            ),
+            Err(s) => {
+                tracing::warn!(rpc, volume = volume_id, code = ?s.code(), message = s.message(), "failed")
+            }
+        }
+        r.map(Response::new)
+    }
+
+    /// Writes the FUSE server's configuration and asks the mounter for a healthy mount.
+    async fn ensure_fuse(
+        &self,
+        rec: &VolumeRecord,
+        ctx: Option<(&VolumeContext, Option<&String>)>,
+    ) -> Result<bool, Status> {
+        let config_path = self.state.fuse_config_path(&rec.volume_id);
+        if let Some((ctx, token)) = ctx {
+            let cfg = FuseServerConfig {
+                volume_id: rec.volume_id.clone(),
+                mount_path: rec.staging_path.clone(),
+                namespace: ctx.namespace.clone(),
+                name: ctx.name.clone(),
+                workers: ctx.workers.clone(),
+                token: token.cloned(),
+                metadata_ttl: ctx.metadata_ttl,
+                prefetch_budget: ctx.prefetch_budget.unwrap_or(self.cfg.prefetch_budget),
+                fuse_threads: self.cfg.fuse_threads,
+                startup_timeout: self.cfg.startup_timeout,
+            };
+            let json =
+                serde_json::to_vec_pretty(&cfg).map_err(|e| Status::internal(e.to_string()))?;
+            std::fs::create_dir_all(self.state.volume_dir(&rec.volume_id))
+                .map_err(|e| io_error("creating the volume's state directory".into(), e))?;
+            write_atomic(&config_path, &json, 0o600)
+                .map_err(|e| io_error(format!("writing {}", config_path.display()), e))?;
+        }
+        let mut client = self.mounter.clone();
+        let call = client.mount(MountRequest {
+            volume_id: rec.volume_id.clone(),
+            mount_path: rec.staging_path.display().to_string(),
+            config_path: config_path.display().to_string(),
+        });
+        let resp = tokio::time::timeout(self.cfg.mounter_timeout, call)
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "the mounter did not answer within {}; is the mounter container running?",
+                    humantime::format_duration(self.cfg.mounter_timeout)
+                ))
+            })?
+            .map_err(|s| mounter_error(&rec.volume_id, s))?;
+        Ok(resp.into_inner().started)
+    }
+
+    async fn stop_fuse(&self, rec: &VolumeRecord) -> Result<(), Status> {
+        let mut client = self.mounter.clone();
+        let call = client.unmount(UnmountRequest {
+            volume_id: rec.volume_id.clone(),
+            mount_path: rec.staging_path.display().to_string(),
+        });
+        tokio::time::timeout(self.cfg.mounter_timeout, call)
+            .await
+            .map_err(|_| {
+                Status::unavailable("the mounter did not answer; is the mounter container running?")
+            })?
+            .map_err(|s| mounter_error(&rec.volume_id, s))?;
+        Ok(())
+    }
+
+    async fn stage(
+        &self,
+        req: csi::NodeStageVolumeRequest,
+    ) -> Result<csi::NodeStageVolumeResponse, Status> {
+        const RPC: &str = "NodeStageVolume";
+        let volume_id = required(&req.volume_id, "volume_id", RPC)?;
+        let staging = required(&req.staging_target_path, "staging_target_path", RPC)?;
+        check_capability(req.volume_capability.as_ref(), RPC)?;
+        let ctx = VolumeContext::parse(&req.volume_context).map_err(|e| context_error(RPC, e))?;
+        let _busy = self.busy(volume_id, RPC)?;
+        let staging = PathBuf::from(staging);
+        let existing = self.load(volume_id)?;
+        if let Some(rec) = &existing
+            && rec.staging_path != staging
+        {
+            return Err(Status::already_exists(format!(
+                "{RPC}: volume {volume_id} is already staged at {}; unstage it there first",
+                rec.staging_path.display()
+            )));
+        }
+        let rec = existing.clone().unwrap_or(VolumeRecord {
+            volume_id: volume_id.to_string(),
+            staging_path: staging.clone(),
+            ephemeral: false,
+            namespace: ctx.namespace.clone(),
+            name: ctx.name.clone(),
+            targets: Default::default(),
+        });
+        self.save(&rec)?;
+        match self
+            .ensure_fuse(&rec, Some((&ctx, req.secrets.get(TOKEN_KEY))))
+            .await
+        {
+            Ok(_) => Ok(csi::NodeStageVolumeResponse {}),
+            Err(e) => {
+                if existing.is_none() {
+                    let _ = self.state.remove(volume_id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn unstage(
+        &self,
+        req: csi::NodeUnstageVolumeRequest,
+    ) -> Result<csi::NodeUnstageVolumeResponse, Status> {
+        const RPC: &str = "NodeUnstageVolume";
+        let volume_id = required(&req.volume_id, "volume_id", RPC)?;
+        let staging = PathBuf::from(required(
+            &req.staging_target_path,
+            "staging_target_path",
+            RPC,
+        )?);
+        let _busy = self.busy(volume_id, RPC)?;
+        let Some(mut rec) = self.load(volume_id)? else {
+            // Not ours (any more): make sure nothing of ours is left on the path.
+            if is_our_mount(&staging) {
+                mounts::unmount_all(&staging)
+                    .map_err(|e| io_error(format!("unmounting {}", staging.display()), e))?;
+            }
+            return Ok(csi::NodeUnstageVolumeResponse {});
+        };
+        if rec.staging_path != staging {
+            return Err(Status::invalid_argument(format!(
+                "{RPC}: volume {volume_id} is staged at {}, not at {}",
+                rec.staging_path.display(),
+                staging.display()
+            )));
+        }
+        rec.targets
+            .retain(|t, _| mounts::is_mount_point(t).unwrap_or(true));
+        if !rec.targets.is_empty() {
+            let list: Vec<_> = rec
+                .targets
+                .keys()
+                .map(|t| t.display().to_string())
+                .collect();
+            self.save(&rec)?;
+            return Err(Status::failed_precondition(format!(
+                "{RPC}: volume {volume_id} is still published at {}; unpublish those first",
+                list.join(", ")
+            )));
+        }
+        self.stop_fuse(&rec).await?;
+        self.state
+            .remove(volume_id)
+            .map_err(|e| io_error(format!("removing the state of volume {volume_id}"), e))?;
+        Ok(csi::NodeUnstageVolumeResponse {})
+    }
+
+    async fn publish(
+        &self,
+        req: csi::NodePublishVolumeRequest,
+    ) -> Result<csi::NodePublishVolumeResponse, Status> {
+        const RPC: &str = "NodePublishVolume";
+        let volume_id = required(&req.volume_id, "volume_id", RPC)?;
+        let target = PathBuf::from(required(&req.target_path, "target_path", RPC)?);
+        check_capability(req.volume_capability.as_ref(), RPC)?;
+        let ctx = VolumeContext::parse(&req.volume_context).map_err(|e| context_error(RPC, e))?;
+        ctx.check_pod_namespace()
+            .map_err(|e| Status::permission_denied(format!("{RPC}: {e}")))?;
+        let _busy = self.busy(volume_id, RPC)?;
+
+        let mut rec = match self.load(volume_id)? {
+            Some(rec) => rec,
+            None if ctx.ephemeral => {
+                let rec = VolumeRecord {
+                    volume_id: volume_id.to_string(),
+                    staging_path: self.state.volume_dir(volume_id).join("mnt"),
+                    ephemeral: true,
+                    namespace: ctx.namespace.clone(),
+                    name: ctx.name.clone(),
+                    targets: Default::default(),
+                };
+                self.save(&rec)?;
+                if let Err(e) = self
+                    .ensure_fuse(&rec, Some((&ctx, req.secrets.get(TOKEN_KEY))))
+                    .await
+                {
+                    let _ = self.state.remove(volume_id);
+                    return Err(e);
+                }
+                rec
+            }
+            None => {
+                required(&req.staging_target_path, "staging_target_path", RPC)?;
+                return Err(Status::not_found(format!(
+                    "{RPC}: volume {volume_id} is not staged on this node; NodeStageVolume must come first"
+                )));
+            }
+        };
+        if !rec.ephemeral {
+            let staging = required(&req.staging_target_path, "staging_target_path", RPC)?;
+            if rec.staging_path != Path::new(staging) {
+                return Err(Status::invalid_argument(format!(
+                    "{RPC}: volume {volume_id} is staged at {}, not at {staging}",
+                    rec.staging_path.display()
+                )));
+            }
+        }
+        if (rec.namespace.as_str(), rec.name.as_str())
+            != (ctx.namespace.as_str(), ctx.name.as_str())
+        {
+            return Err(Status::invalid_argument(format!(
+                "{RPC}: volume {volume_id} was staged for CacheNamespace {}/{}, but this request names {}/{}",
+                rec.namespace, rec.name, ctx.namespace, ctx.name
+            )));
+        }
+        if let Some(t) = rec.targets.get(&target)
+            && t.sub_path != ctx.sub_path
+        {
+            return Err(Status::already_exists(format!(
+                "{RPC}: {} already shows subPath {:?} of volume {volume_id}; unpublish it first",
+                target.display(),
+                t.sub_path
+            )));
+        }
+        if mounts::health(&target) == Health::Healthy && rec.targets.contains_key(&target) {
+            return Ok(csi::NodePublishVolumeResponse {});
+        }
+        let source = rec.staging_path.join(&ctx.sub_path);
+        match std::fs::metadata(&source) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "{RPC}: subPath {:?} of CacheNamespace {}/{} is a file; name a directory",
+                    ctx.sub_path, ctx.namespace, ctx.name
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Status::not_found(format!(
+                    "{RPC}: subPath {:?} does not exist in CacheNamespace {}/{}; check volumeAttributes.subPath",
+                    ctx.sub_path, ctx.namespace, ctx.name
+                )));
+            }
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "{RPC}: the cache mount of volume {volume_id} does not answer ({e}); the plugin is repairing it, retry"
+                )));
+            }
+        }
+        std::fs::create_dir_all(&target)
+            .map_err(|e| io_error(format!("{RPC}: creating {}", target.display()), e))?;
+        if mounts::is_mount_point(&target).unwrap_or(false) {
+            mounts::unmount_all(&target)
+                .map_err(|e| io_error(format!("{RPC}: clearing {}", target.display()), e))?;
+        }
+        mounts::bind_read_only(&source, &target).map_err(|e| io_error(RPC.into(), e))?;
+        rec.targets.insert(
+            target,
+            TargetRecord {
+                sub_path: ctx.sub_path.clone(),
+            },
+        );
+        self.save(&rec)?;
+        Ok(csi::NodePublishVolumeResponse {})
+    }
+
+    async fn unpublish(
+        &self,
+        req: csi::NodeUnpublishVolumeRequest,
+    ) -> Result<csi::NodeUnpublishVolumeResponse, Status> {
+        const RPC: &str = "NodeUnpublishVolume";
+        let volume_id = required(&req.volume_id, "volume_id", RPC)?;
+        let target = PathBuf::from(required(&req.target_path, "target_path", RPC)?);
+        let _busy = self.busy(volume_id, RPC)?;
+        let rec = self.load(volume_id)?;
+        let ours = rec
+            .as_ref()
+            .is_some_and(|r| r.targets.contains_key(&target));
+        if ours || is_our_mount(&target) {
+            mounts::unmount_all(&target)
+                .map_err(|e| io_error(format!("{RPC}: unmounting {}", target.display()), e))?;
+        }
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(format!("{RPC}: removing {}", target.display()), e)),
+        }
+        if let Some(mut rec) = rec {
+            rec.targets.remove(&target);
+            if rec.ephemeral && rec.targets.is_empty() {
+                self.stop_fuse(&rec).await?;
+                self.state.remove(volume_id).map_err(|e| {
+                    io_error(format!("removing the state of volume {volume_id}"), e)
+                })?;
+            } else {
+                self.save(&rec)?;
+            }
+        }
+        Ok(csi::NodeUnpublishVolumeResponse {})
+    }
+
+    async fn stats(
+        &self,
+        req: csi::NodeGetVolumeStatsRequest,
+    ) -> Result<csi::NodeGetVolumeStatsResponse, Status> {
+        const RPC: &str = "NodeGetVolumeStats";
+        let volume_id = required(&req.volume_id, "volume_id", RPC)?;
+        let path = PathBuf::from(required(&req.volume_path, "volume_path", RPC)?);
+        let Some(rec) = self.load(volume_id)? else {
+            return Err(Status::not_found(format!(
+                "{RPC}: volume {volume_id} is not staged or published on this node"
+            )));
+        };
+        if rec.staging_path != path && !rec.targets.contains_key(&path) {
+            return Err(Status::not_found(format!(
+                "{RPC}: volume {volume_id} is not staged or published at {}",
+                path.display()
+            )));
+        }
+        let (usage, condition) = match mounts::health(&path) {
+            Health::Healthy => match mounts::usage(&path) {
+                Ok(u) => (
+                    vec![
+                        csi::VolumeUsage {
+                            available: u.bytes_available as i64,
+                            total: u.bytes_total as i64,
+                            used: u.bytes_used as i64,
+                            unit: csi::volume_usage::Unit::Bytes as i32,
+                        },
+                        csi::VolumeUsage {
+                            available: u.inodes_free as i64,
+                            total: u.inodes_total as i64,
+                            used: u.inodes_used as i64,
+                            unit: csi::volume_usage::Unit::Inodes as i32,
+                        },
+                    ],
+                    csi::VolumeCondition {
+                        abnormal: false,
+                        message: "the cache mount answers".into(),
+                    },
+                ),
+                Err(e) => (vec![], abnormal(format!("statfs failed: {e}"))),
+            },
+            Health::NotMounted => (
+                vec![],
+                abnormal("not mounted; the plugin will mount it again".into()),
+            ),
+            Health::Broken(m) => (vec![], abnormal(format!("{m}; the plugin will repair it"))),
+        };
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(condition),
+        })
+    }
+
+    /// Whether the plugin can mount: the mounter answers and the kernel has FUSE.
+    pub async fn can_mount(&self) -> Result<(), String> {
+        if !Path::new("/dev/fuse").exists() {
+            return Err("/dev/fuse is missing: the plugin container needs it (privileged, or the device mounted)".into());
+        }
+        let mut client = self.mounter.clone();
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            client.list_mounts(ListMountsRequest {}),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) => Err(format!("the mounter failed: {}", s.message())),
+            Err(_) => Err("the mounter did not answer within 3s".into()),
+        }
+    }
+
+    /// Finds every recorded mount and repairs the broken ones. Returns how many repairs it made.
+    pub async fn repair_all(&self) -> usize {
+        let mut repaired = 0;
+        for rec in self.state.all() {
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read a volume's state; leaving it alone");
+                    continue;
+                }
+            };
+            let Ok(_busy) = self.busy(&rec.volume_id, "repair") else {
+                continue;
+            };
+            repaired += self.repair(rec).await;
+        }
+        repaired
+    }
+
+    async fn repair(&self, mut rec: VolumeRecord) -> usize {
+        let vid = rec.volume_id.clone();
+        let mut repaired = 0;
+        let health = mounts::health(&rec.staging_path);
+        if health != Health::Healthy {
+            tracing::warn!(volume = %vid, path = %rec.staging_path.display(), ?health, "the cache mount is broken; repairing");
+        }
+        // The mounter is asked either way: it also restarts a server that died while its
+        // mount still looked fine.
+        match self.ensure_fuse(&rec, None).await {
+            Ok(true) => {
+                repaired += 1;
+                self.metrics.repair("fuse");
+                tracing::warn!(volume = %vid, path = %rec.staging_path.display(), "repaired: a new FUSE server serves the cache mount");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(volume = %vid, code = ?e.code(), message = e.message(), "cannot repair the cache mount; will retry");
+                return repaired;
+            }
+        }
+        let mut changed = false;
+        let targets: Vec<_> = rec
+            .targets
+            .iter()
+            .map(|(p, t)| (p.clone(), t.clone()))
+            .collect();
+        for (target, t) in targets {
+            match mounts::health(&target) {
+                Health::Healthy => continue,
+                Health::NotMounted if !target.exists() => {
+                    tracing::info!(volume = %vid, target = %target.display(), "the target path is gone; forgetting it");
+                    rec.targets.remove(&target);
+                    changed = true;
+                    continue;
+                }
+                h => {
+                    tracing::warn!(volume = %vid, target = %target.display(), health = ?h, "a published target is broken; repairing")
+                }
+            }
+            let source = rec.staging_path.join(&t.sub_path);
+            let r =
+                mounts::unmount_all(&target).and_then(|_| mounts::bind_read_only(&source, &target));
+            match r {
+                Ok(()) => {
+                    repaired += 1;
+                    self.metrics.repair("target");
+                    tracing::warn!(volume = %vid, target = %target.display(), "repaired: the target shows the cache again");
+                }
+                Err(e) => {
+                    tracing::error!(volume = %vid, target = %target.display(), error = %e, "cannot repair the target; will retry")
+                }
+            }
+        }
+        if changed && let Err(e) = self.state.save(&rec) {
+            tracing::warn!(volume = %vid, error = %e, "cannot save the volume's state");
+        }
+        repaired
+    }
+
+    pub fn volumes(&self) -> usize {
+        self.state.all().len()
+    }
+}
+
+fn abnormal(message: String) -> csi::VolumeCondition {
+    csi::VolumeCondition {
+        abnormal: true,
+        message,
+    }
+}
+
+/// The mounter's error, with the volume named. A status that the mounter sent keeps its code and
+/// message (a bad token or unreachable workers already say what to fix); one that tonic made
+/// because the mounter's socket did not answer carries its transport error as its source, and
+/// says to look at the mounter container.
+fn mounter_error(volume_id: &str, s: Status) -> Status {
+    if std::error::Error::source(&s).is_some() {
+        return Status::unavailable(format!(
+            "cannot reach the mounter for volume {volume_id} ({}); is the mounter container running?",
+            s.message()
+        ));
+    }
+    Status::new(s.code(), format!("volume {volume_id}: {}", s.message()))
+}
+
+/// Whether `path` holds a lakecache FUSE mount (or a bind of one).
+fn is_our_mount(path: &Path) -> bool {
+    let Ok(table) = mounts::mount_table() else {
+        return false;
+    };
+    table
+        .iter()
+        .any(|m| m.mount_point == path && m.fs_type == "fuse.lakecache")
+}
+
+/// The CSI services, sharing one plugin.
+#[derive(Clone)]
+pub struct Services(pub Arc<Plugin>);
+
+#[tonic::async_trait]
+impl Identity for Services {
+    async fn get_plugin_info(
+        &self,
+        _req: Request<csi::GetPluginInfoRequest>,
+    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(csi::GetPluginInfoResponse {
+            name: DRIVER_NAME.into(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            manifest: HashMap::new(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _req: Request<csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        // Node-only: no CONTROLLER_SERVICE.
+        Ok(Response::new(csi::GetPluginCapabilitiesResponse {
+            capabilities: vec![],
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _req: Request<csi::ProbeRequest>,
+    ) -> Result<Response<csi::ProbeResponse>, Status> {
+        let ready = match self.0.can_mount().await {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(%why, "probe: not ready");
+                false
+            }
+        };
+        Ok(Response::new(csi::ProbeResponse { ready: Some(ready) }))
+    }
+}
+
+#[tonic::async_trait]
+impl Node for Services {
+    async fn node_stage_volume(
+        &self,
+        req: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let vid = req.volume_id.clone();
+        self.0
+            .observed("NodeStageVolume", &vid, self.0.stage(req))
+            .await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let vid = req.volume_id.clone();
+        self.0
+            .observed("NodeUnstageVolume", &vid, self.0.unstage(req))
+            .await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let vid = req.volume_id.clone();
+        self.0
+            .observed("NodePublishVolume", &vid, self.0.publish(req))
+            .await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let vid = req.volume_id.clone();
+        self.0
+            .observed("NodeUnpublishVolume", &vid, self.0.unpublish(req))
+            .await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let req = req.into_inner();
+        let vid = req.volume_id.clone();
+        self.0
+            .observed("NodeGetVolumeStats", &vid, self.0.stats(req))
+            .await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _req: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "lakecache volumes are read-only caches and cannot be expanded",
+        ))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _req: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        let caps = [
+            RpcType::StageUnstageVolume,
+            RpcType::GetVolumeStats,
+            RpcType::VolumeCondition,
+        ]
+        .into_iter()
+        .map(|t| csi::NodeServiceCapability {
+            r#type: Some(csi::node_service_capability::Type::Rpc(
+                csi::node_service_capability::Rpc { r#type: t as i32 },
+            )),
+        })
+        .collect();
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: caps,
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _req: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        let node = &self.0.cfg.node_id;
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: node.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(csi::Topology {
+                segments: HashMap::from([(TOPOLOGY_KEY.to_string(), node.clone())]),
+            }),
+        }))
+    }
+}

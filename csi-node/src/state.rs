@@ -1,0 +1,183 @@
+//! The plugin's state directory: what it staged and published, so a restarted plugin (or
+//! mounter) finds its mounts again.
+//!
+//! Layout, under the state root:
+//! - `volumes/<key>/volume.json`: a [`VolumeRecord`] (written by the plugin);
+//! - `volumes/<key>/fuse.json`: the FUSE server's configuration, mode 0600 (written by the
+//!   plugin, read by the FUSE server);
+//! - `volumes/<key>/fuse.pid`: the FUSE server's process id (written by the mounter);
+//! - `volumes/<key>/mnt`: the mount point of an ephemeral volume's FUSE filesystem;
+//! - `mounter.sock`: the mounter's gRPC socket.
+//!
+//! `<key>` is a hash of the volume id, so any id is a safe file name. Files are replaced by
+//! writing a temporary file and renaming it, so a crash never leaves half a record.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One published target path of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRecord {
+    /// The directory of the volume that is bound there (relative; empty for the root).
+    #[serde(default)]
+    pub sub_path: String,
+}
+
+/// A volume the plugin staged (or an ephemeral volume it published).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRecord {
+    pub volume_id: String,
+    /// Where the FUSE filesystem is mounted.
+    pub staging_path: PathBuf,
+    /// A CSI ephemeral inline volume: staged by the plugin itself and gone with its last target.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// The CacheNamespace this volume reads.
+    pub namespace: String,
+    pub name: String,
+    /// Published target paths.
+    #[serde(default)]
+    pub targets: BTreeMap<PathBuf, TargetRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(root: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root.join("volumes"))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn mounter_socket(&self) -> PathBuf {
+        self.root.join("mounter.sock")
+    }
+
+    /// The directory that holds everything about one volume.
+    pub fn volume_dir(&self, volume_id: &str) -> PathBuf {
+        let hash = blake3::hash(volume_id.as_bytes()).to_hex();
+        self.root.join("volumes").join(&hash.as_str()[..32])
+    }
+
+    pub fn fuse_config_path(&self, volume_id: &str) -> PathBuf {
+        self.volume_dir(volume_id).join("fuse.json")
+    }
+
+    pub fn load(&self, volume_id: &str) -> std::io::Result<Option<VolumeRecord>> {
+        let path = self.volume_dir(volume_id).join("volume.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save(&self, rec: &VolumeRecord) -> std::io::Result<()> {
+        let dir = self.volume_dir(&rec.volume_id);
+        std::fs::create_dir_all(&dir)?;
+        let json = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+        write_atomic(&dir.join("volume.json"), &json, 0o644)
+    }
+
+    /// Removes everything about a volume.
+    pub fn remove(&self, volume_id: &str) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(self.volume_dir(volume_id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every volume record. A record that cannot be read is reported, not dropped.
+    pub fn all(&self) -> Vec<Result<VolumeRecord, String>> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.root.join("volumes")) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let path = e.path().join("volume.json");
+            match std::fs::read(&path) {
+                Ok(b) => out.push(
+                    serde_json::from_slice(&b).map_err(|err| format!("{}: {err}", path.display())),
+                ),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => out.push(Err(format!("{}: {err}", path.display()))),
+            }
+        }
+        out
+    }
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, with `mode`.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        let mut rec = VolumeRecord {
+            volume_id: "ns/with/slashes and spaces".into(),
+            staging_path: "/var/lib/kubelet/x/globalmount".into(),
+            ephemeral: false,
+            namespace: "ml".into(),
+            name: "imagenet".into(),
+            targets: BTreeMap::new(),
+        };
+        rec.targets.insert(
+            "/pods/a/mount".into(),
+            TargetRecord {
+                sub_path: "train".into(),
+            },
+        );
+        s.save(&rec).unwrap();
+        let again = StateDir::open(dir.path()).unwrap();
+        assert_eq!(again.load(&rec.volume_id).unwrap(), Some(rec.clone()));
+        assert_eq!(again.all().len(), 1);
+        again.remove(&rec.volume_id).unwrap();
+        assert_eq!(again.load(&rec.volume_id).unwrap(), None);
+        again.remove(&rec.volume_id).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_record_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        let vd = s.volume_dir("v");
+        std::fs::create_dir_all(&vd).unwrap();
+        std::fs::write(vd.join("volume.json"), b"{not json").unwrap();
+        let all = s.all();
+        assert_eq!(all.len(), 1);
+        assert!(all[0].as_ref().unwrap_err().contains("volume.json"));
+        assert!(s.load("v").is_err());
+    }
+}
