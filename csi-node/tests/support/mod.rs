@@ -1,0 +1,298 @@
+//! Test support: real cache workers, the real plugin and mounter binaries, and a CSI client over
+//! the real unix socket, the way kubelet talks to the plugin.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytesize::ByteSize;
+use lakecache_proto::csi::v1 as csi;
+use lakecache_proto::csi::v1::identity_client::IdentityClient;
+use lakecache_proto::csi::v1::node_client::NodeClient;
+use lakecache_worker::Worker;
+use lakecache_worker::config::{TierConfig, WorkerConfig};
+use lakecache_worker::meta::MetadataPolicy;
+use lakecache_worker::store::TierKind;
+use tonic::transport::{Channel, Endpoint};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_lakecache-csi-node");
+pub const TOKEN: &str = "data-plane-token-for-tests";
+
+/// Deterministic file contents.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A sample lake on the local filesystem, and cache workers over it.
+pub struct Lake {
+    pub dir: tempfile::TempDir,
+    pub workers: Vec<Worker>,
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl Lake {
+    pub async fn start(workers: usize) -> Lake {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("lake");
+        let files = vec![
+            (
+                "train/shard-0.bin".to_string(),
+                pattern(1, 3 * 1024 * 1024 + 17),
+            ),
+            ("train/shard-1.bin".to_string(), pattern(2, 700 * 1024)),
+            ("val/labels.txt".to_string(), b"cat\ndog\n".to_vec()),
+        ];
+        for (p, data) in &files {
+            let path = src.join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, data).unwrap();
+        }
+        let mut ws = Vec::new();
+        for i in 0..workers {
+            let cfg = WorkerConfig {
+                id: format!("w{i}"),
+                source: lakecache_lake::SourceSpec::new(format!("file://{}", src.display())),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                admin_listen: "127.0.0.1:0".parse().unwrap(),
+                block_size: ByteSize::mib(1),
+                tiers: vec![TierConfig {
+                    kind: TierKind::Disk,
+                    path: Some(dir.path().join(format!("tier-{i}"))),
+                    size: ByteSize::mib(64),
+                }],
+                metadata: MetadataPolicy::Immutable,
+                token_file: None,
+                token: Some(TOKEN.to_string()),
+            };
+            ws.push(Worker::start(cfg).await.unwrap());
+        }
+        Lake {
+            dir,
+            workers: ws,
+            files,
+        }
+    }
+
+    /// The `workers` volume attribute.
+    pub fn workers_attr(&self) -> String {
+        self.workers
+            .iter()
+            .map(|w| format!("{}={}", w.id, w.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The plugin and mounter processes of one node.
+pub struct NodeProcs {
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub admin_port: u16,
+    pub plugin: Option<Child>,
+    pub mounter: Option<Child>,
+    pub startup_timeout: &'static str,
+}
+
+impl NodeProcs {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            state: root.join("state"),
+            socket: root.join("csi/csi.sock"),
+            admin_port: free_port(),
+            plugin: None,
+            mounter: None,
+            startup_timeout: "3s",
+        }
+    }
+
+    pub fn start_mounter(&mut self) {
+        let child = Command::new(BIN)
+            .args(["mounter", "--state-dir"])
+            .arg(&self.state)
+            .args(["--mount-timeout", "20s"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting the mounter");
+        self.mounter = Some(child);
+    }
+
+    pub fn start_plugin(&mut self) {
+        let child = Command::new(BIN)
+            .arg("plugin")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["--node-id", "node-1"])
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", self.admin_port))
+            .args(["--repair-interval", "500ms"])
+            .args(["--startup-timeout", self.startup_timeout])
+            .args(["--prefetch-budget", "16MiB"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting the plugin");
+        self.plugin = Some(child);
+    }
+
+    pub fn kill_plugin(&mut self) {
+        if let Some(mut c) = self.plugin.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn kill_mounter(&mut self) {
+        if let Some(mut c) = self.mounter.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A CSI connection once the plugin answers Probe with ready.
+    pub async fn connect(&self) -> Csi {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if self.socket.exists() {
+                let csi = Csi::new(&self.socket);
+                match csi.identity().probe(csi::ProbeRequest {}).await {
+                    Ok(r) if r.get_ref().ready == Some(true) => return csi,
+                    Ok(r) => last = format!("{:?}", r.get_ref()),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the plugin was not ready within 30 s: {last}");
+    }
+
+    /// The plugin's /metrics text.
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin_port, "/metrics").await
+    }
+}
+
+impl Drop for NodeProcs {
+    fn drop(&mut self) {
+        self.kill_plugin();
+        self.kill_mounter();
+        // Stop every FUSE server left behind and clear their mounts, so a failed test leaves
+        // nothing mounted.
+        if let Ok(rd) = std::fs::read_dir(self.state.join("volumes")) {
+            for e in rd.flatten() {
+                if let Ok(b) = std::fs::read(e.path().join("fuse.pid"))
+                    && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
+                    && let Some(pid) = v["pid"].as_i64()
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        if let Ok(table) = lakecache_csi_node::mounts::mount_table() {
+            let mut ours: Vec<_> = table
+                .into_iter()
+                .filter(|m| m.mount_point.starts_with(&self.root))
+                .collect();
+            ours.reverse();
+            for m in ours {
+                let _ = lakecache_csi_node::mounts::detach(&m.mount_point);
+            }
+        }
+    }
+}
+
+pub async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// A CSI client over the unix socket.
+#[derive(Clone)]
+pub struct Csi {
+    channel: Channel,
+}
+
+impl Csi {
+    pub fn new(socket: &Path) -> Self {
+        let socket = socket.to_path_buf();
+        let channel = Endpoint::from_static("http://csi.invalid").connect_with_connector_lazy(
+            tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(&socket).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }),
+        );
+        Self { channel }
+    }
+
+    pub fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel.clone())
+    }
+
+    pub fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel.clone())
+    }
+}
+
+pub fn mount_capability(mode: csi::volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume::default(),
+        )),
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, at most `timeout`.
+pub async fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(v) = f() {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within {timeout:?}");
+}
