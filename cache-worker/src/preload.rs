@@ -177,9 +177,11 @@ impl Preloader {
             })
             .sum();
         let files_total = plan.len() as u64;
+        let matched_bytes: u64 = plan.iter().map(|(_, m, _)| m.size).sum();
         update(&|s| {
             s.files_total = files_total;
             s.bytes_total = bytes_total;
+            s.matched_bytes = matched_bytes;
         });
         let cache = self.cache.clone();
         let mut results = futures::stream::iter(plan.into_iter().map(|(path, m, owned)| {

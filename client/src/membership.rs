@@ -21,6 +21,18 @@ pub struct Auth {
     header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
+impl Auth {
+    /// Sends `authorization: Bearer <token>`.
+    pub fn bearer(token: &str) -> Result<Self, MembershipError> {
+        let header = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| MembershipError::Token)?;
+        Ok(Self {
+            header: Some(header),
+        })
+    }
+}
+
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(h) = &self.header {
@@ -59,17 +71,13 @@ pub struct Membership {
 
 impl Membership {
     pub fn new(token: Option<&str>, connect_timeout: Duration) -> Result<Self, MembershipError> {
-        let header = match token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| MembershipError::Token)?,
-            ),
-            None => None,
+        let auth = match token {
+            Some(t) => Auth::bearer(t)?,
+            None => Auth { header: None },
         };
         Ok(Self {
             conns: RwLock::new(Arc::new(vec![])),
-            auth: Auth { header },
+            auth,
             connect_timeout,
         })
     }

@@ -323,6 +323,11 @@ async fn preload_loads_each_workers_share_and_reports_progress() {
         assert_eq!(s.failures[0].path, "missing/**");
         assert_eq!(s.files_total, 1, "`*` must not cross folders: {s:?}");
         assert_eq!(s.bytes_done, s.bytes_total);
+        assert_eq!(
+            s.matched_bytes,
+            BS * 20 + 17,
+            "every worker sees the whole match"
+        );
         bytes_done += s.bytes_done;
     }
     assert_eq!(
