@@ -5,13 +5,16 @@
 //!   a broken network does (connections hang; nothing is refused).
 //! - [`Stack`]: N real workers and a real FUSE mount over a source, with the means to kill,
 //!   restart and remount.
-//!
-//! Later issues add the cluster harness (etcd, kube-apiserver) here.
+//! - [`Cluster`]: a real Kubernetes control plane (etcd, kube-apiserver, and on request
+//!   kube-controller-manager and kube-scheduler) built from pinned upstream modules, with
+//!   kubectl, helm and least-privilege kubeconfigs at hand.
 
+pub mod cluster;
 pub mod proxy;
 pub mod s3;
 pub mod stack;
 
+pub use cluster::{Cluster, ClusterOptions};
 pub use proxy::Proxy;
 pub use s3::S3Server;
 pub use stack::{Stack, StackConfig};
