@@ -1,0 +1,136 @@
+//! The lakecache operator.
+//!
+//! Two controllers share one [`Context`]:
+//! - [`cache_namespace`]: a `CacheNamespace` becomes a worker StatefulSet, a headless Service, a
+//!   ConfigMap with the worker configuration, a data-plane token Secret, a PodDisruptionBudget,
+//!   and a bound PersistentVolume + PersistentVolumeClaim named like the CacheNamespace. Its
+//!   status is computed from what was observed: the StatefulSet, the worker pods, and what each
+//!   ready worker says about its tiers and hits.
+//! - [`preload`]: a `CachePreload` asks every ready worker of its CacheNamespace to load its
+//!   share of the paths, follows their progress, and runs again on a cron schedule.
+//!
+//! Each reconcile is a pipeline of small steps: fetch what the object refers to → validate into
+//! one typed value (no I/O) → build every child (no I/O) → apply with server-side apply →
+//! compute status from what was observed (no I/O) → write it. The I/O-free steps carry most of
+//! the unit tests. Errors are translated once, in [`error`], into an Event reason and a metric
+//! label; conditions never come from errors, only from observed state.
+#![forbid(unsafe_code)]
+
+pub mod cache_namespace;
+pub mod conditions;
+pub mod error;
+pub mod metrics;
+pub mod preload;
+pub mod workers;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Resource, ResourceExt};
+
+pub use error::Error;
+
+/// The field manager of every server-side apply, and the `managed-by` label value.
+pub const MANAGER: &str = "lakecache-operator";
+
+/// Settings of the operator process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The worker image when a CacheNamespace names none.
+    pub worker_image: String,
+    /// How often a CacheNamespace is looked at again (status refresh, missing Secrets).
+    pub resync: Duration,
+    /// How often the source of a Ready CacheNamespace is scanned for its size.
+    pub source_scan_interval: Duration,
+    /// Deadline of one call to a worker.
+    pub worker_timeout: Duration,
+    /// How often a running preload's status is written.
+    pub preload_status_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            worker_image: "ghcr.io/lakecache/lakecache:latest".into(),
+            resync: Duration::from_secs(30),
+            source_scan_interval: Duration::from_secs(600),
+            worker_timeout: Duration::from_secs(5),
+            preload_status_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub cfg: Config,
+    pub metrics: Arc<metrics::OperatorMetrics>,
+    pub recorder: Recorder,
+    pub workers: Arc<dyn workers::WorkerApi>,
+    /// Source scans, by CacheNamespace uid.
+    pub scans: parking_lot::Mutex<HashMap<String, cache_namespace::ScanState>>,
+    /// Running preloads, by CachePreload uid.
+    pub preloads: parking_lot::Mutex<HashMap<String, preload::RunHandle>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        cfg: Config,
+        instance: String,
+        workers: Arc<dyn workers::WorkerApi>,
+    ) -> Arc<Self> {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: Some(instance),
+            },
+        );
+        Arc::new(Self {
+            client,
+            cfg,
+            metrics: Arc::new(metrics::OperatorMetrics::default()),
+            recorder,
+            workers,
+            scans: Default::default(),
+            preloads: Default::default(),
+        })
+    }
+
+    /// Publishes an Event about `obj`; a failure to publish is logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(&note, 1000)),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(object = %obj.name_any(), reason, error = %e, "cannot publish an event");
+        }
+    }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
