@@ -17,6 +17,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    lakecache_telemetry::install_crypto_provider();
     lakecache_telemetry::init_logging(cli.log_format, "info");
     let cfg = WorkerConfig::from_flags(&cli.worker)?;
     let worker = Worker::start(cfg).await?;

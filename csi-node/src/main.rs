@@ -94,6 +94,7 @@ struct MounterArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    lakecache_telemetry::install_crypto_provider();
     lakecache_telemetry::init_logging(cli.log_format, "info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

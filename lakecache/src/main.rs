@@ -39,6 +39,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    lakecache_telemetry::install_crypto_provider();
     // An interactive command: warnings only, unless RUST_LOG says otherwise.
     lakecache_telemetry::init_logging(cli.log_format, "warn");
     let rt = tokio::runtime::Builder::new_multi_thread()

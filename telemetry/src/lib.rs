@@ -8,6 +8,7 @@
 //!   `/readyz` (the component said it is ready: a worker once its disk index is rebuilt and its
 //!   gRPC port is bound).
 //! - [`shutdown_signal`]: resolves on SIGINT or SIGTERM, so binaries stop gracefully.
+//! - [`install_crypto_provider`]: one TLS provider for the process.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -41,6 +42,14 @@ impl std::str::FromStr for LogFormat {
             other => Err(format!("unknown log format {other:?}: use text or json")),
         }
     }
+}
+
+/// Picks the TLS crypto provider for the process. kube's client brings rustls with `ring` and
+/// OpenDAL's HTTP client brings it with `aws-lc-rs`; with both compiled in (a workspace build
+/// unifies them) rustls refuses to choose, and the first TLS connection would panic. Every
+/// binary calls this first; later calls do nothing.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Sets up `tracing` once for the process; later calls are ignored (tests call it many times).
