@@ -123,6 +123,36 @@ impl Context {
     }
 }
 
+/// Sends on `synced` once `store` has listed everything.
+///
+/// The store's readiness wakes only the last task that waited on it (its receiver keeps one
+/// waker), and the controller waits on it too, so a single `wait_until_ready().await` here could
+/// sleep forever. Asking again every 200 ms sees it, since the value is kept once it is set.
+pub async fn signal_synced<K>(
+    store: kube::runtime::reflector::Store<K>,
+    controller: &'static str,
+    synced: tokio::sync::oneshot::Sender<()>,
+) where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    // Bounded by the process: the task ends with the sync, or with the store's writer.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready()).await {
+            Ok(Ok(())) => {
+                tracing::info!(controller, "watch synced");
+                let _ = synced.send(());
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(controller, error = %e, "the watch ended before it synced");
+                return;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// At most `max` bytes of `s`, cut at a character boundary.
 pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {

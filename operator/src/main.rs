@@ -58,6 +58,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    lakecache_telemetry::install_crypto_provider();
     lakecache_telemetry::init_logging(cli.log_format, "info,kube_lease_manager=warn");
     let client = kube::Client::try_default()
         .await

@@ -14,13 +14,13 @@ use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, CSIPersistentVolumeSource, ConfigMap, ConfigMapVolumeSource, Container,
+    Affinity, CSIPersistentVolumeSource, Capabilities, ConfigMap, ConfigMapVolumeSource, Container,
     ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource,
     ObjectFieldSelector, ObjectReference, PersistentVolume, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeSpec, PodAffinityTerm, PodAntiAffinity, PodSpec,
-    PodTemplateSpec, Probe, Secret, SecretReference, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    PersistentVolumeClaimSpec, PersistentVolumeSpec, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretReference,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -40,6 +40,8 @@ pub const DISK_DIR: &str = "/cache/disk";
 pub const TOKEN_KEY: &str = "token";
 /// The pod-template annotation that changes when the configuration does, to roll the workers.
 pub const CONFIG_HASH_ANNOTATION: &str = "lakecache.io/config-hash";
+/// The unprivileged user of the lakecache image (see the Dockerfile).
+pub const WORKER_UID: i64 = 65532;
 /// Labels.
 pub const CACHE_NAMESPACE_LABEL: &str = "lakecache.io/cache-namespace";
 /// A PersistentVolume's capacity is nominal: a CacheNamespace has no fixed size (what it holds
@@ -378,7 +380,7 @@ fn statefulset(
             name: "token".into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(names.token_secret.clone()),
-                default_mode: Some(0o400),
+                default_mode: Some(0o440),
                 ..Default::default()
             }),
             ..Default::default()
@@ -390,7 +392,7 @@ fn statefulset(
             name: "credentials".into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(r.name.clone()),
-                default_mode: Some(0o400),
+                default_mode: Some(0o440),
                 ..Default::default()
             }),
             ..Default::default()
@@ -415,6 +417,7 @@ fn statefulset(
         });
     }
     let mut claim_templates = None;
+    let mut init_containers = vec![];
     if let Some(d) = &v.disk {
         match &d.location {
             DiskLocation::HostPath(p) => {
@@ -427,12 +430,38 @@ fn statefulset(
                     ..Default::default()
                 });
                 // Each worker its own directory, so two workers on one node never share blocks.
-                mounts.push(VolumeMount {
+                let disk_mount = VolumeMount {
                     name: "disk".into(),
                     mount_path: DISK_DIR.into(),
                     sub_path_expr: Some("$(POD_NAME)".into()),
                     ..Default::default()
+                };
+                // fsGroup does not reach a host path: hand the directory to the worker's user,
+                // with nothing but the right to change owners.
+                init_containers.push(Container {
+                    name: "prepare-disk".into(),
+                    image: Some(w.image.clone().unwrap_or_else(|| inp.default_image.into())),
+                    image_pull_policy: w.image_pull_policy.clone(),
+                    command: Some(vec![
+                        "chown".into(),
+                        format!("{WORKER_UID}:{WORKER_UID}"),
+                        DISK_DIR.into(),
+                    ]),
+                    env: Some(vec![env_field("POD_NAME", "metadata.name")]),
+                    volume_mounts: Some(vec![disk_mount.clone()]),
+                    security_context: Some(SecurityContext {
+                        run_as_user: Some(0),
+                        run_as_non_root: Some(false),
+                        allow_privilege_escalation: Some(false),
+                        capabilities: Some(Capabilities {
+                            add: Some(vec!["CHOWN".into()]),
+                            drop: Some(vec!["ALL".into()]),
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
                 });
+                mounts.push(disk_mount);
             }
             DiskLocation::StorageClass(class) => {
                 claim_templates = Some(vec![PersistentVolumeClaim {
@@ -511,6 +540,11 @@ fn statefulset(
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -565,7 +599,17 @@ fn statefulset(
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
+                    init_containers: (!init_containers.is_empty()).then_some(init_containers),
                     containers: vec![container],
+                    // The image's unprivileged user; fsGroup makes the Secrets and a claimed
+                    // Disk volume readable and writable by it.
+                    security_context: Some(PodSecurityContext {
+                        run_as_user: Some(WORKER_UID),
+                        run_as_group: Some(WORKER_UID),
+                        fs_group: Some(WORKER_UID),
+                        fs_group_change_policy: Some("OnRootMismatch".into()),
+                        ..Default::default()
+                    }),
                     volumes: Some(volumes),
                     affinity: Some(affinity),
                     node_selector: w.node_selector.clone(),
@@ -715,6 +759,26 @@ mod tests {
             .find(|m| m.name == "disk")
             .unwrap();
         assert_eq!(disk_mount.sub_path_expr.as_deref(), Some("$(POD_NAME)"));
+        // The worker runs unprivileged; only the init container may chown the host directory.
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(
+            (psc.run_as_user, psc.fs_group),
+            (Some(WORKER_UID), Some(WORKER_UID))
+        );
+        assert_eq!(
+            ctr.security_context.as_ref().unwrap().run_as_non_root,
+            Some(true)
+        );
+        let init = &pod.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.command.as_ref().unwrap()[2], DISK_DIR);
+        let caps = init
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap();
+        assert_eq!(caps.add.as_deref(), Some(&["CHOWN".to_string()][..]));
         assert_eq!(ctr.image.as_deref(), Some("lakecache:test"));
         // The service selects exactly the pods the StatefulSet makes.
         let pod_labels = sts

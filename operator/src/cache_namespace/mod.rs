@@ -102,11 +102,7 @@ pub async fn run(
     })
     .graceful_shutdown_on(shutdown);
     let store = controller.store();
-    tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            let _ = synced.send(());
-        }
-    });
+    tokio::spawn(crate::signal_synced(store, CONTROLLER, synced));
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
