@@ -111,6 +111,8 @@ pub struct NodeProcs {
     pub plugin: Option<Child>,
     pub mounter: Option<Child>,
     pub startup_timeout: &'static str,
+    /// Extra environment of both processes (KUBECONFIG for the FUSE servers).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeProcs {
@@ -123,11 +125,13 @@ impl NodeProcs {
             plugin: None,
             mounter: None,
             startup_timeout: "3s",
+            env: vec![],
         }
     }
 
     pub fn start_mounter(&mut self) {
         let child = Command::new(BIN)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["mounter", "--state-dir"])
             .arg(&self.state)
             .args(["--mount-timeout", "20s"])
@@ -139,6 +143,7 @@ impl NodeProcs {
 
     pub fn start_plugin(&mut self) {
         let child = Command::new(BIN)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("plugin")
             .arg("--endpoint")
             .arg(format!("unix://{}", self.socket.display()))
