@@ -16,6 +16,7 @@ use bytes::Bytes;
 use lakecache_lake::{Kind, ObjectMeta};
 use parking_lot::Mutex;
 
+use crate::local_cache::LocalFileCache;
 use crate::prefetch::{FileReader, PrefetchBudget};
 use crate::reader::{ReadError, Reader};
 
@@ -77,14 +78,21 @@ pub struct FsStats {
     pub files: u64,
 }
 
+/// An open file: read through the cache, or from its complete local copy.
+enum Handle {
+    Remote(Arc<FileReader>),
+    Local(Arc<std::fs::File>),
+}
+
 pub struct FsCore {
     reader: Arc<Reader>,
     cfg: FsConfig,
     budget: PrefetchBudget,
     inodes: Mutex<Inodes>,
     next_ino: AtomicU64,
-    handles: Mutex<HashMap<u64, Arc<FileReader>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    local: Option<Arc<LocalFileCache>>,
 }
 
 impl FsCore {
@@ -108,7 +116,18 @@ impl FsCore {
             next_ino: AtomicU64::new(ROOT_INO + 1),
             handles: Default::default(),
             next_fh: AtomicU64::new(1),
+            local: None,
         }
+    }
+
+    /// Keeps whole files read through the cache in `cache`, and serves later opens from there.
+    pub fn with_local_cache(mut self, cache: Arc<LocalFileCache>) -> Self {
+        self.local = Some(cache);
+        self
+    }
+
+    pub fn local_cache(&self) -> Option<&Arc<LocalFileCache>> {
+        self.local.as_ref()
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -239,19 +258,57 @@ impl FsCore {
             return Err(ReadError::IsADirectory(path));
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let file = FileReader::new(self.reader.clone(), path, meta, self.budget.clone());
-        self.handles.lock().insert(fh, Arc::new(file));
+        if let Some(f) = self.local.as_ref().and_then(|c| c.get(&path, &meta)) {
+            self.reader.metrics.local_opens.inc();
+            self.handles.lock().insert(fh, Handle::Local(Arc::new(f)));
+            return Ok(fh);
+        }
+        let file = FileReader::new(self.reader.clone(), path, meta, self.budget.clone())
+            .with_local_cache(self.local.clone());
+        self.handles
+            .lock()
+            .insert(fh, Handle::Remote(Arc::new(file)));
         Ok(fh)
     }
 
+    /// The complete local copy behind `fh`, if it is served from one: the FUSE adapter hands it
+    /// to the kernel (passthrough).
+    pub fn local_file(&self, fh: u64) -> Option<Arc<std::fs::File>> {
+        match self.handles.lock().get(&fh) {
+            Some(Handle::Local(f)) => Some(f.clone()),
+            _ => None,
+        }
+    }
+
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, ReadError> {
-        let file = self
-            .handles
-            .lock()
-            .get(&fh)
-            .cloned()
-            .ok_or(ReadError::BadHandle(fh))?;
-        file.read(offset, size).await
+        let handle = match self.handles.lock().get(&fh) {
+            Some(Handle::Remote(f)) => Handle::Remote(f.clone()),
+            Some(Handle::Local(f)) => Handle::Local(f.clone()),
+            None => return Err(ReadError::BadHandle(fh)),
+        };
+        match handle {
+            Handle::Remote(file) => file.read(offset, size).await,
+            Handle::Local(file) => {
+                let out = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; size as usize];
+                    let mut got = 0;
+                    while got < buf.len() {
+                        match file.read_at(&mut buf[got..], offset + got as u64) {
+                            Ok(0) => break,
+                            Ok(n) => got += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    buf.truncate(got);
+                    Ok(Bytes::from(buf))
+                })
+                .await
+                .map_err(|e| ReadError::Unavailable(format!("local read task: {e}")))?;
+                out.map_err(|e| ReadError::Unavailable(format!("reading the local copy: {e}")))
+            }
+        }
     }
 
     pub fn release(&self, fh: u64) {

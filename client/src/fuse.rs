@@ -1,19 +1,33 @@
 //! The FUSE adapter: each fuser callback hands its request to the async core on a tokio runtime
 //! and replies from there, so reads are served concurrently rather than one at a time on the
-//! session thread. Nothing here decides anything; it translates types and errors.
+//! session thread. It translates types and errors, and makes one decision the core cannot:
+//! whether an open is handed to the kernel.
+//!
+//! **Passthrough.** When the core serves an open from a complete node-local copy
+//! ([`crate::local_cache`]) and the kernel granted `FUSE_PASSTHROUGH` at init, the open is
+//! answered with that file as its backing file, and the kernel reads it directly at the speed of
+//! its filesystem. The kernel insists that all the opens of one inode use one mode at a time (and
+//! one backing file), and answers a mixed open with `EIO`; so the adapter counts, per inode, its
+//! opens of each mode: an inode with ordinary opens gets only ordinary opens until they are
+//! released, and an inode with passthrough opens gets passthrough with the same backing file. If
+//! the kernel refuses a backing file (no privilege, a filesystem it cannot stack on), passthrough
+//! is turned off for the mount and local copies are read through the ordinary path.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
+    BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
     Request, SessionACL,
 };
 use lakecache_lake::Kind;
+use parking_lot::Mutex;
 use tokio::runtime::Handle;
 
 use crate::fs::{Attr, FsCore};
@@ -22,6 +36,85 @@ use crate::reader::ReadError;
 struct LakeFs {
     core: Arc<FsCore>,
     rt: Handle,
+    passthrough: Arc<Passthrough>,
+}
+
+/// The open modes of one inode.
+#[derive(Default)]
+struct InodeIo {
+    cached: u32,
+    passthrough: u32,
+    backing: Option<Arc<BackingId>>,
+}
+
+#[derive(Default)]
+struct Passthrough {
+    /// Asked for by the mount and granted by the kernel.
+    enabled: AtomicBool,
+    inodes: Mutex<HashMap<u64, InodeIo>>,
+    /// Open handles: inode, and whether the open is a passthrough one.
+    handles: Mutex<HashMap<u64, (u64, bool)>>,
+}
+
+impl Passthrough {
+    /// Decides an open's mode and records it; returns the backing file for a passthrough open.
+    fn open(
+        &self,
+        ino: u64,
+        fh: u64,
+        local: Option<&std::fs::File>,
+        reply: &ReplyOpen,
+    ) -> Option<Arc<BackingId>> {
+        let mut inodes = self.inodes.lock();
+        let io = inodes.entry(ino).or_default();
+        let backing = if io.cached > 0 || !self.enabled.load(Ordering::Relaxed) {
+            None
+        } else if let Some(b) = &io.backing {
+            Some(b.clone())
+        } else if let Some(file) = local {
+            match reply.open_backing(file) {
+                Ok(b) => {
+                    let b = Arc::new(b);
+                    io.backing = Some(b.clone());
+                    Some(b)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the kernel refused a passthrough backing file; serving local copies through FUSE");
+                    self.enabled.store(false, Ordering::Relaxed);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if backing.is_some() {
+            io.passthrough += 1;
+        } else {
+            io.cached += 1;
+        }
+        self.handles.lock().insert(fh, (ino, backing.is_some()));
+        backing
+    }
+
+    fn release(&self, fh: u64) {
+        let Some((ino, passthrough)) = self.handles.lock().remove(&fh) else {
+            return;
+        };
+        let mut inodes = self.inodes.lock();
+        if let Some(io) = inodes.get_mut(&ino) {
+            if passthrough {
+                io.passthrough = io.passthrough.saturating_sub(1);
+                if io.passthrough == 0 {
+                    io.backing = None;
+                }
+            } else {
+                io.cached = io.cached.saturating_sub(1);
+            }
+            if io.cached == 0 && io.passthrough == 0 {
+                inodes.remove(&ino);
+            }
+        }
+    }
 }
 
 fn errno(e: &ReadError) -> Errno {
@@ -69,6 +162,16 @@ impl Filesystem for LakeFs {
         let _ = config.set_max_background(64);
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        if self.passthrough.enabled.load(Ordering::Relaxed) {
+            let granted = config.set_max_stack_depth(1).is_ok()
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok();
+            if !granted {
+                tracing::info!(
+                    "the kernel offers no FUSE passthrough; local copies are read through FUSE"
+                );
+            }
+            self.passthrough.enabled.store(granted, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -109,9 +212,16 @@ impl Filesystem for LakeFs {
         }
         let core = self.core.clone();
         let keep = self.core.config().keep_cache;
+        let pt = self.passthrough.clone();
         self.rt.spawn(async move {
             match core.open(ino.0).await {
                 Ok(fh) => {
+                    let local = core.local_file(fh);
+                    if let Some(backing) = pt.open(ino.0, fh, local.as_deref(), &reply) {
+                        core.reader().metrics.passthrough_opens.inc();
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                        return;
+                    }
                     let flags = if keep {
                         FopenFlags::FOPEN_KEEP_CACHE
                     } else {
@@ -158,6 +268,7 @@ impl Filesystem for LakeFs {
         reply: ReplyEmpty,
     ) {
         self.core.release(fh.0);
+        self.passthrough.release(fh.0);
         reply.ok();
     }
 
@@ -299,6 +410,8 @@ pub struct MountConfig {
     pub threads: usize,
     /// Name shown as the mount's source.
     pub fs_name: String,
+    /// Hand opens of complete local copies to the kernel (FUSE passthrough), if it allows.
+    pub passthrough: bool,
 }
 
 impl Default for MountConfig {
@@ -307,6 +420,7 @@ impl Default for MountConfig {
             allow_other: true,
             threads: 2,
             fs_name: "lakecache".into(),
+            passthrough: true,
         }
     }
 }
@@ -363,7 +477,16 @@ pub fn mount(
     };
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = cfg.threads > 1;
-    let fs = LakeFs { core, rt };
+    let passthrough = Arc::new(Passthrough::default());
+    passthrough.enabled.store(
+        cfg.passthrough && core.local_cache().is_some(),
+        Ordering::Relaxed,
+    );
+    let fs = LakeFs {
+        core,
+        rt,
+        passthrough,
+    };
     let session = fuser::spawn_mount(fs, mountpoint, &config)?;
     Ok(Mount {
         session: Some(session),

@@ -13,11 +13,13 @@
 
 pub mod fs;
 pub mod fuse;
+pub mod local_cache;
 pub mod membership;
 pub mod metrics;
 pub mod prefetch;
 pub mod reader;
 
 pub use fs::{FsConfig, FsCore};
+pub use local_cache::LocalFileCache;
 pub use membership::{Member, Membership};
 pub use reader::{ReadError, Reader, ReaderConfig};

@@ -23,6 +23,10 @@ pub struct ReaderMetrics {
     pub prefetched_blocks: Counter,
     /// Bytes held by prefetched blocks.
     pub prefetch_bytes: Gauge,
+    /// Opens served from a complete node-local copy (see `local_cache`).
+    pub local_opens: Counter,
+    /// Of those, opens handed to the kernel (FUSE passthrough).
+    pub passthrough_opens: Counter,
 }
 
 impl ReaderMetrics {
@@ -44,6 +48,16 @@ impl ReaderMetrics {
             "prefetch_bytes",
             "Bytes held by prefetch",
             self.prefetch_bytes.clone(),
+        );
+        r.register(
+            "local_opens",
+            "Opens served from a complete node-local copy",
+            self.local_opens.clone(),
+        );
+        r.register(
+            "passthrough_opens",
+            "Opens handed to the kernel with FUSE passthrough",
+            self.passthrough_opens.clone(),
         );
     }
 

@@ -24,6 +24,7 @@ use lakecache_lake::block::block_count;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::local_cache::LocalFileCache;
 use crate::reader::{ReadError, Reader};
 
 /// Budget granularity: permits are KiB.
@@ -77,6 +78,8 @@ pub struct FileReader {
     meta: ObjectMeta,
     budget: PrefetchBudget,
     state: Mutex<State>,
+    /// Where whole blocks are offered to be kept as a local copy of the file.
+    local: Option<Arc<LocalFileCache>>,
 }
 
 impl FileReader {
@@ -96,7 +99,14 @@ impl FileReader {
                 window: 0,
                 blocks: BTreeMap::new(),
             }),
+            local: None,
         }
+    }
+
+    /// Offers every block this file reads to `cache`.
+    pub fn with_local_cache(mut self, cache: Option<Arc<LocalFileCache>>) -> Self {
+        self.local = cache;
+        self
     }
 
     pub fn meta(&self) -> &ObjectMeta {
@@ -107,7 +117,15 @@ impl FileReader {
         let reader = self.reader.clone();
         let path = self.path.clone();
         let meta = self.meta.clone();
-        let task = tokio::spawn(async move { reader.block(&path, &meta, index).await });
+        let local = self.local.clone();
+        let task = tokio::spawn(async move {
+            let b = reader.block(&path, &meta, index).await;
+            if let (Ok(data), Some(cache)) = (&b, &local) {
+                let bs = reader.config().block_size;
+                cache.offer(&path, &meta, bs, index, data.clone());
+            }
+            b
+        });
         async move {
             task.await
                 .unwrap_or_else(|e| Err(ReadError::Unavailable(format!("read task failed: {e}"))))

@@ -120,6 +120,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         prefetch_budget: ByteSize::mib(512),
         fuse_threads: 2,
         port: 0,
+        local_cache: None,
+        no_passthrough: false,
     };
     let mut l = local::start(&largs, source).await?;
     let mut files: Vec<(String, u64)> = sample::files(&spec)

@@ -8,7 +8,9 @@ use anyhow::Context;
 use bytesize::ByteSize;
 use clap::Args;
 use lakecache_client::fuse::{self, Mount, MountConfig};
-use lakecache_client::{FsConfig, FsCore, Member, Membership, Reader, ReaderConfig};
+use lakecache_client::{
+    FsConfig, FsCore, LocalFileCache, Member, Membership, Reader, ReaderConfig,
+};
 use lakecache_lake::{OpendalSource, Source, SourceSpec};
 use lakecache_worker::Worker;
 use lakecache_worker::config::{TierConfig, WorkerConfig, parse_disk};
@@ -49,6 +51,15 @@ pub struct LocalArgs {
     /// First worker's gRPC port (0 picks free ports).
     #[arg(long, env = "LAKECACHE_PORT", default_value_t = 0)]
     pub port: u16,
+    /// Keep whole files read through the cache in DIR (up to SIZE, as DIR:SIZE) and serve later
+    /// opens from there, handed to the kernel with FUSE passthrough where it allows (Linux 6.9+).
+    /// On a tmpfs such as /dev/shm, warm reads then run at memory speed. Off by default: it
+    /// keeps a second copy of what it holds.
+    #[arg(long, env = "LAKECACHE_LOCAL_CACHE")]
+    pub local_cache: Option<String>,
+    /// Do not hand local copies to the kernel (read them through FUSE instead).
+    #[arg(long, env = "LAKECACHE_NO_PASSTHROUGH")]
+    pub no_passthrough: bool,
 }
 
 /// A running `lakecache local`.
@@ -58,6 +69,7 @@ pub struct Local {
     pub core: Arc<FsCore>,
     pub mount: Option<Mount>,
     memory_dirs: Vec<PathBuf>,
+    pub local_cache: Option<Arc<LocalFileCache>>,
 }
 
 impl LocalArgs {
@@ -141,13 +153,37 @@ pub async fn start(args: &LocalArgs, source: Arc<dyn Source>) -> anyhow::Result<
         direct_fallback: true,
     };
     let reader = Arc::new(Reader::new(reader_cfg, membership, Some(source)));
-    let core = Arc::new(FsCore::new(reader.clone(), fs_config(args, ttl)));
+    let local_cache = match &args.local_cache {
+        Some(v) => {
+            let (dir, size) = parse_disk(v).context("--local-cache")?;
+            Some(
+                LocalFileCache::open(&dir, size.as_u64())
+                    .with_context(|| format!("opening the local cache in {}", dir.display()))?,
+            )
+        }
+        None => None,
+    };
+    let core = new_core(&reader, args, local_cache.as_ref());
     Ok(Local {
         workers,
         reader,
         core,
         mount: None,
         memory_dirs,
+        local_cache,
+    })
+}
+
+/// A fresh filesystem core over `reader`.
+fn new_core(
+    reader: &Arc<Reader>,
+    args: &LocalArgs,
+    local_cache: Option<&Arc<LocalFileCache>>,
+) -> Arc<FsCore> {
+    let core = FsCore::new(reader.clone(), fs_config(args, *args.metadata_ttl));
+    Arc::new(match local_cache {
+        Some(c) => core.with_local_cache(c.clone()),
+        None => core,
     })
 }
 
@@ -170,10 +206,10 @@ impl Local {
     /// Mounts at `at` (a fresh filesystem core, so the kernel's caches start empty).
     pub fn mount(&mut self, args: &LocalArgs, at: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
-        let ttl = *args.metadata_ttl;
-        self.core = Arc::new(FsCore::new(self.reader.clone(), fs_config(args, ttl)));
+        self.core = new_core(&self.reader, args, self.local_cache.as_ref());
         let cfg = MountConfig {
             threads: args.fuse_threads,
+            passthrough: !args.no_passthrough,
             ..MountConfig::default()
         };
         let m = fuse::mount(
