@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lakecache_client::fuse::{self, MountConfig};
-use lakecache_client::{FsConfig, FsCore, Member, Membership, Reader, ReaderConfig};
+use lakecache_client::{
+    FsConfig, FsCore, LocalFileCache, Member, Membership, Reader, ReaderConfig,
+};
 use lakecache_proto::lakecache::v1::InfoRequest;
 
 use crate::mounts;
@@ -134,7 +136,17 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<fuse::Mount> {
         prefetch_budget: cfg.prefetch_budget,
         ..FsConfig::default()
     };
-    let core = Arc::new(FsCore::new(reader, fs));
+    let mut core = FsCore::new(reader, fs);
+    if let Some(dir) = cfg
+        .local_cache_dir
+        .as_ref()
+        .filter(|_| cfg.local_cache_size > 0)
+    {
+        let cache = LocalFileCache::open(dir, cfg.local_cache_size)
+            .with_context(|| format!("opening the local copies in {}", dir.display()))?;
+        core = core.with_local_cache(cache);
+    }
+    let core = Arc::new(core);
     // A dead server leaves "transport endpoint is not connected" behind: detach it first.
     if let mounts::Health::Broken(why) = mounts::health(&cfg.mount_path) {
         tracing::info!(path = %cfg.mount_path.display(), %why, "detaching a broken mount");
@@ -146,6 +158,7 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<fuse::Mount> {
         allow_other: true,
         threads: cfg.fuse_threads.max(1),
         fs_name: format!("lakecache:{}/{}", cfg.namespace, cfg.name),
+        passthrough: true,
     };
     let handle = tokio::runtime::Handle::current();
     let path = cfg.mount_path.clone();

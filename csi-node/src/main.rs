@@ -73,6 +73,13 @@ struct PluginArgs {
     /// Threads reading /dev/fuse in each FUSE server.
     #[arg(long, env = "LAKECACHE_FUSE_THREADS", default_value_t = 2)]
     fuse_threads: usize,
+    /// Where FUSE servers keep node-local copies of whole files, handed to the kernel with FUSE
+    /// passthrough (a tmpfs such as /dev/shm/lakecache for memory speed); off without it.
+    #[arg(long, env = "LAKECACHE_LOCAL_CACHE_DIR")]
+    local_cache_dir: Option<PathBuf>,
+    /// How much each volume may keep there, unless its volume sets localCacheSize.
+    #[arg(long, env = "LAKECACHE_LOCAL_CACHE_SIZE", default_value = "0")]
+    local_cache_size: ByteSize,
     /// How long a new mount waits for a first cache worker to answer.
     #[arg(long, env = "LAKECACHE_STARTUP_TIMEOUT", default_value = "30s")]
     startup_timeout: humantime::Duration,
@@ -133,6 +140,8 @@ async fn plugin(a: PluginArgs) -> anyhow::Result<()> {
             node_id: a.node_id,
             prefetch_budget: a.prefetch_budget.as_u64(),
             fuse_threads: a.fuse_threads,
+            local_cache_dir: a.local_cache_dir,
+            local_cache_size: a.local_cache_size.as_u64(),
             startup_timeout: *a.startup_timeout,
             mounter_timeout: *a.startup_timeout + Duration::from_secs(30),
         },

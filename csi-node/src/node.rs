@@ -29,6 +29,10 @@ pub struct PluginConfig {
     /// Read-ahead budget of a mount, unless its volume context sets one.
     pub prefetch_budget: u64,
     pub fuse_threads: usize,
+    /// Where FUSE servers keep node-local whole-file copies (a subdirectory per volume), and
+    /// how much per volume unless its volume context says otherwise; `None` or 0 turns them off.
+    pub local_cache_dir: Option<PathBuf>,
+    pub local_cache_size: u64,
     /// How long a FUSE server may wait for a first worker.
     pub startup_timeout: Duration,
     /// How long a call to the mounter may take.
@@ -191,6 +195,8 @@ impl Plugin {
                 metadata_ttl: ctx.metadata_ttl,
                 prefetch_budget: ctx.prefetch_budget.unwrap_or(self.cfg.prefetch_budget),
                 fuse_threads: self.cfg.fuse_threads,
+                local_cache_dir: self.local_cache_dir(&rec.volume_id),
+                local_cache_size: ctx.local_cache_size.unwrap_or(self.cfg.local_cache_size),
                 startup_timeout: self.cfg.startup_timeout,
             };
             let json =
@@ -216,6 +222,23 @@ impl Plugin {
             })?
             .map_err(|s| mounter_error(&rec.volume_id, s))?;
         Ok(resp.into_inner().started)
+    }
+
+    /// Removes a volume's local copies once its FUSE server is gone.
+    fn drop_local_copies(&self, volume_id: &str) {
+        if let Some(dir) = self.local_cache_dir(volume_id)
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(volume = volume_id, dir = %dir.display(), error = %e, "cannot remove the volume's local copies");
+        }
+    }
+
+    /// The directory of a volume's local copies.
+    fn local_cache_dir(&self, volume_id: &str) -> Option<PathBuf> {
+        let dir = self.cfg.local_cache_dir.as_ref()?;
+        let hash = blake3::hash(volume_id.as_bytes()).to_hex();
+        Some(dir.join(&hash.as_str()[..32]))
     }
 
     async fn stop_fuse(&self, rec: &VolumeRecord) -> Result<(), Status> {
@@ -318,6 +341,7 @@ impl Plugin {
             )));
         }
         self.stop_fuse(&rec).await?;
+        self.drop_local_copies(volume_id);
         self.state
             .remove(volume_id)
             .map_err(|e| io_error(format!("removing the state of volume {volume_id}"), e))?;
@@ -457,6 +481,7 @@ impl Plugin {
             rec.targets.remove(&target);
             if rec.ephemeral && rec.targets.is_empty() {
                 self.stop_fuse(&rec).await?;
+                self.drop_local_copies(volume_id);
                 self.state.remove(volume_id).map_err(|e| {
                     io_error(format!("removing the state of volume {volume_id}"), e)
                 })?;

@@ -20,6 +20,8 @@ pub mod keys {
     pub const METADATA_TTL: &str = "metadataTTL";
     /// Optional read-ahead budget of the mount, in bytes or with a unit (`512MiB`).
     pub const PREFETCH_BUDGET: &str = "prefetchBudget";
+    /// Optional size of the mount's node-local copies of whole files (`0` turns them off).
+    pub const LOCAL_CACHE_SIZE: &str = "localCacheSize";
     /// Set by kubelet with `podInfoOnMount`.
     pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
     pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
@@ -52,6 +54,7 @@ pub struct VolumeContext {
     pub sub_path: String,
     pub metadata_ttl: Option<Duration>,
     pub prefetch_budget: Option<u64>,
+    pub local_cache_size: Option<u64>,
     pub pod_namespace: Option<String>,
     pub ephemeral: bool,
 }
@@ -108,6 +111,18 @@ impl VolumeContext {
                     })
             })
             .transpose()?;
+        let local_cache_size = get(keys::LOCAL_CACHE_SIZE)
+            .map(|v| {
+                v.parse::<bytesize::ByteSize>()
+                    .map(|b| b.as_u64())
+                    .map_err(|e| {
+                        ContextError(format!(
+                            "volumeAttributes.{} {v:?} is not a size (like 8GiB, or 0 for none): {e}",
+                            keys::LOCAL_CACHE_SIZE
+                        ))
+                    })
+            })
+            .transpose()?;
         Ok(Self {
             namespace: namespace.to_string(),
             name: name.to_string(),
@@ -115,6 +130,7 @@ impl VolumeContext {
             sub_path,
             metadata_ttl,
             prefetch_budget,
+            local_cache_size,
             pod_namespace,
             ephemeral,
         })
@@ -223,6 +239,11 @@ pub struct FuseServerConfig {
     pub metadata_ttl: Option<Duration>,
     pub prefetch_budget: u64,
     pub fuse_threads: usize,
+    /// Where and how much to keep of node-local whole-file copies (served with passthrough).
+    #[serde(default)]
+    pub local_cache_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub local_cache_size: u64,
     /// How long to wait for a first worker to answer before the mount fails.
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
@@ -240,6 +261,8 @@ impl std::fmt::Debug for FuseServerConfig {
             .field("metadata_ttl", &self.metadata_ttl)
             .field("prefetch_budget", &self.prefetch_budget)
             .field("fuse_threads", &self.fuse_threads)
+            .field("local_cache_dir", &self.local_cache_dir)
+            .field("local_cache_size", &self.local_cache_size)
             .finish()
     }
 }
@@ -264,6 +287,7 @@ mod tests {
             ("subPath", "/train/./a"),
             ("metadataTTL", "30s"),
             ("prefetchBudget", "64MiB"),
+            ("localCacheSize", "2GiB"),
             (keys::POD_NAMESPACE, "ml"),
         ]))
         .unwrap();
@@ -276,6 +300,7 @@ mod tests {
         assert_eq!(c.workers.as_ref().unwrap()[1].endpoint, "http://h:2");
         assert_eq!(c.metadata_ttl, Some(Duration::from_secs(30)));
         assert_eq!(c.prefetch_budget, Some(64 << 20));
+        assert_eq!(c.local_cache_size, Some(2 << 30));
         c.check_pod_namespace().unwrap();
     }
 
@@ -366,6 +391,8 @@ mod tests {
             metadata_ttl: None,
             prefetch_budget: 1,
             fuse_threads: 1,
+            local_cache_dir: None,
+            local_cache_size: 0,
             startup_timeout: Duration::from_secs(1),
         };
         assert!(!format!("{c:?}").contains("s3cr3t"));

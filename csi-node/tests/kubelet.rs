@@ -122,6 +122,23 @@ async fn kubelet_lifecycle_survives_restarts_and_repairs_mounts() {
         1,
         "publishing again stacks no mount"
     );
+    // Whole files read through the cache are kept as node-local copies (served with FUSE
+    // passthrough from then on), in a directory of the volume's own.
+    let copies = root.path().join("local-copies");
+    eventually(
+        Duration::from_secs(10),
+        "local copies of the files read",
+        || {
+            let n: usize = std::fs::read_dir(&copies)
+                .ok()?
+                .flatten()
+                .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
+                .sum();
+            (n == lake.files.len()).then_some(())
+        },
+    )
+    .await;
+    check_reads(&lake, &t1).await;
     // Read-only, whatever the pod asks.
     let err = std::fs::write(t1.join("new-file"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
@@ -244,6 +261,13 @@ async fn kubelet_lifecycle_survives_restarts_and_repairs_mounts() {
     n.node_unstage_volume(unstage.clone()).await.unwrap();
     n.node_unstage_volume(unstage.clone()).await.unwrap();
     assert!(!mounts::is_mount_point(&staging).unwrap());
+    assert!(
+        std::fs::read_dir(root.path().join("local-copies"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "unstage removes the volume's local copies"
+    );
     eventually(Duration::from_secs(15), "the FUSE server stops", || {
         (!alive(new_pid)).then_some(())
     })

@@ -155,6 +155,9 @@ impl NodeProcs {
             .args(["--repair-interval", "500ms"])
             .args(["--startup-timeout", self.startup_timeout])
             .args(["--prefetch-budget", "16MiB"])
+            .arg("--local-cache-dir")
+            .arg(self.root.join("local-copies"))
+            .args(["--local-cache-size", "64MiB"])
             .stdin(Stdio::null())
             .spawn()
             .expect("starting the plugin");
