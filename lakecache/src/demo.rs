@@ -122,6 +122,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         port: 0,
         local_cache: None,
         no_passthrough: false,
+        preload: vec![],
     };
     let mut l = local::start(&largs, source).await?;
     let mut files: Vec<(String, u64)> = sample::files(&spec)

@@ -60,6 +60,10 @@ pub struct LocalArgs {
     /// Do not hand local copies to the kernel (read them through FUSE instead).
     #[arg(long, env = "LAKECACHE_NO_PASSTHROUGH")]
     pub no_passthrough: bool,
+    /// Paths or globs (`train/**`) to load into the workers right after mounting; every worker
+    /// loads its share in parallel, and the time and rate are printed. Repeat for several.
+    #[arg(long = "preload", env = "LAKECACHE_PRELOAD", value_delimiter = ',')]
+    pub preload: Vec<String>,
 }
 
 /// A running `lakecache local`.
@@ -202,7 +206,66 @@ fn fs_config(args: &LocalArgs, ttl: Duration) -> FsConfig {
     }
 }
 
+/// What a preload did.
+#[derive(Debug, Clone, Default)]
+pub struct PreloadSummary {
+    pub files: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub failures: Vec<String>,
+}
+
 impl Local {
+    /// Loads `paths` into the workers: each loads the blocks it owns, all at once.
+    pub async fn preload(&self, paths: &[String]) -> anyhow::Result<PreloadSummary> {
+        use lakecache_proto::lakecache::v1 as pb;
+        let start = std::time::Instant::now();
+        let members: Vec<String> = self.workers.iter().map(|w| w.id.clone()).collect();
+        let id = format!("local-{}", std::process::id());
+        let conns = self.reader.membership().snapshot();
+        let mut watches = vec![];
+        for c in conns.iter() {
+            let mut client = c.client.clone();
+            client
+                .start_preload(pb::StartPreloadRequest {
+                    id: id.clone(),
+                    paths: paths.to_vec(),
+                    metadata_only: false,
+                    members: members.clone(),
+                })
+                .await
+                .with_context(|| format!("starting the preload on worker {}", c.member.id))?;
+            let id = id.clone();
+            watches.push(async move {
+                let mut stream = client
+                    .watch_preload(pb::WatchPreloadRequest { id })
+                    .await?
+                    .into_inner();
+                let mut last = None;
+                while let Some(s) = stream.message().await? {
+                    last = Some(s);
+                }
+                Ok::<_, tonic::Status>(last)
+            });
+        }
+        let mut out = PreloadSummary::default();
+        for r in futures::future::join_all(watches).await {
+            let Some(s) = r.context("following the preload")? else {
+                continue;
+            };
+            out.files = out.files.max(s.files_done);
+            out.bytes += s.bytes_done;
+            for f in s.failures {
+                let line = format!("{}: {}", f.path, f.reason);
+                if !out.failures.contains(&line) {
+                    out.failures.push(line);
+                }
+            }
+        }
+        out.seconds = start.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
     /// Mounts at `at` (a fresh filesystem core, so the kernel's caches start empty).
     pub fn mount(&mut self, args: &LocalArgs, at: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
@@ -267,6 +330,25 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         args.mount.display(),
         args.workers
     );
+    if !args.preload.is_empty() {
+        tokio::select! {
+            r = local.preload(&args.preload) => {
+                let s = r?;
+                eprintln!(
+                    "lakecache: preloaded {} files, {} bytes in {:.2} s ({:.1} MB/s){}",
+                    s.files,
+                    s.bytes,
+                    s.seconds,
+                    s.bytes as f64 / s.seconds.max(1e-9) / 1e6,
+                    if s.failures.is_empty() { String::new() } else { format!("; {} failed: {}", s.failures.len(), s.failures.join("; ")) }
+                );
+            }
+            _ = lakecache_telemetry::shutdown_signal() => {
+                local.stop().await?;
+                return Ok(());
+            }
+        }
+    }
     lakecache_telemetry::shutdown_signal().await;
     local.stop().await?;
     eprintln!("lakecache: unmounted {}", args.mount.display());

@@ -126,3 +126,69 @@ fn bad_or_missing_sources_fail_clearly() {
     let err = must_fail(&["local", "--source", "s3://", "--mount", mnt]);
     assert!(err.contains("bucket is empty"), "{err}");
 }
+
+#[test]
+fn preloads_on_request_and_keeps_local_copies() {
+    use std::io::{BufRead, BufReader};
+    let lake = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(lake.path().join("train")).unwrap();
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 249) as u8).collect();
+    std::fs::write(lake.path().join("train/a.rec"), &data).unwrap();
+    std::fs::write(lake.path().join("train/b.rec"), &data[..1000]).unwrap();
+    std::fs::write(lake.path().join("other.txt"), b"not preloaded").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let copies = tempfile::tempdir_in("/dev/shm").unwrap();
+    let mnt = work.path().join("mnt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lakecache"))
+        .args([
+            "local",
+            "--workers",
+            "2",
+            "--memory",
+            "64MiB",
+            "--block-size",
+            "1MiB",
+        ])
+        .args(["--preload", "train/**"])
+        .arg("--source")
+        .arg(format!("file://{}", lake.path().display()))
+        .arg("--mount")
+        .arg(&mnt)
+        .arg("--local-cache")
+        .arg(format!("{}:64MiB", copies.path().display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lakecache local");
+    // The summary line: both files under train/, every byte of them.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let summary = loop {
+        let line = lines.next().expect("a summary line").unwrap();
+        if line.contains("preloaded") {
+            break line;
+        }
+    };
+    assert!(
+        summary.contains("preloaded 2 files, 2501000 bytes"),
+        "{summary}"
+    );
+    assert!(!summary.contains("failed"), "{summary}");
+    // Reading keeps a whole local copy of the file, which later opens are served from.
+    assert!(std::fs::read(mnt.join("train/a.rec")).unwrap() == data);
+    wait_for("the local copy", Duration::from_secs(10), || {
+        std::fs::read_dir(copies.path())
+            .unwrap()
+            .flatten()
+            .any(|e| {
+                e.metadata().map(|m| m.len()).unwrap_or(0) == data.len() as u64
+                    && !e.file_name().to_string_lossy().ends_with(".part")
+            })
+    });
+    assert!(std::fs::read(mnt.join("train/a.rec")).unwrap() == data);
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(20), "did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!mounted(&mnt));
+}
