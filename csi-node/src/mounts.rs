@@ -14,6 +14,16 @@ pub struct MountEntry {
     pub source: String,
 }
 
+impl MountEntry {
+    /// A lakecache FUSE mount, or a bind of one. A FUSE server that mounts without fusermount
+    /// shows type `fuse` (the subtype only shows as `fuse.lakecache` through fusermount); its
+    /// source is always `lakecache…`.
+    pub fn is_lakecache(&self) -> bool {
+        (self.fs_type == "fuse" || self.fs_type.starts_with("fuse."))
+            && self.source.starts_with("lakecache")
+    }
+}
+
 /// Parses the text of a `mountinfo` file (see proc(5)); lines that do not parse are skipped.
 pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
@@ -257,6 +267,17 @@ garbage line
         assert_eq!(m[1].fs_type, "fuse.lakecache");
         assert_eq!(m[1].source, "lakecache:ml/imagenet");
         assert_eq!(m[2].fs_type, "tmpfs");
+        assert!(m[1].is_lakecache());
+        assert!(!m[0].is_lakecache() && !m[2].is_lakecache());
+        let direct = parse_mountinfo(
+            "50 36 0:60 / /pods/x/mount ro - fuse lakecache:ml/imagenet ro,user_id=0\n\
+             51 36 0:61 / /other rw - fuse sshfs#host: rw\n",
+        );
+        assert!(direct[0].is_lakecache(), "a direct mount shows type fuse");
+        assert!(
+            !direct[1].is_lakecache(),
+            "another FUSE filesystem is not ours"
+        );
     }
 
     #[test]

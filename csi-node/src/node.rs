@@ -676,7 +676,7 @@ fn is_our_mount(path: &Path) -> bool {
     };
     table
         .iter()
-        .any(|m| m.mount_point == path && m.fs_type == "fuse.lakecache")
+        .any(|m| m.mount_point == path && m.is_lakecache())
 }
 
 /// The CSI services, sharing one plugin.
