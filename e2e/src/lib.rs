@@ -8,13 +8,18 @@
 //! - [`Cluster`]: a real Kubernetes control plane (etcd, kube-apiserver, and on request
 //!   kube-controller-manager and kube-scheduler) built from pinned upstream modules, with
 //!   kubectl, helm and least-privilege kubeconfigs at hand.
+//! - [`NodeAgent`]: a stand-in kubelet for one node of a [`Cluster`], running its pods'
+//!   containers as local processes (with the `lakecache-pod-exec` helper) and calling the CSI
+//!   plugin over its socket as kubelet does.
 
 pub mod cluster;
+pub mod node_agent;
 pub mod proxy;
 pub mod s3;
 pub mod stack;
 
 pub use cluster::{Cluster, ClusterOptions};
+pub use node_agent::{AgentOptions, CsiCall, NodeAgent};
 pub use proxy::Proxy;
 pub use s3::S3Server;
 pub use stack::{Stack, StackConfig};
