@@ -502,7 +502,17 @@ pub fn aggregate(
     } else {
         (st.bytes_done, st.bytes_total)
     };
-    st.progress = Some(if total > 0 {
+    // A worker reports its totals once it has expanded the paths; until every worker has, the
+    // total is not known and a share of a partial total would later go backwards.
+    let expanded = parts.iter().all(|p| {
+        p.finished()
+            || p.status
+                .as_ref()
+                .is_some_and(|s| s.files_total > 0 || s.phase != pb::PreloadPhase::Running as i32)
+    });
+    st.progress = Some(if !expanded {
+        "0%".into()
+    } else if total > 0 {
         format!("{}%", (done * 100 / total).min(100))
     } else if parts.iter().all(WorkerRun::finished) {
         "100%".into()
@@ -885,6 +895,25 @@ mod tests {
         );
         assert_eq!(s.phase, Some(CachePreloadPhase::Failed));
         assert!(s.failures[0].reason.contains("w9"), "{:?}", s.failures);
+    }
+
+    #[test]
+    fn progress_waits_for_every_workers_total() {
+        let parts = vec![
+            WorkerRun {
+                name: "w0".into(),
+                status: Some(ws(pb::PreloadPhase::Running, (9, 10), (900, 1000), &[])),
+                error: None,
+            },
+            WorkerRun {
+                name: "w1".into(),
+                // Still expanding the paths: no totals yet.
+                status: Some(ws(pb::PreloadPhase::Running, (0, 0), (0, 0), &[])),
+                error: None,
+            },
+        ];
+        let s = aggregate(&base(), &parts, false, &t(110));
+        assert_eq!(s.progress.as_deref(), Some("0%"));
     }
 
     #[test]
