@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use lakecache_e2e::cluster::eventually;
 use lakecache_e2e::{Cluster, ClusterOptions};
 use lakecache_proto::csi::v1 as csi;
@@ -21,15 +21,7 @@ fn repo() -> PathBuf {
 }
 
 fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-    let out = cluster.kubectl_with_stdin(args, stdin);
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    cluster.kubectl_ok(args, stdin)
 }
 
 /// The chart's CSI ServiceAccount and RBAC, and a kubeconfig with that account's token.

@@ -458,6 +458,19 @@ impl Cluster {
     }
 
     /// [`Cluster::kubectl`] with `stdin` fed to it (for `apply -f -`).
+    /// kubectl's stdout, or an error with the command and its stderr.
+    pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        let out = self.kubectl_with_stdin(args, stdin);
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     pub fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
         let mut cmd = Command::new(&self.kubectl);
         cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);

@@ -18,6 +18,7 @@
 
 pub mod cache_namespace;
 pub mod conditions;
+pub mod controller;
 pub mod error;
 pub mod metrics;
 pub mod preload;

@@ -13,7 +13,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -22,7 +22,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use lakecache_api::{
@@ -61,57 +60,11 @@ pub async fn run(
         watcher::Config::default(),
     )
     .graceful_shutdown_on(shutdown);
-    let store = controller.store();
-    tokio::spawn(crate::signal_synced(store, CONTROLLER, synced));
-    controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "cachepreload controller event");
-            }
-        })
-        .await;
-}
-
-fn error_policy(cp: Arc<CachePreload>, err: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(preload = %cp.name_any(), reason = err.reason(), error = %err, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    crate::controller::drive(controller, CONTROLLER, ctx, synced, reconcile).await;
 }
 
 async fn reconcile(cp: Arc<CachePreload>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let start = Instant::now();
-    let ns = cp
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(cp.name_any()))?;
-    let api: Api<CachePreload> = Api::namespaced(ctx.client.clone(), &ns);
-    let r = finalizer(&api, FINALIZER, cp.clone(), |ev| async {
-        match ev {
-            FinalizerEvent::Apply(cp) => apply(cp, ctx.clone()).await,
-            FinalizerEvent::Cleanup(cp) => cleanup(cp, ctx.clone()).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    });
-    if let Err(e) = &r {
-        ctx.event(
-            &*cp,
-            EventType::Warning,
-            e.reason(),
-            "Reconcile",
-            e.to_string(),
-        )
-        .await;
-    }
-    ctx.metrics.reconciled(
-        CONTROLLER,
-        start.elapsed(),
-        r.as_ref().err().map(|e| e.reason()),
-    );
-    r
+    crate::controller::reconcile_with(cp, ctx, CONTROLLER, FINALIZER, apply, cleanup).await
 }
 
 fn now() -> Time {

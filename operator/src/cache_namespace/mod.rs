@@ -29,7 +29,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
@@ -40,6 +39,7 @@ use serde::de::DeserializeOwned;
 
 use self::build::{BuildInputs, Children, Names, TOKEN_KEY};
 use self::status::{Observed, Problem, ScanResult};
+use crate::controller::key;
 use crate::error::kube as kerr;
 use crate::workers::WorkerRef;
 use crate::{Context, Error, MANAGER};
@@ -101,70 +101,11 @@ pub async fn run(
         Some(ObjectRef::<CacheNamespace>::new(&cn).within(&pod.namespace()?))
     })
     .graceful_shutdown_on(shutdown);
-    let store = controller.store();
-    tokio::spawn(crate::signal_synced(store, CONTROLLER, synced));
-    controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "cachenamespace controller event");
-            }
-        })
-        .await;
-}
-
-fn error_policy(cn: Arc<CacheNamespace>, err: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(cache_namespace = %key(&*cn), reason = err.reason(), error = %err, "reconcile failed; retrying");
-    let _ = ctx;
-    Action::requeue(Duration::from_secs(5))
-}
-
-fn key<K: Resource>(o: &K) -> String {
-    format!(
-        "{}/{}",
-        o.meta().namespace.as_deref().unwrap_or_default(),
-        o.meta().name.as_deref().unwrap_or_default()
-    )
+    crate::controller::drive(controller, CONTROLLER, ctx, synced, reconcile).await;
 }
 
 async fn reconcile(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let start = Instant::now();
-    let r = reconcile_inner(cn.clone(), ctx.clone()).await;
-    if let Err(e) = &r {
-        ctx.event(
-            &*cn,
-            EventType::Warning,
-            e.reason(),
-            "Reconcile",
-            e.to_string(),
-        )
-        .await;
-    }
-    ctx.metrics.reconciled(
-        CONTROLLER,
-        start.elapsed(),
-        r.as_ref().err().map(|e| e.reason()),
-    );
-    r
-}
-
-async fn reconcile_inner(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = cn
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(cn.name_any()))?;
-    let api: Api<CacheNamespace> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, cn, |ev| async {
-        match ev {
-            FinalizerEvent::Apply(cn) => apply(cn, ctx.clone()).await,
-            FinalizerEvent::Cleanup(cn) => cleanup(cn, ctx.clone()).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    })
+    crate::controller::reconcile_with(cn, ctx, CONTROLLER, FINALIZER, apply, cleanup).await
 }
 
 /// What the object refers to, fetched.

@@ -50,15 +50,7 @@ pub fn free_port() -> u16 {
 
 /// kubectl's stdout, or an error with its stderr.
 pub fn kubectl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
-    let out = cluster.kubectl(args);
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    cluster.kubectl_ok(args, None)
 }
 
 /// Installs the checked-in CRDs and waits until they are served.
