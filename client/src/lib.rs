@@ -22,4 +22,4 @@ pub mod reader;
 pub use fs::{FsConfig, FsCore};
 pub use local_cache::LocalFileCache;
 pub use membership::{Member, Membership};
-pub use reader::{ReadError, Reader, ReaderConfig};
+pub use reader::{LocalBlocks, ReadError, Reader, ReaderConfig};

@@ -9,7 +9,8 @@ use bytesize::ByteSize;
 use clap::Args;
 use lakecache_client::fuse::{self, Mount, MountConfig};
 use lakecache_client::{
-    FsConfig, FsCore, LocalFileCache, Member, Membership, Reader, ReaderConfig,
+    FsConfig, FsCore, LocalBlocks, LocalFileCache, Member, Membership, ReadError, Reader,
+    ReaderConfig,
 };
 use lakecache_lake::{OpendalSource, Source, SourceSpec};
 use lakecache_worker::Worker;
@@ -156,7 +157,11 @@ pub async fn start(args: &LocalArgs, source: Arc<dyn Source>) -> anyhow::Result<
         metadata_ttl: (!ttl.is_zero()).then_some(ttl),
         direct_fallback: true,
     };
-    let reader = Arc::new(Reader::new(reader_cfg, membership, Some(source)));
+    let mut reader = Reader::new(reader_cfg, membership, Some(source));
+    for w in &workers {
+        reader = reader.with_local_worker(&w.id, Arc::new(InProcess(w.cache.clone())));
+    }
+    let reader = Arc::new(reader);
     let local_cache = match &args.local_cache {
         Some(v) => {
             let (dir, size) = parse_disk(v).context("--local-cache")?;
@@ -176,6 +181,26 @@ pub async fn start(args: &LocalArgs, source: Arc<dyn Source>) -> anyhow::Result<
         memory_dirs,
         local_cache,
     })
+}
+
+/// A worker of this process, read by a function call (see [`LocalBlocks`]).
+struct InProcess(Arc<lakecache_worker::cache::BlockCache>);
+
+impl LocalBlocks for InProcess {
+    fn block(
+        &self,
+        key: lakecache_lake::BlockKey,
+        object_size: u64,
+    ) -> futures::future::BoxFuture<'static, Result<(bytes::Bytes, &'static str), ReadError>> {
+        let cache = self.0.clone();
+        Box::pin(async move {
+            match cache.get(&key, object_size).await {
+                Ok((b, origin)) => Ok((b, origin.label())),
+                Err(lakecache_worker::cache::BlockError::Lake(e)) => Err(ReadError::from_lake(e)),
+                Err(e) => Err(ReadError::Unavailable(e.to_string())),
+            }
+        })
+    }
 }
 
 /// A fresh filesystem core over `reader`.
