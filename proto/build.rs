@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto");
+    // Read at run time, not with env!(): a cached build script built from another checkout
+    // (a shared CARGO_TARGET_DIR) must still look in this one.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
     let files = [
         "lakecache/v1/cache.proto",
         "lakecache/v1/mounter.proto",

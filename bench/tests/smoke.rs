@@ -39,7 +39,8 @@ fn lakecache_bin() -> PathBuf {
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
         let bin = profile_dir.join("lakecache");
         let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo");
+        let root = Path::new(&manifest_dir).parent().unwrap();
         let sources = [
             "lakecache",
             "client",

@@ -25,7 +25,7 @@ const POD_EXEC: &str = env!("CARGO_BIN_EXE_lakecache-pod-exec");
 const NS: &str = "ml";
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("..")
 }
 
 fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 fn main() -> std::io::Result<()> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root =
+        PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("..");
     let dirs = match std::env::args().nth(1) {
         Some(d) => vec![PathBuf::from(d)],
         None => vec![root.join("crds"), root.join("charts/lakecache/crds")],

@@ -33,7 +33,7 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("..")
 }
 
 pub fn object<T: DeserializeOwned>(v: Value) -> T {
