@@ -28,6 +28,8 @@ use crate::meta::MetadataCache;
 /// in flight): for small files the count bounds them, for large blocks the bytes do.
 const BLOCK_CONCURRENCY: usize = 64;
 const BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// Directories listed at once while the paths are expanded.
+const LIST_CONCURRENCY: usize = 16;
 
 /// A preload request as the worker sees it.
 #[derive(Debug, Clone)]
@@ -281,13 +283,27 @@ impl Preloader {
         if !base_meta.is_dir() {
             return Ok(vec![(base, base_meta)]);
         }
+        // Directories are listed LIST_CONCURRENCY at a time: against a far lake a tree of a
+        // hundred folders otherwise costs a hundred round trips one after another.
         let mut out = Vec::new();
-        let mut dirs = vec![base];
-        while let Some(dir) = dirs.pop() {
-            for e in self.meta.list(&dir).await?.iter() {
+        let mut pending = vec![base];
+        let mut listing = futures::stream::FuturesUnordered::new();
+        loop {
+            while listing.len() < LIST_CONCURRENCY {
+                let Some(dir) = pending.pop() else { break };
+                let meta = self.meta.clone();
+                listing.push(async move {
+                    let entries = meta.list(&dir).await;
+                    (dir, entries)
+                });
+            }
+            let Some((dir, entries)) = listing.next().await else {
+                break;
+            };
+            for e in entries?.iter() {
                 let path = lakecache_lake::join(&dir, &e.name);
                 if e.meta.is_dir() {
-                    dirs.push(path);
+                    pending.push(path);
                 } else if matcher.as_ref().is_none_or(|m| m.is_match(&path)) {
                     out.push((path, e.meta.clone()));
                 }

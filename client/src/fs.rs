@@ -93,7 +93,13 @@ pub struct FsCore {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     local: Option<Arc<LocalFileCache>>,
+    /// Listings ahead in flight at once.
+    list_ahead: Arc<tokio::sync::Semaphore>,
 }
+
+/// Subdirectories of one directory listed ahead, and how many at once.
+const LIST_AHEAD_MAX: usize = 256;
+const LIST_AHEAD_CONCURRENCY: usize = 8;
 
 impl FsCore {
     pub fn new(reader: Arc<Reader>, cfg: FsConfig) -> Self {
@@ -117,6 +123,7 @@ impl FsCore {
             handles: Default::default(),
             next_fh: AtomicU64::new(1),
             local: None,
+            list_ahead: Arc::new(tokio::sync::Semaphore::new(LIST_AHEAD_CONCURRENCY)),
         }
     }
 
@@ -227,6 +234,9 @@ impl FsCore {
             return Err(ReadError::NotADirectory(dir));
         }
         let entries = self.reader.list(&dir).await?;
+        if offset == 0 {
+            self.list_ahead(&dir, &entries);
+        }
         let mut out = Vec::new();
         let dots = [(".", ino), ("..", ino)];
         for (pos, (name, i)) in dots.iter().enumerate() {
@@ -250,6 +260,33 @@ impl FsCore {
             out.push((pos + 1, e.name.clone(), attr));
         }
         Ok(out)
+    }
+
+    /// Lists the subdirectories of a directory being read, a few at a time in the background:
+    /// a tree walk (`ls -R`, `find`, a loader indexing its dataset) then finds each folder's
+    /// listing ready instead of paying one round trip after another. Only the directory the
+    /// kernel asked for starts this, so it goes one level ahead of the walk, never further.
+    fn list_ahead(&self, dir: &str, entries: &[lakecache_lake::DirEntry]) {
+        for e in entries
+            .iter()
+            .filter(|e| e.meta.is_dir())
+            .take(LIST_AHEAD_MAX)
+        {
+            let sub = lakecache_lake::join(dir, &e.name);
+            if self.reader.has_listing(&sub) {
+                continue;
+            }
+            let reader = self.reader.clone();
+            let gate = self.list_ahead.clone();
+            tokio::spawn(async move {
+                let Ok(_turn) = gate.acquire_owned().await else {
+                    return;
+                };
+                if let Err(e) = reader.list(&sub).await {
+                    tracing::debug!(dir = %sub, error = %e, "listing ahead failed");
+                }
+            });
+        }
     }
 
     pub async fn open(&self, ino: u64) -> Result<u64, ReadError> {

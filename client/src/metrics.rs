@@ -27,6 +27,8 @@ pub struct ReaderMetrics {
     pub local_opens: Counter,
     /// Of those, opens handed to the kernel (FUSE passthrough).
     pub passthrough_opens: Counter,
+    /// Directory listings asked of workers (or the source); cached listings don't count.
+    pub listings: Counter,
 }
 
 impl ReaderMetrics {
@@ -58,6 +60,11 @@ impl ReaderMetrics {
             "passthrough_opens",
             "Opens handed to the kernel with FUSE passthrough",
             self.passthrough_opens.clone(),
+        );
+        r.register(
+            "listings",
+            "Directory listings asked of workers or the source",
+            self.listings.clone(),
         );
     }
 

@@ -155,6 +155,8 @@ pub struct Reader {
     membership: Arc<Membership>,
     source: Option<Arc<dyn Source>>,
     listings: Mutex<HashMap<String, Listing>>,
+    /// One listing request at a time per directory.
+    list_gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Workers of this process, by member id.
     local: HashMap<String, Arc<dyn LocalBlocks>>,
     pub metrics: Arc<ReaderMetrics>,
@@ -171,6 +173,7 @@ impl Reader {
             membership,
             source,
             listings: Default::default(),
+            list_gates: Default::default(),
             local: HashMap::new(),
             metrics: Arc::new(ReaderMetrics::default()),
         }
@@ -204,25 +207,58 @@ impl Reader {
         }
     }
 
-    /// The entries of a directory.
+    fn cached_listing(&self, dir: &str) -> Option<Arc<Vec<DirEntry>>> {
+        let listings = self.listings.lock();
+        let l = listings.get(dir)?;
+        self.cfg
+            .metadata_ttl
+            .is_none_or(|ttl| l.at.elapsed() < ttl)
+            .then(|| l.entries.clone())
+    }
+
+    /// Whether a fresh listing of `dir` is cached.
+    pub fn has_listing(&self, dir: &str) -> bool {
+        self.cached_listing(dir).is_some()
+    }
+
+    /// The entries of a directory. Concurrent requests for one directory make one request to
+    /// the workers (a listing ahead and the reader's own request meet here).
     pub async fn list(&self, dir: &str) -> Result<Arc<Vec<DirEntry>>, ReadError> {
-        if let Some(l) = self.listings.lock().get(dir)
-            && self.cfg.metadata_ttl.is_none_or(|ttl| l.at.elapsed() < ttl)
-        {
-            return Ok(l.entries.clone());
+        if let Some(e) = self.cached_listing(dir) {
+            return Ok(e);
         }
-        let entries = Arc::new(self.bounded(dir, self.list_uncached(dir)).await?);
-        self.listings.lock().insert(
-            dir.to_string(),
-            Listing {
-                entries: entries.clone(),
-                at: Instant::now(),
-            },
-        );
-        Ok(entries)
+        let gate = self
+            .list_gates
+            .lock()
+            .entry(dir.to_string())
+            .or_default()
+            .clone();
+        let result = async {
+            let _turn = gate.lock().await;
+            if let Some(e) = self.cached_listing(dir) {
+                return Ok(e);
+            }
+            let entries = Arc::new(self.bounded(dir, self.list_uncached(dir)).await?);
+            self.listings.lock().insert(
+                dir.to_string(),
+                Listing {
+                    entries: entries.clone(),
+                    at: Instant::now(),
+                },
+            );
+            Ok(entries)
+        }
+        .await;
+        // The last one through removes the gate (the map holds one reference, we hold one).
+        let mut gates = self.list_gates.lock();
+        if gates.get(dir).is_some_and(|g| Arc::strong_count(g) <= 2) {
+            gates.remove(dir);
+        }
+        result
     }
 
     async fn list_uncached(&self, dir: &str) -> Result<Vec<DirEntry>, ReadError> {
+        self.metrics.listings.inc();
         for conn in self.membership.owners(path_item(dir)) {
             match self.list_on(&conn, dir).await {
                 Ok(v) => return Ok(v),

@@ -357,3 +357,39 @@ async fn preload_loads_each_workers_share_and_reports_progress() {
         .sum();
     assert_eq!(before, after, "reads after a preload went to the source");
 }
+
+#[tokio::test]
+async fn concurrent_listings_of_one_directory_make_one_request() {
+    let l = lake(2).await;
+    let r = reader(&l, "secret", false);
+    let all = futures::future::join_all((0..16).map(|_| r.list("train"))).await;
+    for entries in all {
+        let mut names: Vec<String> = entries.unwrap().iter().map(|e| e.name.clone()).collect();
+        names.sort();
+        assert_eq!(names, ["big.rec", "cats"]);
+    }
+    assert_eq!(r.metrics.listings.get(), 1);
+    // Cached now: no further request.
+    r.list("train").await.unwrap();
+    assert_eq!(r.metrics.listings.get(), 1);
+}
+
+#[tokio::test]
+async fn reading_a_directory_lists_its_subdirectories_ahead() {
+    let l = lake(2).await;
+    let fs = FsCore::new(reader(&l, "secret", false), FsConfig::default());
+    fs.readdir(ROOT_INO, 0, true).await.unwrap();
+    assert!(!fs.reader().has_listing("empty"), "a file is not listed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !fs.reader().has_listing("train") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "train/ was not listed ahead"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The walk's own listing of train/ is then free.
+    let before = fs.reader().metrics.listings.get();
+    fs.reader().list("train").await.unwrap();
+    assert_eq!(fs.reader().metrics.listings.get(), before);
+}
