@@ -432,9 +432,17 @@ pub struct Mount {
 }
 
 impl Mount {
+    /// Whether the session has ended: the filesystem was unmounted from outside (`umount`,
+    /// `fusermount3 -u`) or the kernel aborted the connection.
+    pub fn is_finished(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
+            // Unmounted from outside already: only the thread is left to join.
+            Some(s) if s.guard.is_finished() => s.join(),
             Some(s) => s.umount_and_join(),
             None => Ok(()),
         }

@@ -97,6 +97,7 @@ pub async fn start(args: &LocalArgs, source: Arc<dyn Source>) -> anyhow::Result<
     } else {
         MetadataPolicy::Ttl { ttl }
     };
+    remove_stale_memory_tiers();
     let mut workers = Vec::new();
     let mut memory_dirs = Vec::new();
     for i in 0..args.workers {
@@ -325,6 +326,17 @@ impl Local {
         Ok(())
     }
 
+    /// Resolves when the mount is gone without us (unmounted from outside).
+    async fn mount_ended(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            if self.mount.as_ref().is_none_or(|m| m.is_finished()) {
+                return;
+            }
+        }
+    }
+
     /// Unmounts, stops the workers, and frees their memory tiers.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.unmount()?;
@@ -374,8 +386,43 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             }
         }
     }
-    lakecache_telemetry::shutdown_signal().await;
+    tokio::select! {
+        _ = lakecache_telemetry::shutdown_signal() => {}
+        _ = local.mount_ended() => {
+            eprintln!("lakecache: {} was unmounted from outside; stopping", args.mount.display());
+        }
+    }
     local.stop().await?;
     eprintln!("lakecache: unmounted {}", args.mount.display());
     Ok(())
+}
+
+/// Removes memory tiers that `lakecache local` processes left in /dev/shm when they died
+/// without cleaning up (SIGKILL, a crash): shared memory outlives its process.
+fn remove_stale_memory_tiers() {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some((pid, tail)) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("lakecache-"))
+            .and_then(|n| n.split_once('-'))
+        else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if !tail.starts_with("local-") || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if std::fs::remove_dir_all(e.path()).is_ok() {
+            eprintln!(
+                "lakecache: removed {}, the memory tier of a process that is gone",
+                e.path().display()
+            );
+        }
+    }
 }

@@ -20,7 +20,36 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn run_and_stop(signal: &str) {
+/// How a test ends `lakecache local`.
+enum Stop {
+    Signal(&'static str),
+    /// `fusermount3 -u`, as a user (or a cleanup script) might.
+    Unmount,
+}
+
+fn memory_tiers_of(pid: u32) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("lakecache-{pid}-")))
+        })
+        .collect()
+}
+
+fn run_and_stop(how: Stop) {
+    // A memory tier left behind by a process that is gone (no pid is above 2^22) is removed.
+    // Each test has its own, as they run at once.
+    let fake_pid = 4_194_305
+        + match how {
+            Stop::Signal(s) => s.len() as u32,
+            Stop::Unmount => 0,
+        };
+    let stale = std::path::PathBuf::from(format!("/dev/shm/lakecache-{fake_pid}-local-0"));
+    std::fs::create_dir_all(&stale).unwrap();
     let lake = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(lake.path().join("a b/ç")).unwrap();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
@@ -53,11 +82,23 @@ fn run_and_stop(signal: &str) {
         std::fs::write(mnt.join("new"), b"x").is_err(),
         "the mount is writable"
     );
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status();
-    assert!(status.unwrap().success());
+    assert!(!stale.exists(), "a dead process's memory tier was kept");
+    assert!(!memory_tiers_of(child.id()).is_empty(), "no memory tier");
+    let signal = match how {
+        Stop::Signal(signal) => {
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status();
+            assert!(status.unwrap().success());
+            signal
+        }
+        Stop::Unmount => {
+            let status = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+            assert!(status.unwrap().success());
+            "(none: unmounted from outside)"
+        }
+    };
     let start = Instant::now();
     let exit = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -74,16 +115,25 @@ fn run_and_stop(signal: &str) {
         "lakecache exited with {exit} on SIG{signal}"
     );
     assert!(!mounted(&mnt), "still mounted after SIG{signal}");
+    assert!(
+        memory_tiers_of(child.id()).is_empty(),
+        "the memory tier outlived the process"
+    );
 }
 
 #[test]
 fn mounts_serves_and_unmounts_on_sigterm() {
-    run_and_stop("TERM");
+    run_and_stop(Stop::Signal("TERM"));
 }
 
 #[test]
 fn unmounts_on_sigint() {
-    run_and_stop("INT");
+    run_and_stop(Stop::Signal("INT"));
+}
+
+#[test]
+fn stops_when_unmounted_from_outside() {
+    run_and_stop(Stop::Unmount);
 }
 
 /// Runs `lakecache` with `args`; it must fail (not mount and wait) within 20 s.
