@@ -181,8 +181,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     results.versions = versions(&setup);
     results.machine.perf = perf_hint();
     results.notes.push(
-        "No preload command exists in `lakecache local`: its preload row is \"read everything \
-         once\" with the preload readers, as for rclone and s3fs; tmpfs's is the copy."
+        "Preload rows: lakecache's is `lakecache local --preload '**'` (every worker loads its \
+         share, nothing read through the mount); rclone's and s3fs's, which have no preload, \
+         read everything once with the preload readers; tmpfs's is the copy."
             .into(),
     );
     results.write(&cli.out)?;
