@@ -180,6 +180,20 @@ impl BufferPool {
             .unwrap_or_else(|| Vec::with_capacity(self.size))
     }
 
+    /// Adds one buffer, its pages touched, if the pool is short. Called on the write path of
+    /// blocks fetched from the lake: there the CPU waits on the network anyway, and the first
+    /// warm epoch then finds its buffers mapped instead of faulting them in.
+    fn fill_one(&self) {
+        if self.free.lock().len() >= self.keep {
+            return;
+        }
+        // Written, not calloc'ed: a zeroed allocation would map its pages only when touched.
+        let mut buf = Vec::with_capacity(self.size);
+        buf.resize(self.size, 1u8);
+        buf.clear();
+        self.give_back(buf);
+    }
+
     fn give_back(&self, mut buf: Vec<u8>) {
         if buf.capacity() >= self.size {
             let mut free = self.free.lock();
@@ -543,6 +557,7 @@ impl Shared {
             len,
             crc32c: crc,
         };
+        self.buffers.fill_one();
         let ok = match write_block(&dir, id, bytes, &meta) {
             Ok(()) => true,
             Err(e) => {
