@@ -1,13 +1,11 @@
 //! Getting a block: Memory, then Disk, then the source, with one source request per block no
 //! matter how many readers miss it at once.
 //!
-//! A miss starts a task that reads the block's range from the source and offers it to the store.
-//! Every concurrent miss of the same block awaits that one flight. Readers get the bytes as soon
-//! as the source answered, before the store has written them (a cold small file costs one lake
-//! round trip, not that plus a write); a preload waits until the store has them. The task is
-//! spawned, so a reader that gives up does not cancel the fetch for the others. The entry leaves
-//! the in-flight map only once the store has the block (or refused it), so a request that arrives
-//! in between joins the flight rather than missing again.
+//! A miss starts a task that reads the block's range from the source and offers it to the store;
+//! the task's result is a shared future that every concurrent miss of the same block awaits. The
+//! task is spawned, so a reader that gives up does not cancel the fetch for the others. The entry
+//! leaves the in-flight map only once the store has the block (or refused it), so a request that
+//! arrives in between joins the flight rather than missing again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,25 +44,7 @@ pub enum BlockError {
     Lake(#[from] LakeError),
 }
 
-type SharedResult = Shared<BoxFuture<'static, Result<Bytes, BlockError>>>;
-
-/// One block's fetch from the source.
-#[derive(Clone)]
-struct Flight {
-    /// Resolves when the source has answered.
-    answer: SharedResult,
-    /// Resolves when the store has taken the block (or refused it).
-    stored: SharedResult,
-}
-
-/// What a caller of [`BlockCache::get`] waits for on a miss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wait {
-    /// The bytes (a reader).
-    Answer,
-    /// The bytes, and the store's copy of them (a preload: done means cached).
-    Stored,
-}
+type Flight = Shared<BoxFuture<'static, Result<Bytes, BlockError>>>;
 
 /// Removes a block's flight from the in-flight map when dropped.
 struct Leave {
@@ -117,16 +97,6 @@ impl BlockCache {
 
     /// The whole block `key` of an object of `size` bytes.
     pub async fn get(&self, key: &BlockKey, size: u64) -> Result<(Bytes, Origin), BlockError> {
-        self.get_waiting(key, size, Wait::Answer).await
-    }
-
-    /// As [`Self::get`], returning on a miss only when `wait` is over.
-    pub async fn get_waiting(
-        &self,
-        key: &BlockKey,
-        size: u64,
-        wait: Wait,
-    ) -> Result<(Bytes, Origin), BlockError> {
         let started = Instant::now();
         let (start, end) = key.range(self.block_size, size);
         if start >= end && !(size == 0 && key.index == 0) {
@@ -144,7 +114,7 @@ impl BlockCache {
             // claimed another size is not this caller's block. Fetch it again.
             Lookup::Hit { bytes, .. } if bytes.len() as u64 != end - start => {
                 self.metrics.misses.inc();
-                (self.fetch(key, 0, start, end, wait).await?, Origin::Source)
+                (self.fetch(key, 0, start, end).await?, Origin::Source)
             }
             Lookup::Hit { bytes, tier } => {
                 self.metrics
@@ -155,10 +125,7 @@ impl BlockCache {
             }
             Lookup::Miss { past } => {
                 self.metrics.misses.inc();
-                (
-                    self.fetch(key, past, start, end, wait).await?,
-                    Origin::Source,
-                )
+                (self.fetch(key, past, start, end).await?, Origin::Source)
             }
         };
         let label = self.metrics.tier(origin.label());
@@ -175,7 +142,6 @@ impl BlockCache {
         past: u8,
         start: u64,
         end: u64,
-        wait: Wait,
     ) -> Result<Bytes, BlockError> {
         let id = key.id();
         let flight = {
@@ -191,7 +157,6 @@ impl BlockCache {
                 );
                 let map = self.inflight.clone();
                 let key = key.clone();
-                let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
                 let task = tokio::spawn(async move {
                     // Leave the in-flight map however this task ends, panics included.
                     let _leave = Leave { map, id };
@@ -202,44 +167,30 @@ impl BlockCache {
                     match result {
                         Ok(bytes) => {
                             metrics.source_bytes.inc_by(bytes.len() as u64);
-                            let _ = answer_tx.send(Ok(bytes.clone()));
                             store.put(&key, past, bytes.clone()).await;
                             Ok(bytes)
                         }
                         Err(e) => {
                             metrics.source_errors.inc();
-                            let e = BlockError::Lake(e);
-                            let _ = answer_tx.send(Err(e.clone()));
-                            Err(e)
+                            Err(BlockError::Lake(e))
                         }
                     }
                 });
-                let failed = |e: String| {
-                    BlockError::Lake(LakeError::Unavailable(format!(
-                        "source fetch task failed: {e}"
-                    )))
-                };
-                let stored: BoxFuture<'static, Result<Bytes, BlockError>> =
-                    async move { task.await.unwrap_or_else(|e| Err(failed(e.to_string()))) }
-                        .boxed();
-                let answer: BoxFuture<'static, Result<Bytes, BlockError>> = async move {
-                    answer_rx
-                        .await
-                        .unwrap_or_else(|_| Err(failed("it ended without an answer".into())))
+                let fut: BoxFuture<'static, Result<Bytes, BlockError>> = async move {
+                    match task.await {
+                        Ok(r) => r,
+                        Err(e) => Err(BlockError::Lake(LakeError::Unavailable(format!(
+                            "source fetch task failed: {e}"
+                        )))),
+                    }
                 }
                 .boxed();
-                let flight = Flight {
-                    answer: answer.shared(),
-                    stored: stored.shared(),
-                };
-                inflight.insert(id, flight.clone());
-                flight
+                let shared = fut.shared();
+                inflight.insert(id, shared.clone());
+                shared
             }
         };
-        match wait {
-            Wait::Answer => flight.answer.await,
-            Wait::Stored => flight.stored.await,
-        }
+        flight.await
     }
 }
 
@@ -300,28 +251,9 @@ mod tests {
             assert_eq!(&bytes[..], &(32..48u8).collect::<Vec<_>>()[..]);
         }
         assert_eq!(f.fault.reads(), 1, "concurrent misses were not coalesced");
-        // Readers were answered before the store's write; a preload's wait covers it.
-        f.cache.get_waiting(&key, 100, Wait::Stored).await.unwrap();
         let (_, origin) = f.cache.get(&key, 100).await.unwrap();
         assert_eq!(origin, Origin::Tier(TierKind::Memory));
         assert_eq!(f.fault.reads(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_preload_returns_once_the_block_is_stored() {
-        let f = fixture();
-        let version = f.cache.source().stat("obj").await.unwrap().version;
-        for i in 0..7 {
-            let key = BlockKey::new("obj", version.clone(), i);
-            let (bytes, origin) = f.cache.get_waiting(&key, 100, Wait::Stored).await.unwrap();
-            assert_eq!(origin, Origin::Source);
-            assert_eq!(bytes.len(), if i == 6 { 4 } else { 16 });
-            assert!(
-                f.cache.store().block_file(&key).is_some(),
-                "block {i} not stored when the preload's get returned"
-            );
-        }
-        assert_eq!(f.fault.reads(), 7);
     }
 
     #[tokio::test]

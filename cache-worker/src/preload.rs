@@ -215,10 +215,7 @@ impl Preloader {
                 let (a, b) = key.range(bs, size);
                 let kib = ((b - a) >> 10).clamp(1, BYTES_IN_FLIGHT >> 10) as u32;
                 let _permit = budget.acquire_many(kib).await;
-                let r = cache
-                    .get_waiting(&key, size, crate::cache::Wait::Stored)
-                    .await
-                    .map(|(b, _)| b.len() as u64);
+                let r = cache.get(&key, size).await.map(|(b, _)| b.len() as u64);
                 (fi, r)
             }
         }))

@@ -253,7 +253,8 @@ async fn workers_serve_metrics_and_probes() {
     let admin = l.workers[0].as_ref().unwrap().admin_addr;
     assert!(http_get(admin, "/livez").await.starts_with("HTTP/1.1 200"));
     assert!(http_get(admin, "/readyz").await.starts_with("HTTP/1.1 200"));
-    let needles = [
+    let m = http_get(admin, "/metrics").await;
+    for needle in [
         "lakecache_worker_block_misses_total 21",
         "lakecache_worker_source_requests_total 21",
         "lakecache_worker_served_bytes_total{tier=\"source\"} 1310737",
@@ -261,20 +262,8 @@ async fn workers_serve_metrics_and_probes() {
         "lakecache_worker_block_seconds_bucket{",
         "lakecache_worker_tier_used_bytes{tier=\"disk\"} 1310737",
         "lakecache_worker_metadata_misses_total{op=\"list\"}",
-    ];
-    // Readers are answered before the store has written the blocks: give the writes a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let m = http_get(admin, "/metrics").await;
-        let missing: Vec<_> = needles.iter().filter(|n| !m.contains(**n)).collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "metrics lack {missing:?}:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle:?}:\n{m}");
     }
 }
 
