@@ -75,6 +75,10 @@ pub enum SystemKind {
     /// The same, keeping node-local copies of whole files in /dev/shm (as large as the Memory
     /// tier) that warm opens hand to the kernel with FUSE passthrough.
     LakecacheLocal(usize),
+    /// The data path of a CSI-mounted volume: this many `lakecache-worker` processes and the
+    /// `lakecache-csi-node fuse-server` that the CSI plugin's mounter runs per volume, reading
+    /// the workers over gRPC as in a cluster.
+    LakecacheCsi(usize),
     Rclone,
     S3fs,
     /// Ranged GETs straight from the store, no cache.
@@ -91,6 +95,7 @@ impl SystemKind {
         match self {
             SystemKind::Lakecache(n) => format!("lakecache-{n}w"),
             SystemKind::LakecacheLocal(n) => format!("lakecache-{n}w-local"),
+            SystemKind::LakecacheCsi(n) => format!("lakecache-{n}w-csi"),
             SystemKind::Rclone => "rclone".into(),
             SystemKind::S3fs => "s3fs".into(),
             SystemKind::Direct => "direct".into(),
@@ -102,7 +107,7 @@ impl SystemKind {
     pub fn is_lakecache(&self) -> bool {
         matches!(
             self,
-            SystemKind::Lakecache(_) | SystemKind::LakecacheLocal(_)
+            SystemKind::Lakecache(_) | SystemKind::LakecacheLocal(_) | SystemKind::LakecacheCsi(_)
         )
     }
 
@@ -121,7 +126,10 @@ impl SystemKind {
     /// The local-copies variant is left out: its copies would be a second cache beside the
     /// half-sized tier.
     pub fn bounded_cache(&self) -> bool {
-        matches!(self, SystemKind::Lakecache(_) | SystemKind::Rclone)
+        matches!(
+            self,
+            SystemKind::Lakecache(_) | SystemKind::LakecacheCsi(_) | SystemKind::Rclone
+        )
     }
 
     /// Whether its data is local from the start (no cold epoch, no preload through the link).
@@ -140,25 +148,26 @@ impl FromStr for SystemKind {
             "tmpfs" => Ok(SystemKind::Tmpfs),
             "fuse-copy" => Ok(SystemKind::FuseCopy),
             _ => {
-                let (rest, local) = match s.strip_suffix("-local") {
-                    Some(r) => (r, true),
-                    None => (s, false),
+                let (rest, variant) = if let Some(r) = s.strip_suffix("-local") {
+                    (r, "local")
+                } else if let Some(r) = s.strip_suffix("-csi") {
+                    (r, "csi")
+                } else {
+                    (s, "")
                 };
                 let n = rest
                     .strip_prefix("lakecache-")
                     .and_then(|r| r.strip_suffix('w'))
                     .and_then(|n| n.parse::<usize>().ok())
                     .filter(|n| (1..=16).contains(n));
-                n.map(|n| {
-                    if local {
-                        SystemKind::LakecacheLocal(n)
-                    } else {
-                        SystemKind::Lakecache(n)
-                    }
+                n.map(|n| match variant {
+                    "local" => SystemKind::LakecacheLocal(n),
+                    "csi" => SystemKind::LakecacheCsi(n),
+                    _ => SystemKind::Lakecache(n),
                 })
                 .ok_or_else(|| {
                     format!(
-                        "{s}: expected lakecache-<N>w, lakecache-<N>w-local, rclone, s3fs, direct, tmpfs or fuse-copy"
+                        "{s}: expected lakecache-<N>w, lakecache-<N>w-local, lakecache-<N>w-csi, rclone, s3fs, direct, tmpfs or fuse-copy"
                     )
                 })
             }
@@ -285,6 +294,7 @@ pub fn default_systems() -> Vec<SystemKind> {
         SystemKind::Lakecache(1),
         SystemKind::Lakecache(3),
         SystemKind::LakecacheLocal(1),
+        SystemKind::LakecacheCsi(3),
         SystemKind::Rclone,
         SystemKind::S3fs,
         SystemKind::Direct,
@@ -382,7 +392,9 @@ impl Plan {
         }
         let half = crate::dataset::total(&crate::dataset::images(d)) / 2;
         for s in &self.systems {
-            if let SystemKind::Lakecache(n) | SystemKind::LakecacheLocal(n) = s
+            if let SystemKind::Lakecache(n)
+            | SystemKind::LakecacheLocal(n)
+            | SystemKind::LakecacheCsi(n) = s
                 && self.runs(Workload::Partial)
                 && half / (*n as u64) < LAKECACHE_BLOCK
             {

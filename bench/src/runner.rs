@@ -188,6 +188,9 @@ pub fn run(plan: &Plan, setup: &Setup, janitor: &Arc<Janitor>) -> anyhow::Result
                     }
                 }
                 k if k.is_ceiling() || k == SystemKind::Direct => {}
+                // Its workers are the same code as lakecache-3w's, and a preload in a cluster
+                // is the operator's CachePreload, not something the mount does.
+                SystemKind::LakecacheCsi(_) => {}
                 k if k.is_lakecache() => {
                     // `lakecache local --preload '**'`: every worker loads its share at once.
                     drop_caches(&mut results);

@@ -75,8 +75,10 @@ impl Env {
 pub struct Running {
     pub kind: SystemKind,
     pub access: Access,
-    /// The cache process, if the system has one.
+    /// The cache process, if the system has one (the FUSE server where there are several).
     pub proc: Option<Proc>,
+    /// Its other processes (separate workers), counted with it in CPU and memory.
+    helpers: Vec<Proc>,
     /// lakecache workers' admin addresses (`/metrics`).
     pub admin: Vec<SocketAddr>,
     pub settings: String,
@@ -95,12 +97,24 @@ pub struct WorkerCounters {
 }
 
 impl Running {
+    /// CPU and peak RSS of the cache's processes, summed (a sum of peaks: an upper bound on the
+    /// peak of the sum).
     pub fn stats(&self) -> Option<ProcStats> {
-        self.proc.as_ref().and_then(|p| p.stats().ok())
+        let main = self.proc.as_ref().and_then(|p| p.stats().ok())?;
+        Some(
+            self.helpers
+                .iter()
+                .filter_map(|p| p.stats().ok())
+                .fold(main, |a, b| ProcStats {
+                    cpu_seconds: a.cpu_seconds + b.cpu_seconds,
+                    peak_rss: a.peak_rss + b.peak_rss,
+                    rss: a.rss + b.rss,
+                }),
+        )
     }
 
     pub fn reset_peak(&self) {
-        if let Some(p) = &self.proc {
+        for p in self.proc.iter().chain(&self.helpers) {
             p.reset_peak();
         }
     }
@@ -128,7 +142,7 @@ impl Running {
 
     /// Fails if the cache process died or its mount is gone.
     pub fn check(&self) -> anyhow::Result<()> {
-        if let Some(p) = &self.proc {
+        for p in self.proc.iter().chain(&self.helpers) {
             p.check_alive()?;
         }
         if let Some(m) = &self.mount
@@ -142,6 +156,7 @@ impl Running {
     /// Stops the process (which unmounts), then removes what is left.
     pub fn stop(mut self) {
         drop(self.proc.take());
+        self.helpers.clear();
         drop(std::mem::take(&mut self._guards));
     }
 }
@@ -208,12 +223,14 @@ pub fn start(env: &Env, kind: SystemKind, cache: CacheSize) -> anyhow::Result<Ru
     match kind {
         SystemKind::Lakecache(n) => start_lakecache(env, kind, n, cache, &[]),
         SystemKind::LakecacheLocal(n) => start_lakecache(env, kind, n, cache, &[]),
+        SystemKind::LakecacheCsi(n) => start_lakecache_csi(env, kind, n, cache),
         SystemKind::Rclone => start_rclone(env, cache),
         SystemKind::S3fs => start_s3fs(env),
         SystemKind::Direct => Ok(Running {
             kind,
             access: Access::S3(env.direct.clone()),
             proc: None,
+            helpers: vec![],
             admin: vec![],
             settings: "OpenDAL S3 client in the benchmark: 1 MiB ranged GETs for shards, \
                        one GET per image, ListObjectsV2 for metadata; no cache"
@@ -225,6 +242,7 @@ pub fn start(env: &Env, kind: SystemKind, cache: CacheSize) -> anyhow::Result<Ru
             kind,
             access: Access::Fs(env.ceiling.clone()),
             proc: None,
+            helpers: vec![],
             admin: vec![],
             settings: "the dataset copied to a local tmpfs and read from it".into(),
             mount: None,
@@ -384,6 +402,7 @@ fn start_lakecache(
         kind,
         access: Access::Fs(mnt.clone()),
         proc: Some(proc),
+        helpers: vec![],
         admin,
         settings,
         mount: Some(mnt),
@@ -392,6 +411,162 @@ fn start_lakecache(
             .chain([g1, g2])
             .collect(),
     })
+}
+
+/// The data path of a CSI-mounted volume, without Kubernetes: `workers` `lakecache-worker`
+/// processes and one `lakecache-csi-node fuse-server`, configured as the CSI plugin configures
+/// it (static workers, the data-plane token), reading the workers over gRPC on loopback.
+fn start_lakecache_csi(
+    env: &Env,
+    kind: SystemKind,
+    workers: usize,
+    cache: CacheSize,
+) -> anyhow::Result<Running> {
+    let label = kind.label();
+    let worker_bin = env.bins.lakecache.with_file_name("lakecache-worker");
+    let csi_bin = env.bins.lakecache.with_file_name("lakecache-csi-node");
+    for b in [&worker_bin, &csi_bin] {
+        anyhow::ensure!(
+            b.is_file(),
+            "{label} needs {} beside the lakecache binary (cargo build --release -p \
+             lakecache-worker -p lakecache-csi-node)",
+            b.display()
+        );
+    }
+    let n = env.next_start();
+    let (mnt, g1) = fresh_dir(env, "mnt", &label, n)?;
+    let (cache_dir, g2) = fresh_dir(env, "cache", &label, n)?;
+    let creds = cache_dir.join("credentials");
+    std::fs::create_dir_all(&creds)?;
+    std::fs::write(creds.join("access_key_id"), ACCESS_KEY)?;
+    std::fs::write(creds.join("secret_access_key"), SECRET_KEY)?;
+    let token = format!("bench-{}-{n}", std::process::id());
+    let token_file = cache_dir.join("token");
+    std::fs::write(&token_file, &token)?;
+    let per = |total: u64| total / workers as u64;
+    // The Memory tiers: on /dev/shm, as an emptyDir of medium Memory would be.
+    let shm =
+        PathBuf::from("/dev/shm").join(format!("lakecache-bench-csi-{}-{n}", std::process::id()));
+    let s = shm.clone();
+    let g3 = env
+        .janitor
+        .register(format!("{label}'s memory tiers"), move || {
+            let _ = std::fs::remove_dir_all(&s);
+        });
+    let mut helpers = Vec::new();
+    let mut admin = Vec::new();
+    let mut members = Vec::new();
+    for i in 0..workers {
+        let id = format!("w{i}");
+        let mut tiers = Vec::new();
+        if cache.memory > 0 {
+            tiers.push(serde_json::json!({
+                "kind": "Memory", "path": shm.join(&id), "size": format!("{}B", per(cache.memory)),
+            }));
+        }
+        if cache.disk > 0 {
+            tiers.push(serde_json::json!({
+                "kind": "Disk", "path": cache_dir.join(format!("disk-{id}")),
+                "size": format!("{}B", per(cache.disk)),
+            }));
+        }
+        let config = serde_json::json!({
+            "id": id,
+            "source": {
+                "uri": format!("s3://{BUCKET}"),
+                "options": { "endpoint": env.endpoint, "region": REGION },
+                "credentialsDir": creds,
+            },
+            "listen": "127.0.0.1:0",
+            "adminListen": "127.0.0.1:0",
+            "tiers": tiers,
+            "tokenFile": token_file,
+        });
+        let file = cache_dir.join(format!("worker-{id}.yaml"));
+        std::fs::write(&file, serde_json::to_vec_pretty(&config)?)?;
+        let mut cmd = Command::new(&worker_bin);
+        clean_env(&mut cmd);
+        cmd.arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "warn,lakecache_worker=info")
+            .env("RUST_BACKTRACE", "0")
+            .env("LAKECACHE_LOG_FORMAT", "json");
+        let log = env.logs.join(format!("{label}-{n}-{id}.log"));
+        let proc = Proc::spawn(
+            &env.janitor,
+            &format!("{label} {id}"),
+            cmd,
+            &log,
+            Duration::from_secs(20),
+        )?;
+        let mut ready = None;
+        proc::wait_until(
+            &format!("{label}'s worker {id}"),
+            Duration::from_secs(30),
+            || proc.check_alive(),
+            || {
+                ready = ready_addresses(&std::fs::read_to_string(&log).unwrap_or_default());
+                ready.is_some()
+            },
+        )?;
+        let (addr, adm) = ready.expect("waited for it");
+        admin.push(adm);
+        members.push(serde_json::json!({ "id": id, "endpoint": format!("http://{addr}") }));
+        helpers.push(proc);
+    }
+    let fuse = serde_json::json!({
+        "volumeId": format!("bench-{n}"),
+        "mountPath": mnt,
+        "namespace": "bench",
+        "name": "bench",
+        "workers": members,
+        "token": token,
+        "metadataTtl": null,
+        "prefetchBudget": 512u64 << 20,
+        "fuseThreads": 2,
+        "startupTimeout": "30s",
+    });
+    let file = cache_dir.join("fuse.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&fuse)?)?;
+    let mut cmd = Command::new(&csi_bin);
+    clean_env(&mut cmd);
+    cmd.arg("fuse-server")
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "0");
+    let log = env.logs.join(format!("{label}-{n}-fuse.log"));
+    let proc = Proc::spawn(&env.janitor, &label, cmd, &log, Duration::from_secs(20))?;
+    wait_mounted(&proc, &mnt)?;
+    let settings = format!(
+        "{workers} lakecache-worker processes (Memory {} + Disk {} each) and \
+         lakecache-csi-node fuse-server over them (gRPC on loopback; 512 MiB prefetch budget, \
+         2 FUSE threads, 4 MiB blocks): the processes a CSI-mounted volume runs",
+        bytesize::ByteSize::b(per(cache.memory)),
+        bytesize::ByteSize::b(per(cache.disk)),
+    );
+    Ok(Running {
+        kind,
+        access: Access::Fs(mnt.clone()),
+        proc: Some(proc),
+        helpers,
+        admin,
+        settings,
+        mount: Some(mnt),
+        _guards: vec![g3, g1, g2],
+    })
+}
+
+/// The gRPC and admin addresses of a worker's "worker ready" line in a JSON log.
+fn ready_addresses(log: &str) -> Option<(SocketAddr, SocketAddr)> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "worker ready")
+        .find_map(|v| {
+            let addr = v["fields"]["addr"].as_str()?.parse().ok()?;
+            let admin = v["fields"]["admin"].as_str()?.parse().ok()?;
+            Some((addr, admin))
+        })
 }
 
 /// Removes the memory tiers `lakecache local` (pid) made in /dev/shm, if it could not.
@@ -494,6 +669,7 @@ fn start_rclone(env: &Env, cache: CacheSize) -> anyhow::Result<Running> {
         kind: SystemKind::Rclone,
         access: Access::Fs(mnt.clone()),
         proc: Some(proc),
+        helpers: vec![],
         admin: vec![],
         settings,
         mount: Some(mnt),
@@ -555,6 +731,7 @@ fn start_s3fs(env: &Env) -> anyhow::Result<Running> {
         kind: SystemKind::S3fs,
         access: Access::Fs(mnt.clone()),
         proc: Some(proc),
+        helpers: vec![],
         admin: vec![],
         settings: format!(
             "s3fs -o use_cache=DIR (on disk; s3fs has no cache size limit) -o {}",
@@ -584,6 +761,7 @@ fn start_bindfs(env: &Env) -> anyhow::Result<Running> {
         kind: SystemKind::FuseCopy,
         access: Access::Fs(mnt.clone()),
         proc: Some(proc),
+        helpers: vec![],
         admin: vec![],
         settings: "bindfs -f --multithreaded -o ro over the tmpfs copy: every read is copied \
                    through a FUSE server that does nothing else"

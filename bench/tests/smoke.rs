@@ -1,11 +1,13 @@
 //! The whole benchmark at tiny sizes, inside the test command: the real lake (versitygw in a
 //! network namespace behind tbf and toxiproxy), every system (the real `lakecache local`
-//! binary with 1 and 3 workers, rclone, s3fs, direct reads, tmpfs, bindfs), every workload, and
-//! the three result files; then that a run leaves nothing behind, also when it is interrupted.
+//! binary with 1 and 3 workers and with local copies, the CSI data path of worker processes and
+//! a `lakecache-csi-node fuse-server`, rclone, s3fs, direct reads, tmpfs, bindfs), every
+//! workload, and the three result files; then that a run leaves nothing behind, also when it is
+//! interrupted.
 //!
 //! Needs root and what `scripts/setup --env` exports (`scripts/test` provides both). The
 //! `lakecache` binary is `$LAKECACHE_BENCH_LAKECACHE`, or the one next to this test, built or
-//! brought up to date here.
+//! brought up to date here (with `lakecache-worker` and `lakecache-csi-node` beside it).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const SYSTEMS: [&str; 8] = [
+const SYSTEMS: [&str; 9] = [
     "lakecache-1w",
     "lakecache-3w",
     "lakecache-1w-local",
+    "lakecache-3w-csi",
     "rclone",
     "s3fs",
     "direct",
@@ -45,6 +48,7 @@ fn lakecache_bin() -> PathBuf {
             "lakecache",
             "client",
             "cache-worker",
+            "csi-node",
             "lake",
             "telemetry",
             "proto",
@@ -58,14 +62,18 @@ fn lakecache_bin() -> PathBuf {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut build = Command::new(cargo);
             build
-                .args(["build", "-q", "-p", "lakecache", "--target-dir"])
+                .args(["build", "-q", "-p", "lakecache", "-p", "lakecache-worker"])
+                .args(["-p", "lakecache-csi-node", "--target-dir"])
                 .arg(profile_dir.parent().unwrap())
                 .current_dir(root);
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 build.arg("--release");
             }
-            let status = build.status().expect("running cargo build -p lakecache");
-            assert!(status.success(), "cargo build -p lakecache failed");
+            let status = build.status().expect("running cargo build");
+            assert!(
+                status.success(),
+                "cargo build of lakecache's binaries failed"
+            );
         }
         bin
     })
@@ -274,7 +282,9 @@ fn small_profile_measures_every_system_and_writes_every_file() {
         }
         let preload = rows(&r, sys, "preload");
         match sys {
-            "direct" | "fuse-copy" => assert!(preload.is_empty(), "{sys} has no preload"),
+            "direct" | "fuse-copy" | "lakecache-3w-csi" => {
+                assert!(preload.is_empty(), "{sys} has no preload")
+            }
             _ => {
                 assert_eq!(preload.len(), 1, "{sys} preload");
                 assert_eq!(preload[0]["bytes"].as_u64(), Some(total), "{sys} preload");
@@ -312,8 +322,9 @@ fn small_profile_measures_every_system_and_writes_every_file() {
     let targets = r["targets"].as_array().unwrap();
     assert_eq!(
         targets.len(),
-        2 * 8 + 7,
-        "eight targets for each lakecache system (seven without the partial-cache run)"
+        2 * 8 + 7 + 7,
+        "eight targets for each lakecache system (seven without the partial-cache run, or \
+         without the preload on the CSI path)"
     );
     assert!(
         targets.iter().all(|t| t["measured"].is_number()),
