@@ -205,6 +205,21 @@ impl BufferPool {
     }
 }
 
+/// How many buffers the pool keeps: a sixteenth of the Memory tier (the worker's memory budget
+/// is its Memory tier plus 15%, and the pool is resident for good), at most 64 blocks and
+/// 256 MiB, at least 2. Enough for the blocks that a few sequential readers hold at once.
+fn pool_size(tiers: &[TierState], block_size: u64) -> usize {
+    let memory: u64 = tiers
+        .iter()
+        .filter(|t| t.spec.kind == TierKind::Memory)
+        .map(|t| t.spec.capacity)
+        .sum();
+    ((memory / 16 / block_size) as usize)
+        .min(64)
+        .min((256 << 20) / block_size as usize)
+        .max(2)
+}
+
 /// Block bytes in a pooled buffer; the buffer goes back to the pool when the last `Bytes` that
 /// shares it is dropped.
 struct Pooled {
@@ -293,6 +308,7 @@ impl BlockStore {
                 used, capacity = spec.capacity, "tier index rebuilt");
             tiers.push(TierState { spec, used, lru });
         }
+        let keep = pool_size(&tiers, block_size);
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 tiers,
@@ -304,12 +320,7 @@ impl BlockStore {
             buffers: Arc::new(BufferPool {
                 free: Mutex::new(Vec::new()),
                 size: block_size as usize,
-                // A sixteenth of the store, at most 64 blocks and 256 MiB: enough for the
-                // blocks that a few sequential readers hold at once.
-                keep: (total_blocks / 16)
-                    .min(64)
-                    .min((256 << 20) / block_size as usize)
-                    .max(2),
+                keep,
             }),
         });
         // A tier that shrank since the last run gives back what no longer fits.
