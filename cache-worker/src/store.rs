@@ -529,6 +529,8 @@ impl Shared {
         let id = key.id();
         let len = bytes.len() as u64;
         let crc = crc32c::crc32c(bytes);
+        // Outside the file-change lock: touching a block-sized buffer takes a moment.
+        self.buffers.fill_one();
         let _io = self.io.lock();
         let (dir, actions) = {
             let mut inner = self.inner.lock();
@@ -568,7 +570,6 @@ impl Shared {
             len,
             crc32c: crc,
         };
-        self.buffers.fill_one();
         let ok = match write_block(&dir, id, bytes, &meta) {
             Ok(()) => true,
             Err(e) => {
