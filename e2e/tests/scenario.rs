@@ -516,6 +516,16 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         Ok(fuse_mounts()?.is_empty().then_some(()))
     })
     .await?;
+    // The mount goes while NodeUnstageVolume is still answering: wait for the call to be done.
+    wait("NodeUnstageVolume answered", || async {
+        Ok(env
+            .agent
+            .csi_calls()
+            .iter()
+            .any(|c| c.method == "NodeUnstageVolume")
+            .then_some(()))
+    })
+    .await?;
     let calls = env.agent.csi_calls();
     let count = |m: &str| {
         calls
