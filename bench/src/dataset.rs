@@ -14,6 +14,7 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::plan::DatasetSpec;
+use lakecache_lake::sample::fill;
 
 /// One file of the dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,18 +27,6 @@ pub struct FileSpec {
 
 /// Bytes of each file checked by readers (its start).
 pub const CHECKED: usize = 64;
-
-/// Fills `buf` with the bytes of stream `seed` (xorshift64*).
-pub fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-}
 
 /// The bytes a file starts with (at most [`CHECKED`]).
 pub fn expected_start(f: &FileSpec) -> Vec<u8> {

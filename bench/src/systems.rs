@@ -317,10 +317,7 @@ fn start_lakecache(
     let n = env.next_start();
     let (mnt, g1) = fresh_dir(env, "mnt", &label, n)?;
     let (cache_dir, g2) = fresh_dir(env, "cache", &label, n)?;
-    let creds = cache_dir.join("credentials");
-    std::fs::create_dir_all(&creds)?;
-    std::fs::write(creds.join("access_key_id"), ACCESS_KEY)?;
-    std::fs::write(creds.join("secret_access_key"), SECRET_KEY)?;
+    let creds = write_credentials(&cache_dir)?;
     let mut local_guard = None;
     let mut cmd = Command::new(&env.bins.lakecache);
     clean_env(&mut cmd);
@@ -413,6 +410,16 @@ fn start_lakecache(
     })
 }
 
+/// Writes the store's credentials as lakecache reads them (a mounted Secret: a file per key)
+/// and returns their directory.
+fn write_credentials(cache_dir: &Path) -> anyhow::Result<PathBuf> {
+    let creds = cache_dir.join("credentials");
+    std::fs::create_dir_all(&creds)?;
+    std::fs::write(creds.join("access_key_id"), ACCESS_KEY)?;
+    std::fs::write(creds.join("secret_access_key"), SECRET_KEY)?;
+    Ok(creds)
+}
+
 /// The data path of a CSI-mounted volume, without Kubernetes: `workers` `lakecache-worker`
 /// processes and one `lakecache-csi-node fuse-server`, configured as the CSI plugin configures
 /// it (static workers, the data-plane token), reading the workers over gRPC on loopback.
@@ -436,10 +443,7 @@ fn start_lakecache_csi(
     let n = env.next_start();
     let (mnt, g1) = fresh_dir(env, "mnt", &label, n)?;
     let (cache_dir, g2) = fresh_dir(env, "cache", &label, n)?;
-    let creds = cache_dir.join("credentials");
-    std::fs::create_dir_all(&creds)?;
-    std::fs::write(creds.join("access_key_id"), ACCESS_KEY)?;
-    std::fs::write(creds.join("secret_access_key"), SECRET_KEY)?;
+    let creds = write_credentials(&cache_dir)?;
     let token = format!("bench-{}-{n}", std::process::id());
     let token_file = cache_dir.join("token");
     std::fs::write(&token_file, &token)?;

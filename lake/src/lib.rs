@@ -16,6 +16,7 @@
 pub mod block;
 mod fault;
 mod opendal_source;
+pub mod sample;
 mod spec;
 mod throttle;
 

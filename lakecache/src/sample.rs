@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use lakecache_lake::sample::fill;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SampleSpec {
@@ -14,18 +15,6 @@ pub struct SampleSpec {
     pub image_size: u64,
     pub shards: u64,
     pub shard_size: u64,
-}
-
-/// Fills `buf` with the bytes of stream `seed` (xorshift64*).
-pub fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
 }
 
 /// The files of the sample lake: (relative path, size, seed).
