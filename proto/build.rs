@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "lakecache/v1/cache.proto",
         "lakecache/v1/mounter.proto",
         "csi/v1/csi.proto",
+        "pluginregistration/v1/api.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
