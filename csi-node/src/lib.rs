@@ -1,6 +1,6 @@
 //! The lakecache CSI node plugin (`csi.lakecache.io`).
 //!
-//! Three roles in one binary, in two containers of the node DaemonSet pod:
+//! Four roles in one binary, in three containers of the node DaemonSet pod:
 //! - **plugin** ([`node`]): the CSI Identity and Node services on kubelet's unix socket. It keeps
 //!   its state in a directory ([`state`]), binds the cache into pods, and repairs broken mounts at
 //!   start and then periodically.
@@ -8,6 +8,8 @@
 //!   the plugin never takes a mount down.
 //! - **fuse-server** ([`fuse_server`]): one process per staged volume, serving the cache through
 //!   FUSE; started by the mounter.
+//! - **registrar** ([`registrar`]): tells kubelet where the plugin's socket is, through kubelet's
+//!   plugin registration API (the `node-driver-registrar` container).
 #![forbid(unsafe_code)]
 
 pub mod fuse_server;
@@ -16,6 +18,7 @@ pub mod metrics;
 pub mod mounter;
 pub mod mounts;
 pub mod node;
+pub mod registrar;
 pub mod state;
 pub mod volume;
 
@@ -46,35 +49,76 @@ pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(p))
 }
 
-/// Binds a unix socket, replacing a stale socket file left by an earlier process.
-pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale socket {}", path.display()))?,
-        Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
-        Err(_) => {}
-    }
-    UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))
+/// Why a unix socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot create the directory {}", .dir.display())]
+    CreateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot remove the stale socket {}", .path.display())]
+    RemoveStale {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} exists and is not a socket: remove it or choose another path", .path.display())]
+    NotASocket { path: PathBuf },
+    #[error("cannot listen on {}", .path.display())]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
-/// A lazily connecting client of the mounter's socket.
-pub fn mounter_client(socket: &Path) -> MounterClient<Channel> {
+/// Binds a unix socket, replacing a stale socket file left by an earlier process.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, BindError> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| BindError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| BindError::RemoveStale {
+                path: path.to_path_buf(),
+                source,
+            })?
+        }
+        Ok(_) => {
+            return Err(BindError::NotASocket {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(_) => {}
+    }
+    UnixListener::bind(path).map_err(|source| BindError::Listen {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A lazily connecting gRPC channel to a unix socket; each connection attempt gives up after
+/// `connect_timeout`.
+pub fn unix_channel(socket: &Path, connect_timeout: Duration) -> Channel {
     let socket = socket.to_path_buf();
     // The URI is required by tonic but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://mounter.invalid")
-        .connect_timeout(Duration::from_secs(3))
+    Endpoint::from_static("http://unix.invalid")
+        .connect_timeout(connect_timeout)
         .connect_with_connector_lazy(tower::service_fn(move |_| {
             let socket = socket.clone();
             async move {
                 let s = tokio::net::UnixStream::connect(&socket).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
             }
-        }));
-    MounterClient::new(channel)
+        }))
+}
+
+/// A lazily connecting client of the mounter's socket.
+pub fn mounter_client(socket: &Path) -> MounterClient<Channel> {
+    MounterClient::new(unix_channel(socket, Duration::from_secs(3)))
 }
 
 /// Settings of the plugin process.

@@ -1,4 +1,5 @@
-//! `lakecache-csi-node`: the CSI node plugin, its mounter, and the FUSE servers.
+//! `lakecache-csi-node`: the CSI node plugin, its mounter, the FUSE servers, and the registrar
+//! that registers the plugin with kubelet.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand};
 use lakecache_csi_node::mounter::{self, MounterConfig};
 use lakecache_csi_node::node::PluginConfig;
+use lakecache_csi_node::registrar::{self, RegistrarConfig};
 use lakecache_csi_node::state::StateDir;
 use lakecache_csi_node::volume::FuseServerConfig;
 use lakecache_csi_node::{PluginOptions, fuse_server, socket_path, start_plugin};
@@ -37,6 +39,8 @@ enum Command {
     Plugin(PluginArgs),
     /// Host the FUSE servers (the mounter sidecar container).
     Mounter(MounterArgs),
+    /// Register the plugin with kubelet (the node-driver-registrar container).
+    Registrar(RegistrarArgs),
     /// Serve one volume through FUSE (started by the mounter).
     #[command(hide = true)]
     FuseServer {
@@ -99,6 +103,31 @@ struct MounterArgs {
     mount_timeout: humantime::Duration,
 }
 
+#[derive(Debug, Args)]
+struct RegistrarArgs {
+    /// The CSI plugin's socket, as this container sees it.
+    #[arg(long, env = "LAKECACHE_CSI_ADDRESS", default_value = "/csi/csi.sock")]
+    csi_address: String,
+    /// The CSI plugin's socket as kubelet dials it: its path on the host
+    /// (<kubelet-root>/plugins/csi.lakecache.io/csi.sock).
+    #[arg(long, env = "LAKECACHE_KUBELET_REGISTRATION_PATH")]
+    kubelet_registration_path: PathBuf,
+    /// kubelet's plugin registry directory (<kubelet-root>/plugins_registry on the host), as
+    /// this container sees it; the registration socket is <driver>-reg.sock in it.
+    #[arg(
+        long,
+        env = "LAKECACHE_REGISTRATION_DIR",
+        default_value = "/registration"
+    )]
+    registration_dir: PathBuf,
+    /// How long to wait for the plugin to answer GetPluginInfo before giving up.
+    #[arg(long, env = "LAKECACHE_CSI_TIMEOUT", default_value = "60s")]
+    csi_timeout: humantime::Duration,
+    /// Address of /metrics, /livez and /readyz (ready once kubelet registered the plugin).
+    #[arg(long, env = "LAKECACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9809")]
+    admin_listen: std::net::SocketAddr,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     lakecache_telemetry::install_crypto_provider();
@@ -118,6 +147,17 @@ fn main() -> anyhow::Result<()> {
                 stop_timeout: Duration::from_secs(10),
             };
             mounter::serve(cfg, lakecache_telemetry::shutdown_signal()).await
+        }),
+        Command::Registrar(a) => rt.block_on(async move {
+            let cfg = RegistrarConfig {
+                csi_socket: socket_path(&a.csi_address)?,
+                kubelet_registration_path: a.kubelet_registration_path,
+                registration_dir: a.registration_dir,
+                csi_timeout: *a.csi_timeout,
+                admin_listen: a.admin_listen,
+            };
+            registrar::run(cfg, lakecache_telemetry::shutdown_signal()).await?;
+            Ok(())
         }),
         Command::FuseServer { config } => {
             let text =
@@ -164,5 +204,24 @@ mod tests {
     fn cli_definition_is_valid() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn registrar_needs_the_host_path_of_the_plugin_socket() {
+        let err = Cli::try_parse_from(["lakecache-csi-node", "registrar"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let cli = Cli::try_parse_from([
+            "lakecache-csi-node",
+            "registrar",
+            "--kubelet-registration-path",
+            "/var/lib/kubelet/plugins/csi.lakecache.io/csi.sock",
+        ])
+        .unwrap();
+        let Command::Registrar(a) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(a.csi_address, "/csi/csi.sock");
+        assert_eq!(a.registration_dir, PathBuf::from("/registration"));
+        assert_eq!(*a.csi_timeout, Duration::from_secs(60));
     }
 }

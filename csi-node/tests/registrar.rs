@@ -1,0 +1,319 @@
+//! The registrar as kubelet sees it: the real `lakecache-csi-node registrar` process beside the
+//! real plugin process, dialled over its registration socket with real gRPC the way kubelet's
+//! plugin watcher does (GetInfo, then NotifyRegistrationStatus), its admin server, SIGTERM, a
+//! refusal, and a plugin that never answers (no socket, and a socket that accepts and hangs).
+
+mod support;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use lakecache_csi_node::{DRIVER_NAME, unix_channel};
+use lakecache_proto::pluginregistration::registration_client::RegistrationClient;
+use lakecache_proto::pluginregistration::{InfoRequest, RegistrationStatus};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use support::*;
+use tonic::transport::Channel;
+
+/// The plugin's socket as kubelet would dial it on the host (the registrar only reports it).
+const HOST_ENDPOINT: &str = "/var/lib/kubelet/plugins/csi.lakecache.io/csi.sock";
+/// How long any one step may take.
+const STEP: Duration = Duration::from_secs(20);
+
+/// A registrar process, killed when dropped; its stderr goes to a file.
+struct Registrar {
+    child: Option<Child>,
+    stderr: PathBuf,
+    admin_port: u16,
+}
+
+impl Registrar {
+    fn start(dir: &Path, name: &str, csi_socket: &Path, reg_dir: &Path, timeout: &str) -> Self {
+        let stderr = dir.join(format!("{name}.stderr"));
+        let admin_port = free_port();
+        let child = Command::new(BIN)
+            .arg("registrar")
+            .arg("--csi-address")
+            .arg(csi_socket)
+            .args(["--kubelet-registration-path", HOST_ENDPOINT])
+            .arg("--registration-dir")
+            .arg(reg_dir)
+            .args(["--csi-timeout", timeout])
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("starting the registrar");
+        Self {
+            child: Some(child),
+            stderr,
+            admin_port,
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the process to end, at most `limit`.
+    async fn exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the registrar did not exit within {limit:?}; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    async fn get(&self, path: &str) -> String {
+        http_get(self.admin_port, path).await
+    }
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The HTTP status code of a raw response.
+fn status_code(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
+}
+
+fn is_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// A client of the registration socket, as kubelet dials it.
+fn kubelet_client(socket: &Path) -> RegistrationClient<Channel> {
+    RegistrationClient::new(unix_channel(socket, Duration::from_secs(2)))
+}
+
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {STEP:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_registers_the_plugin_through_the_registrar() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcs::new(root.path());
+    // The registrar starts first, as it may in the pod: it waits for the plugin.
+    let reg_dir = root.path().join("plugins_registry");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    let mut reg = Registrar::start(root.path(), "first", &node.socket, &reg_dir, "30s");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(reg.running(), "the registrar gave up: {}", reg.stderr());
+    node.start_plugin();
+
+    // kubelet's plugin watcher finds the socket: <driver>-reg.sock, a unix socket, private.
+    let socket = reg_dir.join(format!("{DRIVER_NAME}-reg.sock"));
+    eventually(STEP, "the registration socket", || {
+        is_socket(&socket).then_some(())
+    })
+    .await;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "registration socket mode {mode:o}");
+    let names: Vec<_> = std::fs::read_dir(&reg_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "the registry holds {names:?}");
+
+    // Live but not ready before kubelet said anything.
+    assert_eq!(status_code(&reg.get("/livez").await), 200);
+    assert_eq!(status_code(&reg.get("/readyz").await), 503);
+
+    // GetInfo, as kubelet asks it.
+    let mut kubelet = kubelet_client(&socket);
+    let info = bounded("GetInfo", kubelet.get_info(InfoRequest {}))
+        .await
+        .expect("GetInfo")
+        .into_inner();
+    assert_eq!(info.r#type, "CSIPlugin");
+    assert_eq!(info.name, DRIVER_NAME);
+    assert_eq!(info.endpoint, HOST_ENDPOINT);
+    assert_eq!(info.supported_versions, ["1.0.0"]);
+
+    // Registered: the registrar keeps running, becomes ready and keeps answering GetInfo
+    // (kubelet's periodic health check).
+    bounded(
+        "NotifyRegistrationStatus(true)",
+        kubelet.notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        }),
+    )
+    .await
+    .expect("NotifyRegistrationStatus(true)");
+    let mut ready = false;
+    let deadline = Instant::now() + STEP;
+    while !ready && Instant::now() < deadline {
+        ready = status_code(&reg.get("/readyz").await) == 200;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "/readyz not 200 after registration");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(reg.running(), "the registrar stopped: {}", reg.stderr());
+    bounded("GetInfo again", kubelet.get_info(InfoRequest {}))
+        .await
+        .expect("GetInfo after registration");
+    let metrics = reg.get("/metrics").await;
+    assert!(
+        metrics.contains("lakecache_csi_registrar_registered 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"lakecache_csi_registrar_kubelet_calls_total{method="GetInfo"} 2"#),
+        "{metrics}"
+    );
+    let log = reg.stderr();
+    assert!(
+        log.contains("waiting for the CSI plugin to answer GetPluginInfo"),
+        "{log}"
+    );
+    assert!(log.contains("kubelet registered the CSI plugin"), "{log}");
+
+    // SIGTERM: a clean exit that unregisters (the socket goes).
+    drop(kubelet);
+    kill(reg.pid(), Signal::SIGTERM).unwrap();
+    let status = reg.exit(STEP).await;
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status}: {}",
+        reg.stderr()
+    );
+    assert!(!socket.exists(), "the registration socket outlived SIGTERM");
+
+    // A stale socket (a registrar killed with SIGKILL leaves one) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(is_socket(&socket));
+    let mut second = Registrar::start(root.path(), "second", &node.socket, &reg_dir, "30s");
+    let mut kubelet = kubelet_client(&socket);
+    let mut answered = None;
+    let deadline = Instant::now() + STEP;
+    while answered.is_none() && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(2), kubelet.get_info(InfoRequest {})).await {
+            Ok(Ok(r)) => answered = Some(r.into_inner()),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let info = answered.unwrap_or_else(|| {
+        panic!(
+            "the second registrar did not answer on the stale path: {}",
+            second.stderr()
+        )
+    });
+    assert_eq!(info.name, DRIVER_NAME);
+
+    // kubelet refuses: the registrar exits non-zero with kubelet's reason and removes its socket,
+    // so the container restarts and kubelet tries again.
+    let answer = bounded(
+        "NotifyRegistrationStatus(false)",
+        kubelet.notify_registration_status(RegistrationStatus {
+            plugin_registered: false,
+            error: "boom".into(),
+        }),
+    )
+    .await;
+    let status = second.exit(STEP).await;
+    let log = second.stderr();
+    assert!(!status.success(), "exit after a refusal: {status}: {log}");
+    assert!(
+        answer.is_ok(),
+        "kubelet got no answer to its refusal: {answer:?}"
+    );
+    assert!(
+        log.contains(&format!(
+            "Error: kubelet did not register the CSI plugin {DRIVER_NAME}: boom"
+        )),
+        "{log}"
+    );
+    assert!(
+        !socket.exists(),
+        "the registration socket outlived the refusal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_socket_that_never_appears_fails_within_the_bound() {
+    let root = tempfile::tempdir().unwrap();
+    let reg_dir = root.path().join("plugins_registry");
+    let missing = root.path().join("csi/csi.sock");
+    let started = Instant::now();
+    let mut reg = Registrar::start(root.path(), "missing", &missing, &reg_dir, "1s");
+    let status = reg.exit(Duration::from_secs(10)).await;
+    let took = started.elapsed();
+    let log = reg.stderr();
+    assert!(!status.success(), "{status}: {log}");
+    assert!(took >= Duration::from_secs(1), "gave up after {took:?}");
+    assert!(
+        log.contains(&format!(
+            "the CSI plugin at {} did not answer GetPluginInfo within 1s (last: the socket does not exist)",
+            missing.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("--csi-address"),
+        "the error says what to check: {log}"
+    );
+    assert!(
+        std::fs::read_dir(&reg_dir).map_or(true, |mut d| d.next().is_none()),
+        "a registration socket was made for a plugin that never answered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_accepts_and_never_answers_fails_within_the_bound() {
+    let root = tempfile::tempdir().unwrap();
+    let reg_dir = root.path().join("plugins_registry");
+    let hung = root.path().join("hung.sock");
+    // Accepts every connection and never reads or writes (a stopped plugin looks like this).
+    let listener = std::os::unix::net::UnixListener::bind(&hung).unwrap();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let started = Instant::now();
+    let mut reg = Registrar::start(root.path(), "hung", &hung, &reg_dir, "3s");
+    let status = reg.exit(Duration::from_secs(12)).await;
+    let took = started.elapsed();
+    let log = reg.stderr();
+    assert!(!status.success(), "{status}: {log}");
+    assert!(took >= Duration::from_secs(3), "gave up after {took:?}");
+    assert!(
+        log.contains("did not answer GetPluginInfo within 3s"),
+        "{log}"
+    );
+    assert!(log.contains("(last: GetPluginInfo "), "{log}");
+    assert!(!reg_dir.join(format!("{DRIVER_NAME}-reg.sock")).exists());
+}
