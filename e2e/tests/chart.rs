@@ -310,6 +310,12 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
         .filter_map(|c| c["name"].as_str())
         .collect();
     assert_eq!(names, ["node-driver-registrar", "csi-plugin", "mounter"]);
+    // The registrar is lakecache's own by default, the upstream one on request.
+    check_builtin_registrar(
+        container(pod, "node-driver-registrar")?,
+        "ghcr.io/lakecache/lakecache:0.1.0",
+    );
+    check_upstream_registrar(&cluster, &home)?;
     assert_eq!(pod["serviceAccountName"], CSI_SA);
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
@@ -385,19 +391,116 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The builtin registrar (`csi.registrar.mode=builtin`, the default): `lakecache-csi-node
+/// registrar` from the lakecache image, its admin port probed, root without capabilities.
+fn check_builtin_registrar(r: &Value, image: &str) {
+    assert_eq!(r["image"], image);
+    assert_eq!(r["command"], json!(["lakecache-csi-node", "registrar"]));
+    assert!(r["args"].is_null(), "builtin registrar args {}", r["args"]);
+    assert_eq!(
+        env_value(r, "LAKECACHE_ADMIN_LISTEN"),
+        Some(&json!("0.0.0.0:9809"))
+    );
+    assert_eq!(env_value(r, "LAKECACHE_CSI_TIMEOUT"), Some(&json!("60s")));
+    assert_eq!(env_value(r, "LAKECACHE_LOG_FORMAT"), Some(&json!("json")));
+    assert_eq!(
+        r["ports"],
+        json!([{"name": "registrar", "containerPort": 9809, "protocol": "TCP"}])
+    );
+    assert_eq!(r["livenessProbe"]["httpGet"]["path"], "/livez");
+    assert_eq!(r["livenessProbe"]["httpGet"]["port"], "registrar");
+    let sc = &r["securityContext"];
+    assert!(sc["privileged"].is_null(), "the registrar is privileged");
+    assert_eq!(sc["runAsUser"], 0);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+}
+
+/// `csi.registrar.mode=upstream` renders the upstream node-driver-registrar, which the API
+/// server accepts; a mode that is neither fails to render.
+fn check_upstream_registrar(cluster: &Cluster, home: &Path) -> anyhow::Result<()> {
+    let manifests = render(home, &["--set", "csi.registrar.mode=upstream"])?;
+    let dry = ok(
+        "kubectl apply --dry-run=server (upstream registrar)",
+        cluster.kubectl_with_stdin(
+            &[
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "--validate=strict",
+                "-o",
+                "json",
+                "-f",
+                "-",
+            ],
+            Some(&manifests),
+        ),
+    )?;
+    let objs = objects(&dry)?;
+    let pod = &find(&objs, "DaemonSet", CSI_SA)?["spec"]["template"]["spec"];
+    let r = container(pod, "node-driver-registrar")?;
+    assert_eq!(
+        r["image"],
+        "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.13.0"
+    );
+    assert!(r["command"].is_null(), "upstream command {}", r["command"]);
+    assert!(
+        r["args"]
+            .as_array()
+            .context("upstream args")?
+            .contains(&json!("--http-endpoint=0.0.0.0:9809")),
+        "{}",
+        r["args"]
+    );
+    assert_eq!(r["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(r["securityContext"]["readOnlyRootFilesystem"], true);
+    check_kubelet_dir(pod, "/var/lib/kubelet")?;
+
+    let chart = chart();
+    let bad = helm(
+        home,
+        &[
+            "template",
+            RELEASE,
+            chart.as_str(),
+            "--set",
+            "csi.registrar.mode=sidecar",
+        ],
+    )?;
+    assert!(!bad.status.success(), "mode=sidecar rendered");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("csi.registrar.mode must be builtin or upstream, not \"sidecar\""),
+        "{err}"
+    );
+    Ok(())
+}
+
 /// The DaemonSet pod mounts kubelet's directory `dir` where the code expects it.
 fn check_kubelet_dir(pod: &Value, dir: &str) -> anyhow::Result<()> {
     let plugin_dir = format!("{dir}/plugins/csi.lakecache.io");
     let registrar = container(pod, "node-driver-registrar")?;
-    let args = registrar["args"].as_array().context("registrar args")?;
-    for arg in [
-        "--csi-address=/csi/csi.sock".to_string(),
-        format!("--kubelet-registration-path={plugin_dir}/csi.sock"),
-    ] {
-        assert!(
-            args.contains(&json!(arg)),
-            "registrar args {args:?} lack {arg}"
-        );
+    let host_socket = format!("{plugin_dir}/csi.sock");
+    if registrar["command"] == json!(["lakecache-csi-node", "registrar"]) {
+        for (var, value) in [
+            ("LAKECACHE_CSI_ADDRESS", "/csi/csi.sock"),
+            ("LAKECACHE_KUBELET_REGISTRATION_PATH", host_socket.as_str()),
+            ("LAKECACHE_REGISTRATION_DIR", "/registration"),
+        ] {
+            assert_eq!(env_value(registrar, var), Some(&json!(value)), "{var}");
+        }
+    } else {
+        let args = registrar["args"].as_array().context("registrar args")?;
+        for arg in [
+            "--csi-address=/csi/csi.sock".to_string(),
+            format!("--kubelet-registration-path={host_socket}"),
+        ] {
+            assert!(
+                args.contains(&json!(arg)),
+                "registrar args {args:?} lack {arg}"
+            );
+        }
     }
     assert_eq!(
         mount(registrar, "registration-dir")?["mountPath"],
