@@ -2,11 +2,11 @@
 //! kube-controller-manager and kube-scheduler, each a real upstream binary built from pinned Go
 //! modules by `scripts/setup`, on loopback ports in a temporary directory.
 //!
-//! There is no kubelet, so no container ever runs: this is the control plane that an operator, a
-//! chart and RBAC rules are checked against, the way controller-runtime's envtest and kwok do it.
-//! Pods are created by the real controllers and bound by the real scheduler to fake nodes
-//! ([`Cluster::add_fake_node`]), and stay Pending; pods on a fake node also stay Terminating
-//! when deleted, since nothing confirms they stopped (force-delete them, as a kubelet would).
+//! With [`ClusterOptions::with_node`] it also runs a real node ([`crate::node`]: kubelet,
+//! containerd and kube-proxy) whose pods are real containers of our own image. Without one, no
+//! container runs: this is the control plane that a chart and RBAC rules are checked against,
+//! the way controller-runtime's envtest does it; pods can be bound by the real scheduler to
+//! fake nodes ([`Cluster::add_fake_node`]) and stay Pending there.
 //!
 //! What the start does, in order, with every wait bounded:
 //!
@@ -45,6 +45,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::json;
 
+use crate::node::{Node as RealNode, NodeControlPlane, NodeNetwork};
+
 /// The environment variables `scripts/setup --env` exports, one per binary.
 pub const ETCD_ENV: &str = "LAKECACHE_ETCD";
 pub const KUBE_APISERVER_ENV: &str = "LAKECACHE_KUBE_APISERVER";
@@ -52,6 +54,8 @@ pub const KUBE_CONTROLLER_MANAGER_ENV: &str = "LAKECACHE_KUBE_CONTROLLER_MANAGER
 pub const KUBE_SCHEDULER_ENV: &str = "LAKECACHE_KUBE_SCHEDULER";
 pub const KUBECTL_ENV: &str = "LAKECACHE_KUBECTL";
 pub const HELM_ENV: &str = "LAKECACHE_HELM";
+pub const KUBELET_ENV: &str = "LAKECACHE_KUBELET";
+pub const KUBE_PROXY_ENV: &str = "LAKECACHE_KUBE_PROXY";
 
 /// The Kubernetes version `scripts/setup` builds (tools/kube pins it).
 pub const KUBE_VERSION: &str = "v1.34.4";
@@ -83,6 +87,10 @@ pub struct ClusterOptions {
     pub controllers: Option<String>,
     /// Extra kube-apiserver flags (feature gates, admission plugins, …), appended last.
     pub apiserver_args: Vec<String>,
+    /// Also start a real node ([`crate::node`]: kubelet, containerd, kube-proxy) that runs our
+    /// image. Implies the controller-manager (with every controller, the node lifecycle one
+    /// too) and the scheduler; the API server then binds [`crate::node::HOST_IP`].
+    pub node: bool,
 }
 
 impl ClusterOptions {
@@ -99,6 +107,14 @@ impl ClusterOptions {
             ..Self::default()
         }
     }
+
+    /// The whole control plane and a real node running our image.
+    pub fn with_node() -> Self {
+        Self {
+            node: true,
+            ..Self::full()
+        }
+    }
 }
 
 struct Component {
@@ -109,8 +125,12 @@ struct Component {
 
 /// A running control plane; dropping it kills every process and removes its directory.
 pub struct Cluster {
+    // Stopped first (in drop), while the API server is still there.
+    node: Option<RealNode>,
     // Declared before `dir`, so the processes are gone before their directory is removed.
     components: Vec<Component>,
+    // Removed last: the API server binds to the host end of its link.
+    network: Option<NodeNetwork>,
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
     server: String,
@@ -143,6 +163,25 @@ impl Cluster {
     async fn start_once(options: &ClusterOptions) -> anyhow::Result<Cluster> {
         let started = Instant::now();
         install_crypto_provider();
+        let mut options = options.clone();
+        if options.node {
+            options.controller_manager = true;
+            options.scheduler = true;
+            options.controllers.get_or_insert_with(|| "*".into());
+        }
+        let options = &options;
+        // The images are built (or found in the cache) before anything starts.
+        let images = if options.node {
+            crate::image::node_images()?
+        } else {
+            Vec::new()
+        };
+        let network = options.node.then(NodeNetwork::create).transpose()?;
+        let host = if network.is_some() {
+            crate::node::HOST_IP
+        } else {
+            "127.0.0.1"
+        };
         let etcd = binary(ETCD_ENV);
         let apiserver = binary(KUBE_APISERVER_ENV);
         let controller_manager = options
@@ -164,9 +203,9 @@ impl Cluster {
             cm_port,
             scheduler_port,
         ] = free_ports()?;
-        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let server = format!("https://{host}:{apiserver_port}");
 
-        let pki = Pki::generate()?;
+        let pki = Pki::generate(host)?;
         let ca = write(&path, "ca.crt", &pki.ca_pem)?;
         let serving_cert = write(&path, "serving.crt", &pki.serving_cert_pem)?;
         let serving_key = write(&path, "serving.key", &pki.serving_key_pem)?;
@@ -175,13 +214,21 @@ impl Cluster {
         let admin_token = random_token();
         let cm_token = random_token();
         let scheduler_token = random_token();
+        let kubelet_token = random_token();
+        let kube_proxy_token = random_token();
+        // The node's kubelet is `system:node:<name>` in `system:nodes` (what the Node
+        // authorizer and NodeRestriction know), kube-proxy `system:kube-proxy` (bound to
+        // `system:node-proxier` by the bootstrap policy), as with kubeadm.
         let tokens = write(
             &path,
             "tokens.csv",
             &format!(
                 "{admin_token},admin,admin,\"system:masters\"\n\
                  {cm_token},system:kube-controller-manager,system:kube-controller-manager\n\
-                 {scheduler_token},system:kube-scheduler,system:kube-scheduler\n"
+                 {scheduler_token},system:kube-scheduler,system:kube-scheduler\n\
+                 {kubelet_token},system:node:{node},system:node:{node},\"system:nodes\"\n\
+                 {kube_proxy_token},system:kube-proxy,system:kube-proxy\n",
+                node = RealNode::NAME,
             ),
         )?;
         let kubeconfig = write(
@@ -191,7 +238,9 @@ impl Cluster {
         )?;
 
         let mut cluster = Cluster {
+            node: None,
             components: Vec::new(),
+            network,
             dir: Some(dir),
             path: path.clone(),
             server: server.clone(),
@@ -233,12 +282,9 @@ impl Cluster {
 
         let mut args = vec![
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
+            format!("--bind-address={host}"),
             format!("--secure-port={apiserver_port}"),
-            "--advertise-address=127.0.0.1".into(),
-            // The `kubernetes` Service's endpoints would be 127.0.0.1, which endpoint
-            // validation rejects; nothing here routes to it anyway.
-            "--endpoint-reconciler-type=none".into(),
+            format!("--advertise-address={host}"),
             format!("--cert-dir={}", path.join("apiserver-certs").display()),
             format!("--tls-cert-file={}", serving_cert.display()),
             format!("--tls-private-key-file={}", serving_key.display()),
@@ -255,7 +301,6 @@ impl Cluster {
             format!("--service-account-key-file={}", sa_key.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
             "--service-cluster-ip-range=10.0.0.0/24".into(),
-            "--authorization-mode=RBAC".into(),
             "--allow-privileged=true".into(),
             format!("--token-auth-file={}", tokens.display()),
             "--enable-priority-and-fairness=false".into(),
@@ -263,6 +308,27 @@ impl Cluster {
         ];
         if !options.controller_manager {
             args.push("--disable-admission-plugins=ServiceAccount".into());
+        }
+        if options.node {
+            // A real node: its kubelet is authorized by the Node authorizer and limited by
+            // NodeRestriction; the API server reaches it (logs, exec) at its InternalIP with a
+            // client certificate kubelet checks against the cluster CA.
+            let cert = write(&path, "kubelet-client.crt", &pki.kubelet_client_cert_pem)?;
+            let key = write(&path, "kubelet-client.key", &pki.kubelet_client_key_pem)?;
+            args.extend([
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                format!("--kubelet-client-certificate={}", cert.display()),
+                format!("--kubelet-client-key={}", key.display()),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]);
+        } else {
+            args.extend([
+                "--authorization-mode=RBAC".into(),
+                // The `kubernetes` Service's endpoints would be 127.0.0.1, which endpoint
+                // validation rejects; nothing routes to it without a node anyway.
+                "--endpoint-reconciler-type=none".into(),
+            ]);
         }
         args.extend(options.apiserver_args.iter().cloned());
         cluster.spawn("kube-apiserver", &apiserver, &args)?;
@@ -353,8 +419,41 @@ impl Cluster {
                 .await?;
         }
 
+        if let Some(network) = &cluster.network {
+            let node = RealNode::start(
+                network,
+                NodeControlPlane {
+                    server: &server,
+                    ca: &ca,
+                    kubelet_token: &kubelet_token,
+                    kube_proxy_token: &kube_proxy_token,
+                    client: cluster.client().await?,
+                },
+                &images,
+            )
+            .await?;
+            cluster.node = Some(node);
+        }
+
         cluster.started_in = started.elapsed();
         Ok(cluster)
+    }
+
+    /// The real node, when the cluster was started [`ClusterOptions::with_node`].
+    pub fn node(&self) -> &RealNode {
+        self.node
+            .as_ref()
+            .expect("the cluster was started without a node (ClusterOptions::with_node)")
+    }
+
+    /// The address test servers bind to so that pods reach them: the host's end of the
+    /// node's link with a node, loopback without one.
+    pub fn host_ip(&self) -> &'static str {
+        if self.network.is_some() {
+            crate::node::HOST_IP
+        } else {
+            "127.0.0.1"
+        }
     }
 
     /// How long [`Cluster::start`] took.
@@ -619,6 +718,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        drop(self.node.take());
         let panicking = std::thread::panicking();
         for c in self.components.iter_mut().rev() {
             let _ = killpg(Pid::from_raw(c.child.id() as i32), Signal::SIGKILL);
@@ -680,7 +780,7 @@ fn install_crypto_provider() {
 }
 
 /// The path in `var`, which `scripts/setup --env` exports.
-fn binary(var: &str) -> PathBuf {
+pub(crate) fn binary(var: &str) -> PathBuf {
     let Some(path) = std::env::var_os(var) else {
         panic!(
             "{var} is not set: run `eval \"$(scripts/setup --env)\"` first (it builds the binary)"
@@ -713,10 +813,14 @@ struct Pki {
     serving_cert_pem: String,
     serving_key_pem: String,
     service_account_key_pem: String,
+    kubelet_client_cert_pem: String,
+    kubelet_client_key_pem: String,
 }
 
 impl Pki {
-    fn generate() -> anyhow::Result<Self> {
+    /// `host`: the address the API server binds; its certificate also names the `kubernetes`
+    /// Service's ClusterIP and DNS names, as pods reach it through them.
+    fn generate(host: &str) -> anyhow::Result<Self> {
         use rcgen::{
             BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
             KeyPair, KeyUsagePurpose, PKCS_RSA_SHA256, RsaKeySize,
@@ -734,8 +838,21 @@ impl Pki {
         let ca_cert = ca.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca, ca_key);
 
-        let mut serving =
-            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+        let mut names: Vec<String> = [
+            "127.0.0.1",
+            "localhost",
+            "10.0.0.1",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ]
+        .map(String::from)
+        .to_vec();
+        if !names.iter().any(|n| n == host) {
+            names.push(host.to_string());
+        }
+        let mut serving = CertificateParams::new(names)?;
         serving
             .distinguished_name
             .push(DnType::CommonName, "lakecache-test-control-plane");
@@ -747,8 +864,26 @@ impl Pki {
         let serving_key = KeyPair::generate()?;
         let serving_cert_pem = serving.signed_by(&serving_key, &issuer)?.pem();
 
+        // The API server's client certificate for kubelet (kubeadm's
+        // `apiserver-kubelet-client`).
+        let mut kubelet_client = CertificateParams::new(Vec::new())?;
+        kubelet_client
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver-kubelet-client");
+        kubelet_client
+            .distinguished_name
+            .push(DnType::OrganizationName, "system:masters");
+        kubelet_client.use_authority_key_identifier_extension = true;
+        kubelet_client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let kubelet_client_key = KeyPair::generate()?;
+        let kubelet_client_cert_pem = kubelet_client
+            .signed_by(&kubelet_client_key, &issuer)?
+            .pem();
+
         let sa_key = KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, RsaKeySize::_2048)?;
         Ok(Pki {
+            kubelet_client_cert_pem,
+            kubelet_client_key_pem: kubelet_client_key.serialize_pem(),
             ca_pem: ca_cert.pem(),
             ca_der: ca_cert.der().to_vec(),
             serving_cert_pem,
@@ -776,7 +911,7 @@ fn write(dir: &Path, name: &str, contents: &str) -> anyhow::Result<PathBuf> {
 
 /// A kubeconfig (JSON is YAML, and spares quoting rules) with one cluster, one user and one
 /// context, optionally impersonating `(user, groups)`.
-fn kubeconfig_json(
+pub(crate) fn kubeconfig_json(
     server: &str,
     ca: &Path,
     user: &str,
@@ -845,14 +980,14 @@ async fn http_get_status(port: u16, path: &str) -> std::io::Result<u16> {
 }
 
 /// The last `lines` lines of a log file.
-fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(unreadable: {e})"));
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Runs `cmd` to completion or kills it after `limit` (and panics, naming it).
-fn run_bounded(mut cmd: Command, stdin: Option<&str>, limit: Duration) -> Output {
+pub(crate) fn run_bounded(mut cmd: Command, stdin: Option<&str>, limit: Duration) -> Output {
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {

@@ -11,27 +11,39 @@ use lakecache_lake::SourceSpec;
 pub struct S3Server {
     child: Child,
     pub port: u16,
+    host: String,
 }
 
 pub const ACCESS_KEY: &str = "lakecache-test";
 pub const SECRET_KEY: &str = "lakecache-test-secret";
 
 impl S3Server {
-    /// Starts `moto_server` (from `$LAKECACHE_MOTO_SERVER` or `PATH`) and waits until it answers.
+    /// Starts `moto_server` (from `$LAKECACHE_MOTO_SERVER` or `PATH`) on loopback and waits
+    /// until it answers.
     pub fn start() -> anyhow::Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_on("127.0.0.1")
+    }
+
+    /// [`S3Server::start`] on address `host`: the cluster's [`crate::Cluster::host_ip`], so
+    /// that pods of a real node reach it.
+    pub fn start_on(host: &str) -> anyhow::Result<Self> {
+        let port = TcpListener::bind((host, 0))?.local_addr()?.port();
         let bin = std::env::var("LAKECACHE_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
         let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-H", host, "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| {
                 format!("starting {bin}: install it with `pip install 'moto[server]'` (scripts/test does)")
             })?;
-        let server = Self { child, port };
+        let server = Self {
+            child,
+            port,
+            host: host.to_string(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((host, port)).is_err() {
             if Instant::now() > deadline {
                 bail!("{bin} did not listen on port {port} within 30 s");
             }
@@ -41,7 +53,7 @@ impl S3Server {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// Options for an S3 source at `endpoint` (the server's, or a proxy's in front of it).

@@ -1,8 +1,9 @@
 //go:build tools
 
 // Package tools pins the upstream Kubernetes control plane (kube-apiserver,
-// kube-controller-manager, kube-scheduler) and kubectl, so the test harness
-// can build them from this module. Nothing here is product code.
+// kube-controller-manager, kube-scheduler), kubelet and kube-proxy for the
+// test node, and kubectl, so the test harness can build them from this
+// module. Nothing here is product code.
 //
 // k8s.io/kubernetes requires its staging modules at v0.0.0 and its own
 // replace lines do not apply to a module that depends on it, so this module
@@ -14,5 +15,7 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
