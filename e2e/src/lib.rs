@@ -10,21 +10,16 @@
 //!   kubectl, helm and least-privilege kubeconfigs at hand.
 //! - [`node`]: a real node for a [`Cluster`] (kubelet, containerd, runc, the bridge CNI and
 //!   kube-proxy) running our own image, which [`image`] builds.
-//! - [`NodeAgent`]: a stand-in kubelet for one node of a [`Cluster`], running its pods'
-//!   containers as local processes (with the `lakecache-pod-exec` helper) and calling the CSI
-//!   plugin over its socket as kubelet does.
 
 pub mod cluster;
 pub mod image;
 pub mod mountinfo;
 pub mod node;
-pub mod node_agent;
 pub mod proxy;
 pub mod s3;
 pub mod stack;
 
 pub use cluster::{Cluster, ClusterOptions};
-pub use node_agent::{AgentOptions, CsiCall, NodeAgent};
 pub use proxy::Proxy;
 pub use s3::S3Server;
 pub use stack::{Stack, StackConfig};
