@@ -29,6 +29,11 @@
 //! between tries, and the reason and the restart count show in the pod's status. The upstream
 //! registrar exits on a refusal too.
 //!
+//! **Why kubelet's connections go through a front.** kubelet sends the registration socket's
+//! path as each request's HTTP/2 `:authority`, which the `h2` crate under tonic refuses; the
+//! registrar accepts kubelet's connections itself and hands them to its gRPC server with that
+//! authority replaced (see [`authority`]).
+//!
 //! The admin server (`--admin-listen`) answers `/livez` while the process runs and `/readyz`
 //! once kubelet has reported the plugin registered.
 
@@ -50,6 +55,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
+
+pub mod authority;
 
 use crate::metrics::MethodLabel;
 use crate::{BindError, bind_unix, unix_channel};
@@ -396,12 +403,9 @@ pub async fn run(
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(RegistrationServer::new(service))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
+            .serve_with_incoming_shutdown(authority::incoming(listener), async {
+                let _ = stop_rx.await;
+            }),
     );
     tracing::info!(
         socket = %path.display(),
