@@ -12,19 +12,30 @@ use tokio::task::JoinHandle;
 
 pub struct Proxy {
     pub port: u16,
+    host: String,
     blackhole: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
 impl Proxy {
+    /// A proxy on loopback to `127.0.0.1:upstream`.
     pub async fn start(upstream: u16) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1", ("127.0.0.1", upstream)).await
+    }
+
+    /// A proxy listening on `host` (the cluster's [`crate::Cluster::host_ip`], so that pods
+    /// of a real node reach it) to `upstream` (`(host, port)`, e.g. an [`crate::S3Server`]
+    /// started on the same address).
+    pub async fn start_on(host: &str, upstream: (&str, u16)) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind((host, 0)).await?;
         let port = listener.local_addr()?.port();
+        let upstream = (upstream.0.to_string(), upstream.1);
         let blackhole = Arc::new(AtomicBool::new(false));
         let bh = blackhole.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let bh = bh.clone();
+                let upstream = upstream.clone();
                 tokio::spawn(async move {
                     if bh.load(Ordering::SeqCst) {
                         // Hold the connection open and silent.
@@ -32,7 +43,8 @@ impl Proxy {
                         drop(client);
                         return;
                     }
-                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    let Ok(server) = TcpStream::connect((upstream.0.as_str(), upstream.1)).await
+                    else {
                         return;
                     };
                     let (cr, cw) = client.into_split();
@@ -45,13 +57,14 @@ impl Proxy {
         });
         Ok(Self {
             port,
+            host: host.to_string(),
             blackhole,
             task,
         })
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     pub fn set_blackhole(&self, on: bool) {
