@@ -1,20 +1,24 @@
 //! The CRDs and the operator binary against a real control plane (etcd, kube-apiserver,
-//! kube-controller-manager, kube-scheduler built from the pinned upstream modules), with real
-//! cache workers over a real S3 server standing in for the worker pods.
+//! kube-controller-manager, kube-scheduler built from the pinned upstream modules). The tests
+//! whose CacheNamespaces run workers add a real node (kubelet, containerd, runc, the bridge CNI,
+//! kube-proxy): the worker pods the operator makes run there as containers of our image, over a
+//! real S3 server on the host's end of the node's link. The operator itself runs here, as a
+//! process, and reaches the pods at their IPs as it would from inside the cluster.
 
 mod support;
 
-use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret, Service,
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use lakecache_api::{CacheNamespace, CacheNamespacePhase, CachePreload, CachePreloadPhase};
 use lakecache_client::fs::ROOT_INO;
@@ -24,8 +28,19 @@ use serde_json::{Value, json};
 use support::*;
 
 const NS: &str = "ml";
+/// The workers' data-plane port (not the default, to see the spec's reach the pods); each pod
+/// has an address of its own, so any port will do.
+const PORT: u16 = 7710;
 
-fn cache_namespace(name: &str, data: &Dataset, endpoint: &str, port: u16, replicas: i32) -> Value {
+/// A CacheNamespace over `data` reached at `endpoint`, with a Memory tier and a Disk tier on
+/// the node's host path `disk`: a directory of this machine, since the node is this machine.
+fn cache_namespace(
+    name: &str,
+    data: &Dataset,
+    endpoint: &str,
+    replicas: i32,
+    disk: &Path,
+) -> Value {
     json!({
         "apiVersion": "lakecache.io/v1alpha1",
         "kind": "CacheNamespace",
@@ -39,10 +54,10 @@ fn cache_namespace(name: &str, data: &Dataset, endpoint: &str, port: u16, replic
                 "options": {"disable_config_load": "true", "disable_ec2_metadata": "true"},
                 "timeout": "10s",
             },
-            "workers": {"replicas": replicas, "port": port},
+            "workers": {"replicas": replicas, "port": PORT},
             "tiers": [
                 {"kind": "Memory", "size": "8Mi"},
-                {"kind": "Disk", "size": "64Mi", "path": "/var/cache/lakecache"},
+                {"kind": "Disk", "size": "64Mi", "path": disk},
             ],
             "blockSize": "64Ki",
         },
@@ -343,10 +358,18 @@ async fn crds_teach_with_explain_and_refuse_malformed_objects() -> anyhow::Resul
 async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> anyhow::Result<()> {
     let _serial = serial().await;
     lakecache_e2e::init_logging();
-    let data = Dataset::create("datasets").await?;
-    let cluster = Cluster::start(ClusterOptions::full()).await?;
+    // The Disk tier's host path. Declared before the cluster, so it outlives the node's pods;
+    // removed (and checked to be) at the end.
+    let disk = tempfile::Builder::new()
+        .prefix("lakecache-disk-")
+        .tempdir_in("/tmp")?;
+    let cluster = Cluster::start(ClusterOptions::with_node()).await?;
+    eprintln!(
+        "control plane and node up in {:.1} s",
+        cluster.started_in().as_secs_f64()
+    );
+    let data = Dataset::create("datasets", cluster.host_ip()).await?;
     install_crds(&cluster)?;
-    cluster.add_fake_node("node-a").await?;
     let client = cluster.client().await?;
     create_namespace(&client, NS).await?;
     credentials(&client).await?;
@@ -358,8 +381,7 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
         cluster.dir(),
         &["--lease-namespace", "lakecache-system"],
     )?;
-    let _kubelet = FakeKubelet::start(client.clone(), NS, 11);
-    let port = free_port();
+    let diagnostics = Diagnostics::new(&cluster, NS, &operator);
     let cns: Api<CacheNamespace> = Api::namespaced(client.clone(), NS);
     cns.create(
         &PostParams::default(),
@@ -367,8 +389,8 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
             "imagenet",
             &data,
             &data.s3.endpoint(),
-            port,
             2,
+            disk.path(),
         )),
     )
     .await?;
@@ -441,7 +463,9 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
     ensure!(csi.node_stage_secret_ref.as_ref().unwrap().name.as_deref() == Some("imagenet-token"));
     ensure!(pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"));
 
-    // Workers come up (the stand-in kubelet runs them); the status says Ready and lists them.
+    // Workers come up as containers on the node (the image's user, the Disk tier's directory
+    // handed to it by the init container); the status says Ready and lists them at their pod
+    // IPs.
     let cn = wait("the CacheNamespace Ready with 2 workers", || async {
         let cn = get_cn(&cns, "imagenet").await?;
         Ok((phase(&cn) == Some(CacheNamespacePhase::Ready)
@@ -455,10 +479,31 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
         "{:?}",
         st.workers
     );
-    ensure!(
-        st.workers[0].name == "imagenet-worker-0"
-            && st.workers[0].address.ends_with(&format!(":{port}"))
-    );
+    let pods = worker_pods(&client, NS, "imagenet").await?;
+    for w in &st.workers {
+        let (_, ip, _, _) = pods
+            .iter()
+            .find(|(name, ..)| *name == w.name)
+            .with_context(|| format!("no pod {}", w.name))?;
+        ensure!(
+            ip.starts_with("198.19.0.") && w.address == format!("{ip}:{PORT}"),
+            "{} listed at {}, its pod IP is {ip}",
+            w.name,
+            w.address
+        );
+    }
+    ensure!(st.workers[0].name == "imagenet-worker-0");
+    for w in ["imagenet-worker-0", "imagenet-worker-1"] {
+        let dir = disk.path().join(NS).join("imagenet").join(w);
+        let meta = std::fs::metadata(&dir).with_context(|| format!("{}", dir.display()))?;
+        ensure!(
+            meta.uid() == 65532 && meta.gid() == 65532,
+            "{} is owned by {}:{}, not the worker's user",
+            dir.display(),
+            meta.uid(),
+            meta.gid()
+        );
+    }
     ensure!(st.claim_name.as_deref() == Some("imagenet"));
     ensure!(st.observed_generation == cn.metadata.generation);
     let ready = condition(&cn, "Ready").unwrap();
@@ -569,6 +614,34 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
     })
     .await?;
 
+    // A worker crashes (SIGKILL through containerd, as an OOM kill would end it): kubelet
+    // restarts its container in the same pod, at the same address, and it is Ready again.
+    let (_, ip, id, restarts) = worker_pods(&client, NS, "imagenet")
+        .await?
+        .into_iter()
+        .find(|(name, ..)| name == "imagenet-worker-1")
+        .context("no imagenet-worker-1")?;
+    cluster.node().kill_container(&id)?;
+    wait("imagenet-worker-1 restarted and Ready", || async {
+        let pods = worker_pods(&client, NS, "imagenet").await?;
+        let Some((_, now_ip, _, now_restarts)) =
+            pods.iter().find(|(name, ..)| name == "imagenet-worker-1")
+        else {
+            return Ok(None);
+        };
+        ensure!(*now_ip == ip, "the pod's IP changed: {ip} → {now_ip}");
+        let cn = get_cn(&cns, "imagenet").await?;
+        let st = cn.status.clone().unwrap_or_default();
+        Ok((*now_restarts > restarts
+            && phase(&cn) == Some(CacheNamespacePhase::Ready)
+            && st.ready_workers == 2
+            && st.workers.iter().any(|w| {
+                w.name == "imagenet-worker-1" && w.ready && w.address == format!("{ip}:{PORT}")
+            }))
+        .then_some(()))
+    })
+    .await?;
+
     // kubectl scale changes the worker count through the scale subresource.
     kubectl(
         &cluster,
@@ -626,7 +699,7 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
         &PatchParams::default(),
         &Patch::Merge(json!({"spec": {"tiers": [
             {"kind": "Memory", "size": "16Mi"},
-            {"kind": "Disk", "size": "64Mi", "path": "/var/cache/lakecache"},
+            {"kind": "Disk", "size": "64Mi", "path": disk.path()},
         ]}})),
     )
     .await?;
@@ -667,6 +740,21 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
             .map(|c| c.status == "True")
             .unwrap_or(true)
     );
+    // Every pod was replaced by one of the new template (its containers really restarted).
+    let after = hash(&sts_api.get("imagenet-worker").await?);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let listed = pods
+        .list(&ListParams::default().labels("lakecache.io/cache-namespace=imagenet"))
+        .await?;
+    ensure!(listed.items.len() == 3, "{} pods", listed.items.len());
+    for p in &listed.items {
+        let h = p.annotations().get("lakecache.io/config-hash");
+        ensure!(
+            h == Some(&after),
+            "{} runs configuration {h:?}, not {after}",
+            p.name_any()
+        );
+    }
 
     // The user's Secret goes: Failed, with a condition and a Warning that name it. The workers
     // that run keep serving (they are still listed). It comes back: Ready again.
@@ -752,6 +840,14 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
         Ok((!left.iter().any(|l| *l)).then_some(()))
     })
     .await?;
+    diagnostics.passed();
+    drop(operator);
+    drop(cluster);
+    // What the workers kept on the node's Disk tier goes with the test's directory.
+    let path = disk.path().to_path_buf();
+    disk.close()
+        .with_context(|| format!("removing {}", path.display()))?;
+    ensure!(!path.exists(), "{} is left behind", path.display());
     Ok(())
 }
 
@@ -906,31 +1002,36 @@ async fn bad_objects_get_conditions_and_events_and_never_stop_the_operator() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_a_running_preload_cancels_it_on_the_workers() -> anyhow::Result<()> {
     let _serial = serial().await;
-    let data = Dataset::create("datasets").await?;
-    let proxy = lakecache_e2e::Proxy::start(data.s3.port).await?;
-    let cluster = Cluster::start(ClusterOptions::full()).await?;
+    let disk = tempfile::Builder::new()
+        .prefix("lakecache-disk-")
+        .tempdir_in("/tmp")?;
+    let cluster = Cluster::start(ClusterOptions::with_node()).await?;
+    let data = Dataset::create("datasets", cluster.host_ip()).await?;
+    // The workers reach the lake through a proxy the test can black-hole: the CacheNamespace's
+    // endpoint, on the host's address like the S3 server behind it.
+    let proxy =
+        lakecache_e2e::Proxy::start_on(cluster.host_ip(), (cluster.host_ip(), data.s3.port))
+            .await?;
     install_crds(&cluster)?;
-    cluster.add_fake_node("node-a").await?;
     let client = cluster.client().await?;
     create_namespace(&client, NS).await?;
     credentials(&client).await?;
-    let _operator = Operator::start(
+    let operator = Operator::start(
         cluster.kubeconfig_path(),
         cluster.dir(),
         &["--no-leader-election"],
     )?;
-    // The workers reach the lake through a proxy the test can black-hole.
-    let _kubelet = FakeKubelet::start_with(
-        client.clone(),
-        NS,
-        12,
-        HashMap::from([("slow".to_string(), proxy.endpoint())]),
-    );
-    let port = free_port();
+    let diagnostics = Diagnostics::new(&cluster, NS, &operator);
     let cns: Api<CacheNamespace> = Api::namespaced(client.clone(), NS);
     cns.create(
         &PostParams::default(),
-        &object(cache_namespace("slow", &data, &data.s3.endpoint(), port, 2)),
+        &object(cache_namespace(
+            "slow",
+            &data,
+            &proxy.endpoint(),
+            2,
+            disk.path(),
+        )),
     )
     .await?;
     let cn = wait("slow Ready", || async {
@@ -991,6 +1092,7 @@ async fn deleting_a_running_preload_cancels_it_on_the_workers() -> anyhow::Resul
     let evs = events(&client, NS, "stuck").await?;
     ensure!(evs.iter().any(|(_, r, _)| r == "Cancelled"), "{evs:?}");
     proxy.set_blackhole(false);
+    diagnostics.passed();
     Ok(())
 }
 

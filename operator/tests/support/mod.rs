@@ -1,28 +1,27 @@
 //! Support for the operator's tests against a real control plane: the operator binary as a
-//! process, a kubelet stand-in that runs each scheduled worker pod as a real in-process cache
-//! worker (built from the ConfigMap and Secrets the operator wrote) and reports the pod Ready
-//! with a loopback address, and small API helpers.
+//! process (its worker pods run on the cluster's real node, as containers of our image), a
+//! sample dataset on the real S3 server, what to print when a test fails, and small API
+//! helpers.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use lakecache_e2e::cluster::eventually;
 use lakecache_e2e::{Cluster, S3Server};
-use lakecache_worker::Worker;
-use lakecache_worker::config::WorkerConfig;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_lakecache-operator");
-pub const WAIT: Duration = Duration::from_secs(90);
+/// How long a step may take. Generous: worker pods on the real node pull nothing, but each
+/// start runs an init container and then waits for its readiness probe, and a rollout of three
+/// pods replaces them one at a time.
+pub const WAIT: Duration = Duration::from_secs(120);
 
 /// Cluster tests start a control plane each; on two cores they run one at a time. (tokio's
 /// mutex works across the tests' separate runtimes and is not poisoned by a failed test.)
@@ -34,6 +33,21 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 
 pub fn repo_root() -> PathBuf {
     Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("..")
+}
+
+/// The image the chart runs (`image.repository` and the chart's appVersion): the one the real
+/// node was given, so the operator's worker pods run the workspace's own binaries.
+pub fn worker_image() -> String {
+    let path = repo_root().join("charts/lakecache/Chart.yaml");
+    let chart = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let version = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .unwrap_or_else(|| panic!("no appVersion in {}", path.display()))
+        .trim()
+        .trim_matches('"');
+    format!("{}:{version}", lakecache_e2e::node::IMAGE_REPOSITORY)
 }
 
 pub fn object<T: DeserializeOwned>(v: Value) -> T {
@@ -140,10 +154,12 @@ impl Operator {
                 "--worker-timeout",
                 "3s",
                 "--worker-image",
-                "lakecache:test",
+                &worker_image(),
             ])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
+            // A log file, printed when a test fails: no colour codes.
+            .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
                 std::env::var("LAKECACHE_TEST_OPERATOR_LOG")
@@ -220,8 +236,10 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    pub async fn create(bucket: &str) -> anyhow::Result<Dataset> {
-        let s3 = S3Server::start()?;
+    /// The dataset in bucket `bucket` of a new S3 server on `host` (the cluster's
+    /// [`Cluster::host_ip`], for worker pods to reach it).
+    pub async fn create(bucket: &str, host: &str) -> anyhow::Result<Dataset> {
+        let s3 = S3Server::start_on(host)?;
         let prefix = "imagenet".to_string();
         let mut files = vec![];
         for c in 0..3 {
@@ -263,230 +281,149 @@ impl Dataset {
     }
 }
 
-/// Stands in for the kubelet of every node: runs each scheduled worker pod of the watched
-/// namespace as a real cache worker in this process, from the ConfigMap and Secrets its volumes
-/// name, listening on a loopback address of its own (`127.0.<net>.<n>`) and the port the pod
-/// declares; reports it Running and Ready; stops it and removes the pod when the pod is deleted.
-pub struct FakeKubelet {
-    task: tokio::task::JoinHandle<()>,
-    pub workers: Arc<tokio::sync::Mutex<HashMap<String, Worker>>>,
+/// Prints what explains a failed test that runs worker pods on the cluster's real node (it
+/// needs one: [`lakecache_e2e::ClusterOptions::with_node`]), when dropped
+/// before [`Diagnostics::passed`]: the namespace's pods and Events, the end of each worker
+/// pod's logs (its restarted container's too) and of the operator's and kubelet's logs. A test
+/// that returns an error does not panic, so neither the operator's nor the cluster's own drop
+/// prints anything then: this does, for both ways of failing.
+pub struct Diagnostics<'a> {
+    cluster: &'a Cluster,
+    namespace: &'a str,
+    operator_log: PathBuf,
+    passed: bool,
 }
 
-impl Drop for FakeKubelet {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-struct KubeletState {
-    client: Client,
-    namespace: String,
-    net: u8,
-    ips: HashMap<String, String>,
-    next_ip: u8,
-    dir: tempfile::TempDir,
-    /// The endpoint the workers' S3 source is reached at, overriding the ConfigMap's (to put a
-    /// proxy in between), by CacheNamespace.
-    endpoints: HashMap<String, String>,
-}
-
-impl FakeKubelet {
-    pub fn start(client: Client, namespace: &str, net: u8) -> FakeKubelet {
-        Self::start_with(client, namespace, net, HashMap::new())
-    }
-
-    pub fn start_with(
-        client: Client,
-        namespace: &str,
-        net: u8,
-        endpoints: HashMap<String, String>,
-    ) -> FakeKubelet {
-        let workers: Arc<tokio::sync::Mutex<HashMap<String, Worker>>> = Default::default();
-        let mut st = KubeletState {
-            client,
-            namespace: namespace.into(),
-            net,
-            ips: HashMap::new(),
-            next_ip: 1,
-            dir: tempfile::tempdir().unwrap(),
-            endpoints,
-        };
-        let w = workers.clone();
-        let task = tokio::spawn(async move {
-            // Bounded by the test: the task is aborted when the stand-in is dropped.
-            loop {
-                if let Err(e) = st.sync(&w).await {
-                    tracing::debug!(error = %format!("{e:#}"), "fake kubelet sync");
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-        FakeKubelet { task, workers }
-    }
-
-    /// Stops a worker without telling the API server, as a crashed container would.
-    pub async fn kill(&self, pod: &str) {
-        if let Some(w) = self.workers.lock().await.remove(pod) {
-            w.kill();
+impl<'a> Diagnostics<'a> {
+    pub fn new(cluster: &'a Cluster, namespace: &'a str, operator: &Operator) -> Self {
+        Self {
+            cluster,
+            namespace,
+            operator_log: operator.log.clone(),
+            passed: false,
         }
     }
-}
 
-impl KubeletState {
-    async fn sync(
-        &mut self,
-        workers: &tokio::sync::Mutex<HashMap<String, Worker>>,
-    ) -> anyhow::Result<()> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let list = pods
-            .list(&ListParams::default().labels("app.kubernetes.io/component=worker"))
-            .await?;
-        let mut running = workers.lock().await;
-        let live: Vec<String> = list.items.iter().map(|p| p.name_any()).collect();
-        let gone: Vec<String> = running
-            .keys()
-            .filter(|k| !live.contains(k))
-            .cloned()
+    pub fn passed(mut self) {
+        self.passed = true;
+    }
+
+    fn print(&self) {
+        let ns = self.namespace;
+        let run = |args: &[&str]| {
+            let out = self.cluster.kubectl(args);
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        eprintln!(
+            "--- pods in {ns} ---\n{}",
+            run(&["get", "pods", "-n", ns, "-o", "wide"])
+        );
+        let events = run(&["get", "events", "-n", ns, "--sort-by=.lastTimestamp"]);
+        let events: Vec<&str> = events.lines().collect();
+        eprintln!(
+            "--- the last events in {ns} ---\n{}",
+            events[events.len().saturating_sub(30)..].join("\n")
+        );
+        let pods = run(&[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            "app.kubernetes.io/component=worker",
+            "-o",
+            "name",
+        ]);
+        for pod in pods.lines().filter(|l| l.starts_with("pod/")) {
+            for previous in ["--previous=false", "--previous=true"] {
+                let logs = run(&[
+                    "logs",
+                    "-n",
+                    ns,
+                    pod,
+                    "--all-containers",
+                    "--prefix",
+                    "--tail=40",
+                    previous,
+                ]);
+                if previous.ends_with("true") && logs.contains("previous terminated container") {
+                    continue;
+                }
+                eprintln!("--- kubectl logs {pod} {previous} ---\n{logs}");
+            }
+        }
+        if !std::thread::panicking() {
+            // (A panic prints it already, when the operator is dropped.)
+            eprintln!(
+                "--- operator log ({}) ---\n{}",
+                self.operator_log.display(),
+                tail(&self.operator_log, 60)
+            );
+        }
+        // kubelet logs every volume set-up and sync at its verbosity: its errors, warnings and
+        // probe results say more.
+        let kubelet = self.cluster.node().log_path("kubelet");
+        let text = std::fs::read_to_string(&kubelet).unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with('E') || l.starts_with('W') || l.contains("probe"))
             .collect();
-        for k in gone {
-            if let Some(w) = running.remove(&k) {
-                w.stop().await;
-            }
-        }
-        for pod in list.items {
-            let name = pod.name_any();
-            if pod.metadata.deletion_timestamp.is_some() {
-                if let Some(w) = running.remove(&name) {
-                    w.stop().await;
-                }
-                let _ = pods
-                    .delete(
-                        &name,
-                        &DeleteParams {
-                            grace_period_seconds: Some(0),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                continue;
-            }
-            let scheduled = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.as_ref())
-                .is_some();
-            if !scheduled || running.contains_key(&name) {
-                continue;
-            }
-            let ip = self
-                .ips
-                .entry(pod.uid().unwrap_or_default())
-                .or_insert_with(|| {
-                    let ip = format!("127.0.{}.{}", self.net, self.next_ip);
-                    self.next_ip += 1;
-                    ip
-                })
-                .clone();
-            let worker = self
-                .start_worker(&pod, &ip)
-                .await
-                .with_context(|| format!("starting {name}"))?;
-            let now = k8s_openapi::jiff::Timestamp::now().to_string();
-            let status = json!({"status": {
-                "phase": "Running",
-                "hostIP": "127.0.0.1",
-                "podIP": ip,
-                "podIPs": [{"ip": ip}],
-                "startTime": now,
-                "conditions": [
-                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
-                    {"type": "Initialized", "status": "True", "lastTransitionTime": now},
-                    {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
-                    {"type": "Ready", "status": "True", "lastTransitionTime": now},
-                ],
-                "containerStatuses": [{
-                    "name": "worker", "ready": true, "started": true, "restartCount": 0,
-                    "image": "lakecache:test", "imageID": "",
-                    "state": {"running": {"startedAt": now}},
-                }],
-            }});
-            pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                .await?;
-            running.insert(name, worker);
-        }
-        Ok(())
+        eprintln!(
+            "--- kubelet's errors, warnings and probes ({}) ---\n{}",
+            kubelet.display(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        );
     }
+}
 
-    async fn start_worker(&self, pod: &Pod, ip: &str) -> anyhow::Result<Worker> {
-        let name = pod.name_any();
-        let spec = pod.spec.as_ref().context("no spec")?;
-        let container = &spec.containers[0];
-        let port = container
-            .ports
-            .as_ref()
-            .and_then(|p| p.iter().find(|p| p.name.as_deref() == Some("grpc")))
-            .map(|p| p.container_port)
-            .context("no grpc port")?;
-        let vols = spec.volumes.clone().unwrap_or_default();
-        let cm_name = vols
-            .iter()
-            .find_map(|v| v.config_map.as_ref().map(|c| c.name.clone()))
-            .context("no config volume")?;
-        let secret_of = |vol: &str| {
-            vols.iter()
-                .find(|v| v.name == vol)
-                .and_then(|v| v.secret.as_ref())
-                .and_then(|s| s.secret_name.clone())
-        };
-        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let yaml = cms
-            .get(&cm_name)
-            .await?
-            .data
-            .and_then(|d| d.get("worker.yaml").cloned())
-            .context("no worker.yaml")?;
-        let mut cfg: WorkerConfig =
-            serde_yaml_ng::from_str(&yaml).context("parsing worker.yaml")?;
-        let token_secret = secret_of("token").context("no token volume")?;
-        let token = secrets.get(&token_secret).await?;
-        let token =
-            String::from_utf8(token.data.context("empty token Secret")?["token"].0.clone())?;
-        let dir = self
-            .dir
-            .path()
-            .join(&name)
-            .join(pod.uid().unwrap_or_default());
-        if let Some(cred) = secret_of("credentials") {
-            // As a kubelet mounts a Secret: one file per key.
-            let s = secrets.get(&cred).await?;
-            let cdir = dir.join("credentials");
-            std::fs::create_dir_all(&cdir)?;
-            for (k, v) in s.data.unwrap_or_default() {
-                std::fs::write(cdir.join(k), v.0)?;
-            }
-            cfg.source.credentials_dir = Some(cdir);
+impl Drop for Diagnostics<'_> {
+    fn drop(&mut self) {
+        if !self.passed {
+            self.print();
         }
-        let cn = pod
-            .labels()
-            .get("lakecache.io/cache-namespace")
-            .cloned()
-            .unwrap_or_default();
-        if let Some(e) = self.endpoints.get(&cn) {
-            cfg.source.options.insert("endpoint".into(), e.clone());
-        }
-        for t in &mut cfg.tiers {
-            let p = dir.join(format!("{:?}", t.kind).to_lowercase());
-            std::fs::create_dir_all(&p)?;
-            t.path = Some(p);
-        }
-        cfg.id = name;
-        cfg.listen = format!("{ip}:{port}").parse()?;
-        cfg.admin_listen = format!("{ip}:0").parse()?;
-        cfg.token_file = None;
-        cfg.token = Some(token);
-        Ok(Worker::start(cfg).await?)
     }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(unreadable: {e})"));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The running worker pods of CacheNamespace `name`: (pod name, pod IP, the worker
+/// container's ID and restart count).
+pub async fn worker_pods(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<Vec<(String, String, String, i32)>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("lakecache.io/cache-namespace={name}")))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|p| {
+            let st = p.status.as_ref()?;
+            let ip = st.pod_ip.clone()?;
+            let c = st
+                .container_statuses
+                .as_ref()?
+                .iter()
+                .find(|c| c.name == "worker")?;
+            Some((
+                p.name_any(),
+                ip,
+                c.container_id.clone().unwrap_or_default(),
+                c.restart_count,
+            ))
+        })
+        .collect())
 }
 
 /// Waits for `f` to return `Some`.
