@@ -624,8 +624,18 @@ impl Plugin {
                 }
             }
             let source = rec.staging_path.join(&t.sub_path);
-            let r =
-                mounts::unmount_all(&target).and_then(|_| mounts::bind_read_only(&source, &target));
+            // The new bind goes on top of the dead one, not in its place: a pod's container
+            // holds a copy of the target mount (a slave of its peer group, with
+            // `mountPropagation: HostToContainer`), and only mounts made *on* that mount reach
+            // the copy. Unmounting the target first would take the pod's copy away and put the
+            // new mount where no copy follows it (found on a real kubelet). Each repair stacks
+            // one dead mount under the live one; unpublish unmounts the whole stack, and past
+            // MAX_STACKED repairs of one target the stack is cleared first.
+            let r = if mounts::mount_count(&target).unwrap_or(0) >= MAX_STACKED {
+                mounts::unmount_all(&target).and_then(|_| mounts::bind_read_only(&source, &target))
+            } else {
+                mounts::bind_read_only(&source, &target)
+            };
             match r {
                 Ok(()) => {
                     repaired += 1;
@@ -647,6 +657,10 @@ impl Plugin {
         self.state.all().len()
     }
 }
+
+/// How many mounts may stack on one target before a repair clears the stack instead (pods then
+/// see the new mount only after a restart). `mounts::unmount_all` removes up to 16.
+const MAX_STACKED: usize = 8;
 
 fn abnormal(message: String) -> csi::VolumeCondition {
     csi::VolumeCondition {
