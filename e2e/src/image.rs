@@ -16,6 +16,21 @@ use sha2::Digest;
 
 use crate::node::{IMAGE_REPOSITORY, NodeImage, PAUSE_IMAGE};
 
+/// The image's name as the chart gives it (`image.repository:appVersion`), which the node's
+/// containerd holds.
+pub fn chart_image() -> anyhow::Result<String> {
+    let path = repo_root().join("charts/lakecache/Chart.yaml");
+    let chart =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let version = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .context("Chart.yaml has no appVersion")?
+        .trim()
+        .trim_matches('"');
+    Ok(format!("{IMAGE_REPOSITORY}:{version}"))
+}
+
 /// The binaries the image holds, as `image/binaries` lists them.
 pub fn binaries() -> anyhow::Result<Vec<String>> {
     let list = repo_root().join("image/binaries");

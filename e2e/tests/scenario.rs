@@ -1,11 +1,12 @@
-//! The flow users run, as a whole, on a working cluster: a real control plane, a node whose
-//! pods really run (the test node agent runs each container as a local process and calls the
-//! CSI plugin over its socket as kubelet does), and the shipped binaries, unchanged: the chart
-//! installs the operator and the CSI DaemonSet; a CacheNamespace over a bucket of a real S3
-//! server becomes three running workers and a bound PVC; a CachePreload warms part of the
-//! dataset; a training pod (the PyTorchJob example's pod template) reads every file through the
-//! PVC and checks each against a checksum list; the workers scale 3→2 while a reader runs
-//! without a failed read; deleting the CacheNamespace removes everything it made and the mounts
+//! The flow users run, as a whole, on a working cluster: a real control plane and a real node
+//! (kubelet, containerd, runc) running our own image: `helm install` installs the operator and
+//! the CSI DaemonSet, which registers itself with kubelet; a CacheNamespace over a bucket of a
+//! real S3 server becomes three worker containers and a bound PVC; a CachePreload warms part of
+//! the dataset; a training pod (the PyTorchJob example's pod template) mounts the PVC through
+//! kubelet and checks every file against a checksum list; the workers scale 3→2 while a reader
+//! runs without a failed read; the CSI pod's containers are killed and the pod deleted while a
+//! reader runs (the plugin's death costs nothing, the mounter's and the pod's a repair whose
+//! time is measured); deleting the CacheNamespace removes everything it made and the mounts
 //! are gone.
 
 use std::path::{Path, PathBuf};
@@ -16,13 +17,13 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use lakecache_e2e::cluster::eventually;
-use lakecache_e2e::{AgentOptions, Cluster, ClusterOptions, NodeAgent, S3Server};
+use lakecache_e2e::{Cluster, ClusterOptions, S3Server};
 use serde_json::{Value, json};
 use sha2::Digest;
 
 const WAIT: Duration = Duration::from_secs(120);
-const POD_EXEC: &str = env!("CARGO_BIN_EXE_lakecache-pod-exec");
 const NS: &str = "ml";
+const SYSTEM: &str = "lakecache-system";
 
 fn repo() -> PathBuf {
     Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("..")
@@ -106,8 +107,11 @@ fn training_pod(name: &str, script: &str) -> anyhow::Result<Value> {
         .as_str()
         .context("a data mount")?
         .to_string();
-    // No GPUs on this node, and no PyTorch: a shell reads the files instead.
+    // No GPUs on this node, and no PyTorch image (nothing is pulled here): a shell of our own
+    // image reads the files instead.
     c.as_object_mut().unwrap().remove("resources");
+    c["image"] = json!(lakecache_e2e::image::chart_image()?);
+    c["imagePullPolicy"] = json!("Never");
     c["command"] = json!(["sh", "-c", script.replace("$DATA", &mount)]);
     c["volumeMounts"]
         .as_array_mut()
@@ -126,78 +130,72 @@ fn training_pod(name: &str, script: &str) -> anyhow::Result<Value> {
 }
 
 struct Env {
-    agent: NodeAgent,
-    cluster: Cluster,
+    // Declared first, so the server stops before the cluster's network goes.
     s3: S3Server,
+    cluster: Cluster,
     root: tempfile::TempDir,
+}
+
+impl Env {
+    /// A container's log (`kubectl logs`), or what kubectl said.
+    fn logs(&self, ns: &str, pod: &str, container: &str) -> String {
+        let out = self
+            .cluster
+            .kubectl(&["-n", ns, "logs", pod, "-c", container]);
+        if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        } else {
+            format!("(kubectl logs: {})", String::from_utf8_lossy(&out.stderr))
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_training_job_reads_its_dataset_through_the_pvc() -> anyhow::Result<()> {
     lakecache_e2e::init_logging();
     let started = Instant::now();
-    let bin_dir = Path::new(POD_EXEC).parent().unwrap().to_path_buf();
-    for b in [
-        "lakecache-operator",
-        "lakecache-worker",
-        "lakecache-csi-node",
-    ] {
-        ensure!(
-            bin_dir.join(b).is_file(),
-            "{} is missing: build the workspace's binaries first (cargo build --workspace, which \
-             `cargo test --workspace` does)",
-            bin_dir.join(b).display()
-        );
-    }
     let files = dataset();
-    let s3 = S3Server::start()?;
+    let cluster = Cluster::start(ClusterOptions::with_node()).await?;
+    let s3 = S3Server::start_on(cluster.host_ip())?;
     let uploads: Vec<_> = files
         .iter()
         .map(|(p, d)| (format!("imagenet/{p}"), d.clone()))
         .collect();
     s3.create_bucket("datasets", &uploads).await?;
-    let cluster = Cluster::start(ClusterOptions::full()).await?;
     let root = tempfile::Builder::new()
         .prefix("lc-e2e-")
         .tempdir_in("/tmp")?;
-    let agent = NodeAgent::start(
-        &cluster,
-        AgentOptions::new("node-1", root.path(), 30, POD_EXEC),
-    )
-    .await?;
-    let env = Env {
-        agent,
-        cluster,
-        s3,
-        root,
-    };
+    let env = Env { s3, cluster, root };
     let r = scenario(&env, &files, started).await;
     if r.is_err() {
-        for (pod, c) in [
-            ("operator", "operator"),
-            ("csi", "csi-plugin"),
-            ("csi", "mounter"),
-        ] {
-            let ns = "lakecache-system";
-            if let Ok(list) = Api::<Pod>::namespaced(env.cluster.client().await?, ns)
+        let client = env.cluster.client().await?;
+        for ns in [SYSTEM, NS] {
+            let Ok(list) = Api::<Pod>::namespaced(client.clone(), ns)
                 .list(&ListParams::default())
                 .await
-            {
-                for p in list
-                    .items
-                    .iter()
-                    .filter(|p| p.metadata.name.as_deref().unwrap_or("").contains(pod))
-                {
-                    let name = p.metadata.name.clone().unwrap_or_default();
-                    let log = env.agent.logs(ns, &name, c);
-                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            else {
+                continue;
+            };
+            for p in &list.items {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                for c in p.spec.iter().flat_map(|s| s.containers.iter()) {
+                    let log = env.logs(ns, &name, &c.name);
+                    let tail: Vec<&str> = log.lines().rev().take(25).collect();
                     eprintln!(
-                        "--- {name}/{c} ---\n{}",
+                        "--- {ns}/{name}/{} ---\n{}",
+                        c.name,
                         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                     );
                 }
             }
         }
+        let kubelet = env.cluster.node().log_path("kubelet");
+        let text = std::fs::read_to_string(&kubelet).unwrap_or_default();
+        let errors: Vec<&str> = text.lines().filter(|l| l.starts_with('E')).collect();
+        eprintln!(
+            "--- kubelet errors (last 25) ---\n{}",
+            errors[errors.len().saturating_sub(25)..].join("\n")
+        );
     }
     r
 }
@@ -205,24 +203,25 @@ async fn a_training_job_reads_its_dataset_through_the_pvc() -> anyhow::Result<()
 async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> anyhow::Result<()> {
     let cluster = &env.cluster;
     let client = cluster.client().await?;
-    let kubelet = env.agent.kubelet_dir().to_path_buf();
+    let kubelet = env.cluster.node().kubelet_dir();
     let mut steps: Vec<(String, f64)> = vec![];
     let mut mark = Instant::now();
     let mut step = |name: &str| {
         steps.push((name.to_string(), mark.elapsed().as_secs_f64()));
         mark = Instant::now();
     };
-    step("cluster, S3 server and node agent up");
+    step("cluster with a Ready node, and the S3 server up");
 
-    // 1. Install lakecache from the chart.
+    // 1. Install lakecache from the chart, as users do; the image is the one the node holds
+    // (the chart's default name), which is never pulled.
     let chart = repo().join("charts/lakecache");
     let out = cluster.helm(&[
-        "template",
+        "install",
         "lakecache",
         chart.to_str().unwrap(),
         "--namespace",
-        "lakecache-system",
-        "--include-crds",
+        SYSTEM,
+        "--create-namespace",
         "--set",
         &format!("csi.kubeletDir={}", kubelet.display()),
         "--set",
@@ -232,22 +231,16 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         "--set",
         "operator.sourceScanInterval=5s",
         "--set",
-        "image.repository=lakecache",
+        "csi.repairInterval=1s",
         "--set",
-        "image.tag=dev",
+        "image.pullPolicy=Never",
     ]);
     ensure!(
         out.status.success(),
-        "helm template: {}",
+        "helm install: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    kubectl(cluster, &["create", "namespace", "lakecache-system"], None)?;
-    kubectl(
-        cluster,
-        &["apply", "--server-side", "-f", "-"],
-        Some(&String::from_utf8(out.stdout)?),
-    )?;
-    let sys: Api<Pod> = Api::namespaced(client.clone(), "lakecache-system");
+    let sys: Api<Pod> = Api::namespaced(client.clone(), SYSTEM);
     wait("the operator and the CSI plugin ready", || async {
         let pods = sys.list(&ListParams::default()).await?.items;
         let ok = |part: &str| {
@@ -265,7 +258,23 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         .get("lakecache-csi-node")
         .await?;
     ensure!(ds.status.map(|s| s.number_ready) == Some(1));
-    step("chart installed; operator and CSI plugin running");
+    // kubelet knows the driver: the registrar registered it.
+    let registered = wait("the driver registered with kubelet", || async {
+        let n: k8s_openapi::api::storage::v1::CSINode = Api::all(client.clone())
+            .get(env.cluster.node().name())
+            .await?;
+        Ok(n.spec
+            .drivers
+            .iter()
+            .find(|d| d.name == "csi.lakecache.io")
+            .map(|d| d.node_id.clone()))
+    })
+    .await?;
+    ensure!(
+        registered == env.cluster.node().name(),
+        "node id {registered}"
+    );
+    step("chart installed; operator and CSI plugin running, driver registered");
 
     // 2. A Secret and a CacheNamespace over the bucket.
     kubectl(cluster, &["create", "namespace", NS], None)?;
@@ -311,7 +320,7 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     ensure!(
         st.workers
             .iter()
-            .all(|w| w.ready && w.address.starts_with("127.0.30.")),
+            .all(|w| w.ready && w.address.starts_with("198.19.0.")),
         "{:?}",
         st.workers
     );
@@ -420,7 +429,7 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         Ok(matches!(phase(&p).as_str(), "Succeeded" | "Failed").then_some(p))
     })
     .await?;
-    let log = env.agent.logs(NS, "trainer-0", "pytorch");
+    let log = env.logs(NS, "trainer-0", "pytorch");
     ensure!(
         phase(&p) == "Succeeded" && log.contains("ALL-FILES-OK"),
         "the reader failed:\n{log}"
@@ -435,9 +444,19 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         files.len()
     ));
 
-    // 6. Scale 3→2 while a reader runs: not one failed read.
-    let loops = "for i in 1 2 3 4 5 6; do echo 3 > /proc/sys/vm/drop_caches; \
-                 cd $DATA && sha256sum -c --quiet /checks/SHA256SUMS || exit 1; echo pass-$i; done; echo ALL-PASSES-OK";
+    let calls = csi_calls(env).await?;
+    ensure!(
+        calls.get("NodeStageVolume/Ok") == Some(&1)
+            && calls.get("NodePublishVolume/Ok") == Some(&1),
+        "{calls:?}"
+    );
+
+    // 6. Scale 3→2 while a reader runs: not one failed read. The test drops the node's page
+    // cache between the reader's passes (the pod itself may not), so every pass reads through
+    // the mount.
+    let loops = "for i in 1 2 3 4 5 6; do \
+                 cd $DATA && sha256sum -c --quiet /checks/SHA256SUMS || exit 1; echo pass-$i; sleep 0.5; done; echo ALL-PASSES-OK";
+    let dropper = drop_caches_while_running();
     pods.create(
         &PostParams::default(),
         &serde_json::from_value(training_pod("trainer-1", loops)?)?,
@@ -445,7 +464,6 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     .await?;
     wait("the reader's first pass", || async {
         Ok(env
-            .agent
             .logs(NS, "trainer-1", "pytorch")
             .contains("pass-1")
             .then_some(()))
@@ -468,7 +486,7 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         Ok(matches!(phase(&p).as_str(), "Succeeded" | "Failed").then_some(p))
     })
     .await?;
-    let log = env.agent.logs(NS, "trainer-1", "pytorch");
+    let log = env.logs(NS, "trainer-1", "pytorch");
     ensure!(
         phase(&p) == "Succeeded" && log.contains("ALL-PASSES-OK"),
         "a read failed during the scale-down:\n{log}"
@@ -485,9 +503,137 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     );
     step("scaled 3→2 under a reader with no failed read");
 
-    // 7. The pods go (their mounts are unpublished, the volume unstaged); deleting the
+    // 7. The CSI pod under a reader. Killing the plugin container costs nothing: the FUSE
+    // servers live in the mounter. Killing the mounter kills them: the plugin repairs the mount
+    // and the reader reads again after a stall that is measured. Deleting the pod: the
+    // DaemonSet brings it back and it repairs the mount too.
+    let reader = "trap 'exit 0' TERM; while true; do cd / && cd $DATA && \
+                  if sha256sum -c --quiet /checks/SHA256SUMS >/dev/null 2>&1; \
+                  then echo ok $(date +%s.%N); else echo fail $(date +%s.%N); fi; sleep 0.2; done";
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(training_pod("reader", reader)?)?,
+    )
+    .await?;
+    wait("the reader's first pass", || async {
+        Ok(env
+            .logs(NS, "reader", "pytorch")
+            .contains("ok ")
+            .then_some(()))
+    })
+    .await?;
+    let fuse_servers_before = fuse_server_pids();
+    ensure!(
+        fuse_servers_before.len() == 1,
+        "FUSE servers: {fuse_servers_before:?}"
+    );
+    let csi_pod = |sys: Api<Pod>| async move {
+        let list = sys
+            .list(&ListParams::default().labels("app.kubernetes.io/component=csi-node"))
+            .await?;
+        list.items.into_iter().next().context("no CSI pod")
+    };
+    let restarts = |p: &Pod, c: &str| {
+        p.status
+            .iter()
+            .flat_map(|s| s.container_statuses.iter().flatten())
+            .find(|s| s.name == c)
+            .map(|s| {
+                (
+                    s.restart_count,
+                    s.container_id.clone().unwrap_or_default(),
+                    s.ready,
+                )
+            })
+            .unwrap_or_default()
+    };
+
+    let p = csi_pod(sys.clone()).await?;
+    let (before, id, _) = restarts(&p, "csi-plugin");
+    let killed_at = now();
+    env.cluster.node().kill_container(&id)?;
+    wait("the csi-plugin container restarted and ready", || async {
+        let p = csi_pod(sys.clone()).await?;
+        let (n, _, ready) = restarts(&p, "csi-plugin");
+        Ok((n > before && ready).then_some(()))
+    })
+    .await?;
+    // Two more passes after the restart, then the log since the kill must hold no failure.
+    let passes_after = |since: f64| {
+        let log = env.logs(NS, "reader", "pytorch");
+        log.lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, t)| t.parse::<f64>().is_ok_and(|t| t > since))
+            .map(|(r, t)| (r.to_string(), t.parse::<f64>().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let ready_at = now();
+    wait("two reader passes after the plugin's restart", || async {
+        Ok((passes_after(ready_at).len() >= 2).then_some(()))
+    })
+    .await?;
+    let since_kill = passes_after(killed_at);
+    ensure!(
+        since_kill.iter().all(|(r, _)| r == "ok"),
+        "a read failed while the plugin restarted: {since_kill:?}"
+    );
+    ensure!(
+        fuse_server_pids() == fuse_servers_before,
+        "the plugin's restart started or stopped FUSE servers: {:?} → {:?}",
+        fuse_servers_before,
+        fuse_server_pids()
+    );
+    step(&format!(
+        "csi-plugin container killed and restarted under a reader: {} passes, none failed, same FUSE server",
+        since_kill.len()
+    ));
+
+    let p = csi_pod(sys.clone()).await?;
+    let (before, id, _) = restarts(&p, "mounter");
+    let killed_at = now();
+    env.cluster.node().kill_container(&id)?;
+    let back = wait(
+        "the reader reading again after the mounter's death",
+        || async { Ok(reading_again(&passes_after(killed_at))) },
+    )
+    .await?;
+    let p = csi_pod(sys.clone()).await?;
+    ensure!(
+        restarts(&p, "mounter").0 > before,
+        "the mounter did not restart"
+    );
+    let mounter_stall = back - killed_at;
+    step(&format!(
+        "mounter container killed: mount repaired, the reader read again {mounter_stall:.1} s after the kill"
+    ));
+
+    let old = csi_pod(sys.clone()).await?;
+    let old_uid = old.metadata.uid.clone();
+    let killed_at = now();
+    sys.delete(
+        old.metadata.name.as_deref().unwrap_or_default(),
+        &DeleteParams::default(),
+    )
+    .await?;
+    wait("a new CSI pod ready", || async {
+        let p = csi_pod(sys.clone()).await?;
+        Ok((p.metadata.uid != old_uid && ready(&p)).then_some(()))
+    })
+    .await?;
+    let back = wait(
+        "the reader reading again after the CSI pod's replacement",
+        || async { Ok(reading_again(&passes_after(killed_at))) },
+    )
+    .await?;
+    let pod_stall = back - killed_at;
+    step(&format!(
+        "CSI pod deleted: the DaemonSet's new pod repaired the mount, the reader read again {pod_stall:.1} s after the delete"
+    ));
+    drop(dropper);
+
+    // 8. The pods go (their mounts are unpublished, the volume unstaged); deleting the
     // CacheNamespace removes everything it made.
-    for p in ["trainer-0", "trainer-1"] {
+    for p in ["trainer-0", "trainer-1", "reader"] {
         pods.delete(p, &DeleteParams::default()).await?;
     }
     wait("the trainer pods gone", || async {
@@ -517,30 +663,24 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     })
     .await?;
     // The mount goes while NodeUnstageVolume is still answering: wait for the call to be done.
-    wait("NodeUnstageVolume answered", || async {
-        Ok(env
-            .agent
-            .csi_calls()
-            .iter()
-            .any(|c| c.method == "NodeUnstageVolume")
-            .then_some(()))
+    // The plugin that answers is the CSI pod's replacement: its counters start there.
+    let calls = wait("NodeUnstageVolume answered", || async {
+        let calls = csi_calls(env).await?;
+        Ok(calls.contains_key("NodeUnstageVolume/Ok").then_some(calls))
     })
     .await?;
-    let calls = env.agent.csi_calls();
-    let count = |m: &str| {
-        calls
-            .iter()
-            .filter(|c| c.method == m && c.code == "Ok")
-            .count()
+    // The trainers finished earlier (kubelet unpublished their volumes then); the reader's
+    // volume is the one the new plugin unpublished.
+    ensure!(
+        calls.get("NodeUnpublishVolume/Ok").copied().unwrap_or(0) >= 1,
+        "{calls:?}"
+    );
+    let pv_name = {
+        let pvc = pvcs.get("imagenet").await?;
+        pvc.spec
+            .and_then(|s| s.volume_name)
+            .context("the PVC names no PV")?
     };
-    ensure!(
-        count("NodeStageVolume") >= 1 && count("NodeUnstageVolume") >= 1,
-        "{calls:?}"
-    );
-    ensure!(
-        count("NodePublishVolume") == 2 && count("NodeUnpublishVolume") >= 2,
-        "{calls:?}"
-    );
     cns.delete("imagenet", &DeleteParams::default()).await?;
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
@@ -548,7 +688,7 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         let left = [
             sts.get_opt("imagenet-worker").await?.is_some(),
             pvcs.get_opt("imagenet").await?.is_some(),
-            pvs.get_opt("lakecache-ml-imagenet").await?.is_some(),
+            pvs.get_opt(&pv_name).await?.is_some(),
             !pods
                 .list(&ListParams::default().labels("app.kubernetes.io/component=worker"))
                 .await?
@@ -560,6 +700,13 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     })
     .await?;
     step("CacheNamespace deleted: workers, PVC, PV and mounts gone");
+    let node = env.cluster.node();
+    ensure!(
+        fuse_server_pids().is_empty(),
+        "FUSE servers left on the node: {:?}",
+        fuse_server_pids()
+    );
+    eprintln!("(node up in {:.1} s)", node.started_in().as_secs_f64());
     let total = started.elapsed().as_secs_f64();
     eprintln!("scenario steps:");
     for (name, secs) in &steps {
@@ -567,4 +714,117 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     }
     eprintln!("  {total:6.1} s  in all");
     Ok(())
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The `lakecache-csi-node fuse-server` processes on the machine (the mounter container's
+/// children, seen from the host).
+fn fuse_server_pids() -> Vec<i32> {
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid: &i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.iter().any(|a| a.ends_with(b"lakecache-csi-node"))
+                    && args.iter().any(|a| *a == b"fuse-server")
+            })
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// Drops the machine's page cache every 300 ms until dropped (the node's kernel is the host's),
+/// so a reader's passes read through the mount rather than from the cache.
+fn drop_caches_while_running() -> impl Drop {
+    struct Stop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        // Bounded: at most 20 minutes, in case the guard is leaked.
+        for _ in 0..4000 {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    Stop(stop)
+}
+
+/// The CSI plugin's call counters (`lakecache_csi_calls_total`), as `method/code` → count,
+/// read from its admin port on the pod's IP.
+async fn csi_calls(env: &Env) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let sys: Api<Pod> = Api::namespaced(env.cluster.client().await?, SYSTEM);
+    let pod = sys
+        .list(&ListParams::default().labels("app.kubernetes.io/component=csi-node"))
+        .await?
+        .items
+        .into_iter()
+        .find(ready)
+        .context("no ready CSI pod")?;
+    let ip = pod.status.and_then(|s| s.pod_ip).context("no pod IP")?;
+    let text = tokio::task::spawn_blocking(move || http_get(&ip, 9810, "/metrics")).await??;
+    let mut out = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("lakecache_csi_calls_total{"))
+    {
+        let label = |k: &str| {
+            line.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+        };
+        let (Some(m), Some(c)) = (label("method"), label("code")) else {
+            continue;
+        };
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0.0);
+        out.insert(format!("{m}/{c}"), n as u64);
+    }
+    Ok(out)
+}
+
+fn http_get(host: &str, port: u16, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// When a reader was reading again after an event, from its passes since the event (`ok` or
+/// `fail`, with the time each ended): the end of the first good pass after the last failed
+/// one, once two good passes followed it; or, if three passes went by without a failure, the
+/// end of the first (the event cost nothing a pass could see).
+fn reading_again(passes: &[(String, f64)]) -> Option<f64> {
+    match passes.iter().rposition(|(r, _)| r != "ok") {
+        None => (passes.len() >= 3).then(|| passes[0].1),
+        Some(i) => (passes.len() - i > 2).then(|| passes[i + 1].1),
+    }
 }
