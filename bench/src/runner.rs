@@ -34,7 +34,17 @@ pub fn run(plan: &Plan, setup: &Setup, janitor: &Arc<Janitor>) -> anyhow::Result
     std::fs::create_dir_all(&setup.work)?;
     let w = setup.work.clone();
     let _work = janitor.register(format!("{}", w.display()), move || {
-        let _ = std::fs::remove_dir_all(&w);
+        // A system that was just killed may still be letting go of a file in it (a lazily
+        // detached mount, a last write): try again for a few seconds before giving up.
+        for _ in 0..50 {
+            match std::fs::remove_dir_all(&w) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(std::time::Duration::from_millis(100))
+                }
+                _ => return,
+            }
+        }
+        eprintln!("lakecache-bench: cannot remove {}", w.display());
     });
     let shards = dataset::shards(&plan.dataset);
     let images = dataset::images(&plan.dataset);
