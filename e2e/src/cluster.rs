@@ -117,10 +117,91 @@ impl ClusterOptions {
     }
 }
 
-struct Component {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
+/// A process of the test cluster (a control-plane component, or one of the node's), in a
+/// process group of its own and logging to a file.
+pub(crate) struct Component {
+    pub(crate) name: &'static str,
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
+}
+
+impl Component {
+    /// Starts `cmd` with its output in `log`, in its own process group, so that [`Component::kill`]
+    /// ends it and anything it started.
+    pub(crate) fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        log: PathBuf,
+    ) -> anyhow::Result<Component> {
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        Ok(Component { name, child, log })
+    }
+
+    /// Kills the process group and reaps the process; while a test panics, prints the end of
+    /// its log.
+    pub(crate) fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- the end of {} ({}) ---\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log, 15)
+            );
+        }
+    }
+}
+
+/// Calls `probe` every 100 ms until it succeeds, component `name` exits or `limit` passes; the
+/// error then carries the last probe failure and the tail of the component's log.
+pub(crate) async fn wait_until<F, Fut>(
+    components: &mut [Component],
+    name: &str,
+    limit: Duration,
+    mut probe: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut last = String::from("not probed yet");
+    loop {
+        let component = components
+            .iter_mut()
+            .find(|c| c.name == name)
+            .context("unknown component")?;
+        if let Some(status) = component.child.try_wait()? {
+            bail!(
+                "{name} exited ({status}) while starting; the end of {}:\n{}",
+                component.log.display(),
+                tail(&component.log, 30)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{name} was not ready within {limit:?} (last probe: {last}); the end of {}:\n{}",
+                component.log.display(),
+                tail(&component.log, 30)
+            );
+        }
+        match tokio::time::timeout(Duration::from_secs(10), probe()).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "probe timed out after 10 s".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A running control plane; dropping it kills every process and removes its directory.
@@ -657,80 +738,32 @@ impl Cluster {
     }
 
     fn spawn(&mut self, name: &'static str, bin: &Path, args: &[String]) -> anyhow::Result<()> {
-        let log = self.log_path(name);
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            // Its own process group, so drop can kill it and anything it started.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {name} ({})", bin.display()))?;
-        self.components.push(Component { name, child, log });
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        let component = Component::spawn(name, cmd, self.log_path(name))?;
+        self.components.push(component);
         Ok(())
     }
 
-    /// Calls `probe` every 100 ms until it succeeds, the component exits or `limit` passes; the
-    /// error then carries the last probe failure and the tail of the component's log.
     async fn wait_until<F, Fut>(
         &mut self,
         name: &str,
         limit: Duration,
-        mut probe: F,
+        probe: F,
     ) -> anyhow::Result<()>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), String>>,
     {
-        let deadline = Instant::now() + limit;
-        let mut last = String::from("not probed yet");
-        loop {
-            let component = self
-                .components
-                .iter_mut()
-                .find(|c| c.name == name)
-                .context("unknown component")?;
-            if let Some(status) = component.child.try_wait()? {
-                bail!(
-                    "{name} exited ({status}) while starting; the end of {}:\n{}",
-                    component.log.display(),
-                    tail(&component.log, 30)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{name} was not ready within {limit:?} (last probe: {last}); the end of {}:\n{}",
-                    component.log.display(),
-                    tail(&component.log, 30)
-                );
-            }
-            match tokio::time::timeout(Duration::from_secs(5), probe()).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => last = e,
-                Err(_) => last = "probe timed out after 5 s".into(),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until(&mut self.components, name, limit, probe).await
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         drop(self.node.take());
-        let panicking = std::thread::panicking();
         for c in self.components.iter_mut().rev() {
-            let _ = killpg(Pid::from_raw(c.child.id() as i32), Signal::SIGKILL);
-            let _ = c.child.wait();
-            if panicking {
-                eprintln!(
-                    "--- the end of {} ({}) ---\n{}",
-                    c.name,
-                    c.log.display(),
-                    tail(&c.log, 15)
-                );
-            }
+            c.kill();
         }
         if std::env::var_os("LAKECACHE_KEEP_CLUSTER").is_some()
             && let Some(dir) = self.dir.take()
@@ -988,6 +1021,16 @@ pub(crate) fn tail(path: &Path, lines: usize) -> String {
 
 /// Runs `cmd` to completion or kills it after `limit` (and panics, naming it).
 pub(crate) fn run_bounded(mut cmd: Command, stdin: Option<&str>, limit: Duration) -> Output {
+    output_within(&mut cmd, stdin, limit).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Runs `cmd` to completion with `stdin` fed to it and returns its output, or kills it and
+/// fails after `limit`: how tests run a command that must not hang them.
+pub fn output_within(
+    cmd: &mut Command,
+    stdin: Option<&str>,
+    limit: Duration,
+) -> anyhow::Result<Output> {
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {
@@ -995,9 +1038,7 @@ pub(crate) fn run_bounded(mut cmd: Command, stdin: Option<&str>, limit: Duration
     })
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         let input = input.as_bytes().to_vec();
         std::thread::spawn(move || pipe.write_all(&input));
@@ -1009,24 +1050,26 @@ pub(crate) fn run_bounded(mut cmd: Command, stdin: Option<&str>, limit: Duration
             buf
         })
     };
-    let stdout = read(Box::new(child.stdout.take().expect("piped")));
-    let stderr = read(Box::new(child.stderr.take().expect("piped")));
+    let stdout = read(Box::new(child.stdout.take().context("stdout")?));
+    let stderr = read(Box::new(child.stderr.take().context("stderr")?));
     let deadline = Instant::now() + limit;
     let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => {
+        match child
+            .try_wait()
+            .with_context(|| format!("waiting for {cmd:?}"))?
+        {
+            Some(status) => break status,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{cmd:?} did not finish within {limit:?}");
+                bail!("{cmd:?} did not finish within {limit:?}");
             }
-            Err(e) => panic!("waiting for {cmd:?}: {e}"),
         }
     };
-    Output {
+    Ok(Output {
         status,
         stdout: stdout.join().unwrap_or_default(),
         stderr: stderr.join().unwrap_or_default(),
-    }
+    })
 }

@@ -34,18 +34,18 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Node as NodeObject;
 use kube::api::Api;
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 
+use crate::cluster::Component;
 use crate::mountinfo;
 
 /// The host's end of the link to the node: the API server and test servers bind here.
@@ -216,19 +216,13 @@ pub struct NodeControlPlane<'a> {
     pub client: kube::Client,
 }
 
-struct Process {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
 /// A running node; dropping it stops every container and undoes what it changed on the host.
 pub struct Node {
     name: String,
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
     netns_path: PathBuf,
-    processes: Vec<Process>,
+    processes: Vec<Component>,
     cgroup_root: String,
     sysctls: Vec<(String, String)>,
     absent_paths: Vec<PathBuf>,
@@ -643,17 +637,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         mut cmd: Command,
         args: &[String],
     ) -> anyhow::Result<()> {
-        let log = self.log_path(name);
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        self.processes.push(Process { name, child, log });
+        cmd.args(args);
+        let component = Component::spawn(name, cmd, self.log_path(name))?;
+        self.processes.push(component);
         Ok(())
     }
 
@@ -661,41 +647,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         &mut self,
         name: &str,
         limit: Duration,
-        mut probe: F,
+        probe: F,
     ) -> anyhow::Result<()>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), String>>,
     {
-        let deadline = Instant::now() + limit;
-        let mut last = String::from("not probed yet");
-        loop {
-            let p = self
-                .processes
-                .iter_mut()
-                .find(|p| p.name == name)
-                .context("unknown process")?;
-            if let Some(status) = p.child.try_wait()? {
-                bail!(
-                    "{name} exited ({status}) while starting; the end of {}:\n{}",
-                    p.log.display(),
-                    crate::cluster::tail(&p.log, 30)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{name} was not ready within {limit:?} (last: {last}); the end of {}:\n{}",
-                    p.log.display(),
-                    crate::cluster::tail(&p.log, 30)
-                );
-            }
-            match tokio::time::timeout(Duration::from_secs(10), probe()).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => last = e,
-                Err(_) => last = "probe timed out after 10 s".into(),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        crate::cluster::wait_until(&mut self.processes, name, limit, probe).await
     }
 
     /// Stops everything, in the order that leaves nothing behind: kubelet and kube-proxy first
@@ -704,14 +662,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     /// directory, the pods' network namespaces, the cgroups, the host paths it created and the
     /// sysctls it changed.
     fn teardown(&mut self) {
-        let panicking = std::thread::panicking();
         for p in self
             .processes
             .iter_mut()
             .filter(|p| matches!(p.name, "kubelet" | "kube-proxy"))
         {
-            let _ = killpg(Pid::from_raw(p.child.id() as i32), Signal::SIGKILL);
-            let _ = p.child.wait();
+            p.kill();
         }
         let sock = self.path.join("containerd/containerd.sock");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -727,16 +683,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             std::thread::sleep(Duration::from_millis(100));
         }
         for p in self.processes.iter_mut().rev() {
-            let _ = killpg(Pid::from_raw(p.child.id() as i32), Signal::SIGKILL);
-            let _ = p.child.wait();
-            if panicking {
-                eprintln!(
-                    "--- the end of {} ({}) ---\n{}",
-                    p.name,
-                    p.log.display(),
-                    crate::cluster::tail(&p.log, 20)
-                );
-            }
+            p.kill();
         }
         unmount_under(&self.path);
         for ns in list_netns().difference(&self.netns_before) {

@@ -16,9 +16,8 @@
 //!   CRDs and test copies of the Kubeflow CRDs are installed), and broken variants are refused.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -51,38 +50,7 @@ fn chart() -> String {
 
 /// Runs `cmd` to completion, killing it (and failing) after `limit`.
 fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            buf
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().context("stdout")?));
-    let err = drain(Box::new(child.stderr.take().context("stderr")?));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{cmd:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
+    lakecache_e2e::cluster::output_within(cmd, None, limit)
 }
 
 /// `helm ARGS` without a cluster, with helm's homes in `home`.

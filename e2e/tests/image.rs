@@ -18,7 +18,6 @@
 //! of minutes); the base layer is cached under `~/.cache/lakecache/image`.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -51,34 +50,7 @@ fn read(path: &str) -> anyhow::Result<String> {
 
 /// Runs `cmd` to completion, killing it (and failing) after `limit`.
 fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            buf
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().context("stdout")?));
-    let err = drain(Box::new(child.stderr.take().context("stderr")?));
-    let status = match wait_bounded(&mut child, limit)? {
-        Some(status) => status,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{cmd:?} did not finish within {limit:?}");
-        }
-    };
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
+    lakecache_e2e::cluster::output_within(cmd, None, limit)
 }
 
 /// The child's exit status, or `None` if it is still running after `limit`.
