@@ -257,7 +257,12 @@ impl Cluster {
         } else {
             Vec::new()
         };
-        let network = options.node.then(NodeNetwork::create).transpose()?;
+        // Off the runtime's threads: it may wait for another test's node to stop.
+        let network = if options.node {
+            Some(tokio::task::spawn_blocking(NodeNetwork::create).await??)
+        } else {
+            None
+        };
         let host = if network.is_some() {
             crate::node::HOST_IP
         } else {

@@ -93,6 +93,8 @@ pub const SYSCTLS: &[&str] = &[
 ];
 
 const LOCK: &str = "/run/lock/lakecache-node.lock";
+/// How long a test waits for another test's node to stop (each test bounds its own run).
+const LOCK_WAIT: Duration = Duration::from_secs(20 * 60);
 const START: Duration = Duration::from_secs(120);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -125,8 +127,19 @@ impl NodeNetwork {
             .open(LOCK)
             .with_context(|| format!("opening {LOCK} (the node needs root)"))?;
         let waited = Instant::now();
-        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| anyhow::anyhow!("locking {LOCK}: {e}"))?;
+        let mut file = lock;
+        let lock = loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => break lock,
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if waited.elapsed() < LOCK_WAIT => {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err((_, e)) => {
+                    bail!("locking {LOCK} (another test's node) within {LOCK_WAIT:?}: {e}")
+                }
+            }
+        };
         if waited.elapsed() > Duration::from_secs(1) {
             eprintln!(
                 "waited {:.1?} for another test's node to stop",
