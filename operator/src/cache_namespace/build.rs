@@ -3,7 +3,7 @@
 //! The worker pods read one configuration file (from the ConfigMap), the data-plane token (from
 //! the token Secret) and, if the source needs them, the user's credentials (their Secret,
 //! mounted as files: the keys never pass through the operator or the spec). Each worker binds
-//! its pod IP, so workers that share a network (the test harness's node agent) never collide.
+//! its pod IP, so workers that share a network (pods with `hostNetwork`) never collide.
 //! Tiers become volumes: Memory a RAM-backed emptyDir sized to the tier, Disk a per-worker
 //! subdirectory of a host path (kept across restarts on the node) or a volume claim template.
 
