@@ -53,6 +53,28 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<Output> {
     lakecache_e2e::cluster::output_within(cmd, None, limit)
 }
 
+/// `kubectl apply --server-side --dry-run=server --validate=strict` of `manifests`: the objects
+/// as the API server would store them.
+fn dry_run(cluster: &Cluster, what: &str, manifests: &str) -> anyhow::Result<Vec<Value>> {
+    let dry = ok(
+        what,
+        cluster.kubectl_with_stdin(
+            &[
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "--validate=strict",
+                "-o",
+                "json",
+                "-f",
+                "-",
+            ],
+            Some(manifests),
+        ),
+    )?;
+    objects(&dry)
+}
+
 /// `helm ARGS` without a cluster, with helm's homes in `home`.
 fn helm(home: &Path, args: &[&str]) -> anyhow::Result<Output> {
     let bin = std::env::var_os(HELM_ENV).with_context(|| {
@@ -389,23 +411,11 @@ fn check_builtin_registrar(r: &Value, image: &str) {
 /// server accepts; a mode that is neither fails to render.
 fn check_upstream_registrar(cluster: &Cluster, home: &Path) -> anyhow::Result<()> {
     let manifests = render(home, &["--set", "csi.registrar.mode=upstream"])?;
-    let dry = ok(
+    let objs = dry_run(
+        cluster,
         "kubectl apply --dry-run=server (upstream registrar)",
-        cluster.kubectl_with_stdin(
-            &[
-                "apply",
-                "--server-side",
-                "--dry-run=server",
-                "--validate=strict",
-                "-o",
-                "json",
-                "-f",
-                "-",
-            ],
-            Some(&manifests),
-        ),
+        &manifests,
     )?;
-    let objs = objects(&dry)?;
     let pod = &find(&objs, "DaemonSet", CSI_SA)?["spec"]["template"]["spec"];
     let r = container(pod, "node-driver-registrar")?;
     assert_eq!(
@@ -699,23 +709,11 @@ fn check_values_change_what_is_stored(cluster: &Cluster, home: &Path) -> anyhow:
             "image.repository=registry.example/lakecache,image.tag=v9,csi.prefetchBudget=1GiB",
         ],
     )?;
-    let dry = ok(
+    let objs = dry_run(
+        cluster,
         "kubectl apply --dry-run=server (changed values)",
-        cluster.kubectl_with_stdin(
-            &[
-                "apply",
-                "--server-side",
-                "--dry-run=server",
-                "--validate=strict",
-                "-o",
-                "json",
-                "-f",
-                "-",
-            ],
-            Some(&manifests),
-        ),
+        &manifests,
     )?;
-    let objs = objects(&dry)?;
     let ds = find(&objs, "DaemonSet", CSI_SA)?;
     let pod = &ds["spec"]["template"]["spec"];
     check_kubelet_dir(pod, "/data/kubelet")?;
