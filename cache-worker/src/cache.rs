@@ -97,6 +97,22 @@ impl BlockCache {
 
     /// The whole block `key` of an object of `size` bytes.
     pub async fn get(&self, key: &BlockKey, size: u64) -> Result<(Bytes, Origin), BlockError> {
+        self.get_with(key, size, None).await
+    }
+
+    /// [`Self::get`], telling `on_miss` as soon as the block is known to come from the source
+    /// (before the source answers), so that a caller can say so to its reader at once.
+    pub async fn get_with(
+        &self,
+        key: &BlockKey,
+        size: u64,
+        on_miss: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(Bytes, Origin), BlockError> {
+        let miss = move || {
+            if let Some(tx) = on_miss {
+                let _ = tx.send(());
+            }
+        };
         let started = Instant::now();
         let (start, end) = key.range(self.block_size, size);
         if start >= end && !(size == 0 && key.index == 0) {
@@ -114,6 +130,7 @@ impl BlockCache {
             // claimed another size is not this caller's block. Fetch it again.
             Lookup::Hit { bytes, .. } if bytes.len() as u64 != end - start => {
                 self.metrics.misses.inc();
+                miss();
                 (self.fetch(key, 0, start, end).await?, Origin::Source)
             }
             Lookup::Hit { bytes, tier } => {
@@ -125,6 +142,7 @@ impl BlockCache {
             }
             Lookup::Miss { past } => {
                 self.metrics.misses.inc();
+                miss();
                 (self.fetch(key, past, start, end).await?, Origin::Source)
             }
         };

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use lakecache_lake::{BlockKey, DirEntry as LakeEntry, Kind, LakeError, ObjectMeta};
 use lakecache_proto::lakecache::v1 as pb;
 use lakecache_proto::lakecache::v1::cache_worker_server::CacheWorker;
@@ -87,11 +87,88 @@ fn tier_pb(t: TierKind) -> pb::Tier {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
+type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListResponse, Status>> + Send>>;
 type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::PreloadStatus, Status>> + Send>>;
+
+/// Most entries in one page of a listing, and most bytes of names and versions in one page: a
+/// page stays far below any gRPC message limit whatever the names.
+pub const LIST_PAGE_ENTRIES: usize = 4096;
+pub const LIST_PAGE_BYTES: usize = 1 << 20;
+
+/// A listing as a stream of pages, each encoded only when the client is ready for it.
+fn list_pages(
+    entries: Arc<Vec<LakeEntry>>,
+) -> impl Stream<Item = Result<pb::ListResponse, Status>> + Send {
+    futures::stream::unfold(0usize, move |at| {
+        let entries = entries.clone();
+        async move {
+            // An empty directory is one empty page.
+            if at >= entries.len() && at > 0 {
+                return None;
+            }
+            let mut page = Vec::new();
+            let mut bytes = 0;
+            let mut next = at;
+            while let Some(e) = entries.get(next) {
+                if page.len() >= LIST_PAGE_ENTRIES || (bytes >= LIST_PAGE_BYTES && !page.is_empty())
+                {
+                    break;
+                }
+                bytes += e.name.len() + e.meta.version.len() + 32;
+                page.push(entry(e));
+                next += 1;
+            }
+            // `usize::MAX` ends the stream after an empty directory's one page.
+            let next = if entries.is_empty() { usize::MAX } else { next };
+            Some((Ok(pb::ListResponse { entries: page }), next))
+        }
+    })
+}
+
+/// A block (or the asked range of it) as chunks of at most [`CHUNK`] bytes.
+fn chunks(
+    metrics: &WorkerMetrics,
+    bytes: Bytes,
+    origin: Origin,
+    offset: u64,
+    length: u64,
+) -> Vec<Result<pb::Chunk, Status>> {
+    let start = (offset as usize).min(bytes.len());
+    let end = if length == 0 {
+        bytes.len()
+    } else {
+        start.saturating_add(length as usize).min(bytes.len())
+    };
+    let data: Bytes = bytes.slice(start..end);
+    metrics
+        .bytes_served
+        .get_or_create(&metrics.tier(origin.label()))
+        .inc_by(data.len() as u64);
+    let served = match origin {
+        Origin::Tier(t) => tier_pb(t),
+        Origin::Source => pb::Tier::Source,
+    } as i32;
+    let mut chunks = Vec::with_capacity(data.len() / CHUNK + 1);
+    let mut off = 0;
+    loop {
+        let n = CHUNK.min(data.len() - off);
+        chunks.push(Ok(pb::Chunk {
+            offset: (start + off) as u64,
+            data: data.slice(off..off + n),
+            served_from: if off == 0 { served } else { 0 },
+        }));
+        off += n;
+        if off >= data.len() {
+            break;
+        }
+    }
+    chunks
+}
 
 #[tonic::async_trait]
 impl CacheWorker for WorkerService {
     type ReadBlockStream = ChunkStream;
+    type ListStream = ListStream;
     type WatchPreloadStream = StatusStream;
 
     async fn read_block(
@@ -114,41 +191,52 @@ impl CacheWorker for WorkerService {
             )));
         }
         let bkey = BlockKey::new(key.path, key.version, key.index);
-        let (bytes, origin) = self
-            .cache
-            .get(&bkey, key.object_size)
-            .await
-            .map_err(|e| block_status(&e))?;
-        let start = (req.offset as usize).min(bytes.len());
-        let end = if req.length == 0 {
-            bytes.len()
-        } else {
-            start.saturating_add(req.length as usize).min(bytes.len())
+        // The lookup runs in a task of its own, so that a miss can be told to the reader at once
+        // (an empty first chunk from the source) while the source is still being read.
+        let (miss_tx, miss_rx) = tokio::sync::oneshot::channel();
+        let cache = self.cache.clone();
+        let object_size = key.object_size;
+        let mut lookup =
+            tokio::spawn(async move { cache.get_with(&bkey, object_size, Some(miss_tx)).await });
+        let joined = |r: Result<_, tokio::task::JoinError>| {
+            r.unwrap_or_else(|e| {
+                Err(BlockError::Lake(LakeError::Unavailable(format!(
+                    "block read task failed: {e}"
+                ))))
+            })
         };
-        let data: Bytes = bytes.slice(start..end);
-        self.metrics
-            .bytes_served
-            .get_or_create(&self.metrics.tier(origin.label()))
-            .inc_by(data.len() as u64);
-        let served = match origin {
-            Origin::Tier(t) => tier_pb(t),
-            Origin::Source => pb::Tier::Source,
-        } as i32;
-        let mut chunks = Vec::with_capacity(data.len() / CHUNK + 1);
-        let mut off = 0;
-        loop {
-            let n = CHUNK.min(data.len() - off);
-            chunks.push(Ok(pb::Chunk {
-                offset: (start + off) as u64,
-                data: data.slice(off..off + n),
-                served_from: if off == 0 { served } else { 0 },
-            }));
-            off += n;
-            if off >= data.len() {
-                break;
+        let missed = tokio::select! {
+            biased;
+            r = &mut lookup => Err(joined(r)),
+            m = miss_rx => Ok(m.is_ok()),
+        };
+        let (offset, length, metrics) = (req.offset, req.length, self.metrics.clone());
+        match missed {
+            // Answered before a miss was known (a hit, or an error): the whole answer now.
+            Err(r) => {
+                let (bytes, origin) = r.map_err(|e| block_status(&e))?;
+                let chunks = chunks(&metrics, bytes, origin, offset, length);
+                Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+            }
+            Ok(miss) => {
+                let marker = miss.then(|| {
+                    Ok(pb::Chunk {
+                        offset: 0,
+                        data: Bytes::new(),
+                        served_from: pb::Tier::Source as i32,
+                    })
+                });
+                let rest = futures::stream::once(async move {
+                    match joined(lookup.await) {
+                        Ok((bytes, origin)) => chunks(&metrics, bytes, origin, offset, length),
+                        Err(e) => vec![Err(block_status(&e))],
+                    }
+                })
+                .flat_map(futures::stream::iter);
+                let stream = futures::stream::iter(marker).chain(rest);
+                Ok(Response::new(Box::pin(stream)))
             }
         }
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
     async fn stat(
@@ -165,12 +253,10 @@ impl CacheWorker for WorkerService {
     async fn list(
         &self,
         req: Request<pb::ListRequest>,
-    ) -> Result<Response<pb::ListResponse>, Status> {
+    ) -> Result<Response<Self::ListStream>, Status> {
         let path = lakecache_lake::normalize(&req.into_inner().path);
         let entries = self.meta.list(&path).await.map_err(|e| lake_status(&e))?;
-        Ok(Response::new(pb::ListResponse {
-            entries: entries.iter().map(entry).collect(),
-        }))
+        Ok(Response::new(Box::pin(list_pages(entries))))
     }
 
     async fn start_preload(

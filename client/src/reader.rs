@@ -275,25 +275,34 @@ impl Reader {
     }
 
     async fn list_on(&self, conn: &Conn, dir: &str) -> Attempt<Vec<DirEntry>> {
-        let mut client = conn.client.clone();
-        let call = client.list(pb::ListRequest {
-            path: dir.to_string(),
-        });
-        let resp = match tokio::time::timeout(self.cfg.worker_timeout, call).await {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(s)) => return Err(classify(s, dir, &conn.member.id)),
-            Err(_) => return Err(None),
-        };
-        Ok(resp
-            .entries
-            .into_iter()
-            .filter_map(|e| {
-                Some(DirEntry {
-                    meta: meta_from(e.attributes.as_ref()?),
-                    name: e.name,
+        let fetch = async {
+            let mut client = conn.client.clone();
+            let mut pages = client
+                .list(pb::ListRequest {
+                    path: dir.to_string(),
                 })
-            })
-            .collect())
+                .await
+                .map_err(|s| classify(s, dir, &conn.member.id))?
+                .into_inner();
+            let mut entries = Vec::new();
+            while let Some(page) = pages
+                .message()
+                .await
+                .map_err(|s| classify(s, dir, &conn.member.id))?
+            {
+                entries.extend(page.entries.into_iter().filter_map(|e| {
+                    Some(DirEntry {
+                        meta: meta_from(e.attributes.as_ref()?),
+                        name: e.name,
+                    })
+                }));
+            }
+            Ok(entries)
+        };
+        match tokio::time::timeout(self.cfg.worker_timeout, fetch).await {
+            Ok(r) => r,
+            Err(_) => Err(None),
+        }
     }
 
     /// Attributes of a path, from its parent's listing.
