@@ -34,17 +34,25 @@ pub fn ready_workers(obj: &DynamicObject) -> Vec<Member> {
         .collect()
 }
 
+/// Makes `membership` the ready workers of `obj`. Members are compared whole, id and endpoint:
+/// a StatefulSet pod that is recreated keeps its name but usually gets a new IP, and comparing
+/// ids only would leave the mount dialling the dead address. An unchanged list is not set again
+/// (the watch resends objects on every resync); a changed one keeps the connections of the
+/// members that did not change.
 fn apply(membership: &Membership, obj: &DynamicObject) {
     let members = ready_workers(obj);
-    let before: Vec<String> = membership
+    let unchanged = membership
         .snapshot()
         .iter()
-        .map(|c| c.member.id.clone())
-        .collect();
-    let after: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
-    if before == after {
+        .map(|c| &c.member)
+        .eq(members.iter());
+    if unchanged {
         return;
     }
+    let after: Vec<String> = members
+        .iter()
+        .map(|m| format!("{}={}", m.id, m.endpoint))
+        .collect();
     match membership.set(members) {
         Ok(()) => tracing::info!(workers = ?after, "workers changed"),
         Err(e) => tracing::warn!(error = %e, "ignoring a worker list that cannot be used"),
@@ -128,5 +136,38 @@ mod tests {
         }))
         .unwrap();
         assert!(ready_workers(&obj).is_empty());
+    }
+
+    fn with_worker_0_at(address: &str) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "lakecache.io/v1alpha1",
+            "kind": "CacheNamespace",
+            "metadata": {"name": "imagenet", "namespace": "ml"},
+            "status": {"workers": [
+                {"name": "imagenet-worker-0", "address": address, "ready": true}
+            ]}
+        }))
+        .unwrap()
+    }
+
+    /// A StatefulSet pod keeps its name when it is recreated but usually gets a new IP: the
+    /// mount must dial the new address, not keep the connection to the dead one.
+    #[tokio::test]
+    async fn a_worker_that_comes_back_under_a_new_address_is_followed() {
+        let membership = Membership::new(None, std::time::Duration::from_secs(1)).unwrap();
+        apply(&membership, &with_worker_0_at("10.0.0.1:7070"));
+        apply(&membership, &with_worker_0_at("10.0.0.9:7070"));
+        let members: Vec<Member> = membership
+            .snapshot()
+            .iter()
+            .map(|c| c.member.clone())
+            .collect();
+        assert_eq!(
+            members,
+            vec![Member {
+                id: "imagenet-worker-0".into(),
+                endpoint: "http://10.0.0.9:7070".into(),
+            }]
+        );
     }
 }
