@@ -42,6 +42,9 @@ pub struct WorkerMetrics {
     /// Blocks not admitted because they were colder than what they would push out.
     pub rejections: Counter,
     pub corrupt_blocks: Counter,
+    /// Block files that could not be written into a tier (a full or failing filesystem), by the
+    /// tier written to. Each such block was evicted, so it is a miss next time.
+    pub tier_write_errors: Family<TierLabel, Counter>,
     pub tier_used_bytes: Family<TierLabel, Gauge>,
     pub tier_capacity_bytes: Family<TierLabel, Gauge>,
     pub tier_blocks: Family<TierLabel, Gauge>,
@@ -68,6 +71,7 @@ impl Default for WorkerMetrics {
             promotions: Default::default(),
             rejections: Default::default(),
             corrupt_blocks: Default::default(),
+            tier_write_errors: Default::default(),
             tier_used_bytes: Default::default(),
             tier_capacity_bytes: Default::default(),
             tier_blocks: Default::default(),
@@ -140,6 +144,11 @@ impl WorkerMetrics {
             "corrupt_blocks",
             "Blocks that failed their checksum",
             self.corrupt_blocks.clone(),
+        );
+        r.register(
+            "tier_write_errors",
+            "Block files that could not be written into a tier; the block was evicted",
+            self.tier_write_errors.clone(),
         );
         r.register(
             "tier_used_bytes",

@@ -21,6 +21,15 @@
 //! the warm read path's time.
 //! At start the index is rebuilt from the `.meta` files, so a restarted worker keeps its cache.
 //!
+//! A tier's size is what the worker is told, not what its filesystem has left: a Disk tier on a
+//! shared disk can fill up (ENOSPC) long before its size is reached. The index moves a block
+//! to its new tier when the move is decided, so a failed copy must not just be logged: the block
+//! would stay as a file in the tier it came from, uncounted, and that tier's real usage would
+//! creep past its size one failure at a time. Instead a failed write or move evicts the block:
+//! its files are removed from both directories (temporary files included), its index entry from
+//! whichever tier holds it, and the failure is counted per tier and logged with the directory.
+//! The block is a miss next time; nothing else changes.
+//!
 //! The index is a mutex-guarded map. Changes to files (writes, moves between tiers, deletes)
 //! are decided under the index lock and carried out in that order under a second lock that
 //! serialises them; reads take neither lock while reading. A reader that finds a block's file
@@ -112,10 +121,12 @@ struct BlockMeta {
 /// A file move or deletion decided under the lock and carried out after it.
 #[derive(Debug)]
 enum Action {
+    /// Moves a block's files into the tier `tier` (where the index already has it).
     Move {
         id: BlockId,
         from: PathBuf,
         to: PathBuf,
+        tier: TierKind,
     },
     Delete {
         id: BlockId,
@@ -299,10 +310,10 @@ impl BlockStore {
                 if let Some(e) = lru.remove(&id) {
                     used -= e.len;
                 }
-                run_actions(vec![Action::Delete {
-                    id,
-                    dir: spec.dir.clone(),
-                }]);
+                if let Err(e) = delete_block(id, &spec.dir) {
+                    tracing::warn!(block = %id, dir = %spec.dir.display(), error = %e,
+                        "cannot delete a duplicate block file");
+                }
             }
             tracing::info!(tier = spec.kind.label(), dir = %spec.dir.display(), blocks = lru.len(),
                 used, capacity = spec.capacity, "tier index rebuilt");
@@ -330,7 +341,7 @@ impl BlockStore {
             cascade(&mut inner, 0, &mut actions, &shared.metrics);
             actions
         };
-        run_actions(actions);
+        shared.run_actions(actions);
         let store = Self { shared };
         store.shared.publish_usage();
         Ok(store)
@@ -455,7 +466,7 @@ impl Shared {
         let _io = self.io.lock();
         self.forget(id);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        run_actions(vec![Action::Delete { id, dir }]);
+        self.run_actions(vec![Action::Delete { id, dir }]);
         None
     }
 
@@ -516,12 +527,13 @@ impl Shared {
             inner.tiers[0].lru.insert(id, moved);
             inner.tiers[0].used += entry.len;
             let to = inner.tiers[0].block_path(id);
-            let mut actions = vec![Action::Move { id, from, to }];
+            let tier = inner.tiers[0].spec.kind;
+            let mut actions = vec![Action::Move { id, from, to, tier }];
             self.metrics.promotions.inc();
             cascade(&mut inner, 0, &mut actions, &self.metrics);
             actions
         };
-        run_actions(actions);
+        self.run_actions(actions);
         self.publish_usage();
     }
 
@@ -532,7 +544,7 @@ impl Shared {
         // Outside the file-change lock: touching a block-sized buffer takes a moment.
         self.buffers.fill_one();
         let _io = self.io.lock();
-        let (dir, actions) = {
+        let (dir, kind, actions) = {
             let mut inner = self.inner.lock();
             if inner.find(id).is_some() || inner.pending.contains(&id) {
                 return true;
@@ -558,11 +570,12 @@ impl Shared {
             inner.pending.insert(id);
             inner.tiers[0].used += len;
             let dir = inner.tiers[0].spec.dir.clone();
+            let kind = inner.tiers[0].spec.kind;
             let mut actions = Vec::new();
             cascade(&mut inner, 0, &mut actions, &self.metrics);
-            (dir, actions)
+            (dir, kind, actions)
         };
-        run_actions(actions);
+        self.run_actions(actions);
         let meta = BlockMeta {
             path: key.path.clone(),
             version: key.version.clone(),
@@ -573,14 +586,14 @@ impl Shared {
         let ok = match write_block(&dir, id, bytes, &meta) {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(block = %id, error = %e, "cannot store block; serving it uncached");
-                run_actions(vec![Action::Delete {
+                self.write_failed(
                     id,
-                    dir: dir.clone(),
-                }]);
-                for tmp in [format!("{id}.blk.tmp"), format!("{id}.meta.tmp")] {
-                    let _ = std::fs::remove_file(dir.join(tmp));
-                }
+                    kind,
+                    &dir,
+                    &e,
+                    "cannot store a block; serving it uncached",
+                );
+                remove_block_files(id, &dir);
                 false
             }
         };
@@ -602,6 +615,47 @@ impl Shared {
         }
         self.publish_usage();
         ok
+    }
+
+    /// Carries out file actions decided under the index lock; the caller holds `io`. A move that
+    /// fails evicts the block (see the module's comment): a half-done move leaves files in
+    /// either directory, so both are cleaned, and the index entry goes wherever it is.
+    fn run_actions(&self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Move { id, from, to, tier } => {
+                    if let Err(e) = move_block(id, &from, &to) {
+                        let to_dir = parent(&to);
+                        self.write_failed(id, tier, to_dir, &e, "cannot move a block; evicting it");
+                        remove_block_files(id, parent(&from));
+                        remove_block_files(id, to_dir);
+                        self.forget(id);
+                    }
+                }
+                Action::Delete { id, dir } => {
+                    if let Err(e) = delete_block(id, &dir) {
+                        tracing::warn!(block = %id, dir = %dir.display(), error = %e,
+                            "cannot delete a block file");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts and logs a block file that could not be written into the tier `tier` at `dir`.
+    fn write_failed(
+        &self,
+        id: BlockId,
+        tier: TierKind,
+        dir: &Path,
+        e: &std::io::Error,
+        what: &str,
+    ) {
+        self.metrics
+            .tier_write_errors
+            .get_or_create(&self.metrics.tier(tier.label()))
+            .inc();
+        tracing::warn!(block = %id, tier = tier.label(), dir = %dir.display(), error = %e, "{what}");
     }
 
     fn usage(&self) -> Vec<TierUsage> {
@@ -667,6 +721,7 @@ fn cascade(inner: &mut Inner, from: usize, actions: &mut Vec<Action>, metrics: &
                     id: victim,
                     from: from_path,
                     to: next.block_path(victim),
+                    tier: next.spec.kind,
                 });
                 metrics.demotions.get_or_create(&label).inc();
             } else {
@@ -680,27 +735,34 @@ fn cascade(inner: &mut Inner, from: usize, actions: &mut Vec<Action>, metrics: &
     }
 }
 
-fn run_actions(actions: Vec<Action>) {
-    for a in actions {
-        let result = match &a {
-            Action::Move { id, from, to } => move_block(*id, from, to),
-            Action::Delete { id, dir } => {
-                let _ = std::fs::remove_file(dir.join(format!("{id}.meta")));
-                match std::fs::remove_file(dir.join(format!("{id}.blk"))) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                }
-            }
-        };
-        if let Err(e) = result {
-            tracing::warn!(action = ?a, error = %e, "block file action failed");
-        }
+fn parent(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
+/// Deletes a block's files from a directory; a file already gone is not an error.
+fn delete_block(id: BlockId, dir: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(dir.join(format!("{id}.meta")));
+    match std::fs::remove_file(dir.join(format!("{id}.blk"))) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Removes every file a block may have in a directory, temporary ones included; best effort,
+/// for cleaning up after a failed write.
+fn remove_block_files(id: BlockId, dir: &Path) {
+    for name in [
+        format!("{id}.blk"),
+        format!("{id}.meta"),
+        format!("{id}.blk.tmp"),
+        format!("{id}.meta.tmp"),
+    ] {
+        let _ = std::fs::remove_file(dir.join(name));
     }
 }
 
 fn move_block(id: BlockId, from: &Path, to: &Path) -> std::io::Result<()> {
-    let from_dir = from.parent().unwrap_or(Path::new("."));
-    let to_dir = to.parent().unwrap_or(Path::new("."));
+    let (from_dir, to_dir) = (parent(from), parent(to));
     let from_meta = from_dir.join(format!("{id}.meta"));
     let to_meta = to_dir.join(format!("{id}.meta"));
     // Tiers live on different filesystems, so copy to a temporary name and rename.
