@@ -565,24 +565,45 @@ impl Plugin {
     }
 
     /// Finds every recorded mount and repairs the broken ones. Returns how many repairs it made.
+    ///
+    /// The list of volumes is read without any volume's lock, and a pass waits on the mounter
+    /// for each volume in turn: by the time a volume's turn comes, a CSI call may have
+    /// published or unpublished a target of it, or unstaged it. So each volume's record is read
+    /// again once its lock is held, and a volume whose record is gone is left alone; repairing
+    /// the listed copy would write it back over the newer one (dropping a new target) or mount
+    /// an unstaged volume again.
     pub async fn repair_all(&self) -> usize {
         let mut repaired = 0;
         for rec in self.state.all() {
-            let rec = match rec {
-                Ok(r) => r,
+            let volume_id = match rec {
+                Ok(r) => r.volume_id,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read a volume's state; leaving it alone");
                     continue;
                 }
             };
-            let Ok(_busy) = self.busy(&rec.volume_id, "repair") else {
+            let Ok(_busy) = self.busy(&volume_id, "repair") else {
                 continue;
+            };
+            let rec = match self.state.load(&volume_id) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    tracing::debug!(volume = %volume_id, "unstaged during the repair pass");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %volume_id, error = %e, "cannot read a volume's state; leaving it alone");
+                    continue;
+                }
             };
             repaired += self.repair(rec).await;
         }
         repaired
     }
 
+    /// Repairs one volume's FUSE mount and targets. `rec` must have been read under the
+    /// volume's lock, which the caller holds until this returns: it is written back when a
+    /// target is forgotten.
     async fn repair(&self, mut rec: VolumeRecord) -> usize {
         let vid = rec.volume_id.clone();
         let mut repaired = 0;
@@ -834,5 +855,173 @@ impl Node for Services {
                 segments: HashMap::from([(TOPOLOGY_KEY.to_string(), node.clone())]),
             }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lakecache_proto::lakecache::v1::mounter_server::{Mounter, MounterServer};
+    use lakecache_proto::lakecache::v1::{ListMountsResponse, MountResponse, UnmountResponse};
+
+    type Meanwhile = Box<dyn FnOnce(&str) + Send>;
+
+    /// A mounter that records the volumes it was asked to mount and, at the first request, runs
+    /// `meanwhile` with that request's volume id: a CSI call on another volume that lands while
+    /// the repair loop waits for the mounter.
+    struct FakeMounter {
+        mounted: Arc<parking_lot::Mutex<Vec<String>>>,
+        meanwhile: parking_lot::Mutex<Option<Meanwhile>>,
+    }
+
+    #[tonic::async_trait]
+    impl Mounter for FakeMounter {
+        async fn mount(
+            &self,
+            req: Request<MountRequest>,
+        ) -> Result<Response<MountResponse>, Status> {
+            let volume_id = req.into_inner().volume_id;
+            let meanwhile = self.meanwhile.lock().take();
+            if let Some(f) = meanwhile {
+                f(&volume_id);
+            }
+            self.mounted.lock().push(volume_id);
+            Ok(Response::new(MountResponse {
+                pid: 1,
+                started: false,
+            }))
+        }
+
+        async fn unmount(
+            &self,
+            _: Request<UnmountRequest>,
+        ) -> Result<Response<UnmountResponse>, Status> {
+            Ok(Response::new(UnmountResponse {}))
+        }
+
+        async fn list_mounts(
+            &self,
+            _: Request<ListMountsRequest>,
+        ) -> Result<Response<ListMountsResponse>, Status> {
+            Ok(Response::new(ListMountsResponse::default()))
+        }
+    }
+
+    /// Two staged volumes, `a` and `b`, each with one target whose path is gone (so a repair
+    /// rewrites its record), a plugin over them and a fake mounter that runs `meanwhile` with
+    /// the volume it is first asked about. Returns the plugin, its state and the volumes the
+    /// mounter was asked to mount.
+    async fn two_volumes(
+        root: &Path,
+        meanwhile: impl FnOnce(&StateDir, &str) + Send + 'static,
+    ) -> (Plugin, StateDir, Arc<parking_lot::Mutex<Vec<String>>>) {
+        let state = StateDir::open(&root.join("state")).unwrap();
+        for v in ["a", "b"] {
+            let mut rec = VolumeRecord {
+                volume_id: v.into(),
+                staging_path: root.join(v).join("globalmount"),
+                ephemeral: false,
+                namespace: "ml".into(),
+                name: "imagenet".into(),
+                targets: Default::default(),
+            };
+            rec.targets.insert(
+                root.join(v).join("gone"),
+                TargetRecord {
+                    sub_path: String::new(),
+                },
+            );
+            state.save(&rec).unwrap();
+        }
+        let mounted = Arc::new(parking_lot::Mutex::new(vec![]));
+        let other = state.clone();
+        let fake = FakeMounter {
+            mounted: mounted.clone(),
+            meanwhile: parking_lot::Mutex::new(Some(Box::new(move |v: &str| meanwhile(&other, v)))),
+        };
+        let listener = tokio::net::UnixListener::bind(state.mounter_socket()).unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(MounterServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        let cfg = PluginConfig {
+            node_id: "node-1".into(),
+            prefetch_budget: 0,
+            fuse_threads: 1,
+            local_cache_dir: None,
+            local_cache_size: 0,
+            startup_timeout: Duration::from_secs(1),
+            mounter_timeout: Duration::from_secs(5),
+        };
+        (Plugin::new(cfg, state.clone()), state, mounted)
+    }
+
+    fn other(volume_id: &str) -> &'static str {
+        if volume_id == "a" { "b" } else { "a" }
+    }
+
+    #[tokio::test]
+    async fn a_target_published_during_a_repair_pass_is_kept() {
+        // The published target must be left alone by the repair, so it is a path that is
+        // mounted and answers; make sure /proc is one here before the plugin may act on it.
+        let published = PathBuf::from("/proc");
+        assert_eq!(mounts::health(&published), Health::Healthy);
+        let root = tempfile::tempdir().unwrap();
+        let p = published.clone();
+        let (plugin, state, _) = two_volumes(root.path(), move |state, v| {
+            let mut rec = state.load(other(v)).unwrap().unwrap();
+            rec.targets.insert(
+                p,
+                TargetRecord {
+                    sub_path: String::new(),
+                },
+            );
+            state.save(&rec).unwrap();
+        })
+        .await;
+        plugin.repair_all().await;
+        for v in ["a", "b"] {
+            let rec = state.load(v).unwrap().unwrap();
+            let gone = root.path().join(v).join("gone");
+            assert!(!rec.targets.contains_key(&gone), "{v}: {rec:?}");
+        }
+        let published_to: Vec<_> = ["a", "b"]
+            .into_iter()
+            .filter(|v| {
+                state
+                    .load(v)
+                    .unwrap()
+                    .unwrap()
+                    .targets
+                    .contains_key(&published)
+            })
+            .collect();
+        assert_eq!(
+            published_to.len(),
+            1,
+            "the target published meanwhile is still recorded"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_volume_unstaged_during_a_repair_pass_is_not_mounted_again() {
+        let root = tempfile::tempdir().unwrap();
+        let (plugin, state, mounted) = two_volumes(root.path(), |state, v| {
+            state.remove(other(v)).unwrap();
+        })
+        .await;
+        plugin.repair_all().await;
+        let mounted = mounted.lock().clone();
+        assert_eq!(mounted.len(), 1, "mounted: {mounted:?}");
+        let left: Vec<_> = state
+            .all()
+            .into_iter()
+            .map(|r| r.unwrap().volume_id)
+            .collect();
+        assert_eq!(
+            left, mounted,
+            "the unstaged volume's record is not written back"
+        );
     }
 }
