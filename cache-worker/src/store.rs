@@ -546,15 +546,37 @@ impl Shared {
         let _io = self.io.lock();
         let (dir, kind, actions) = {
             let mut inner = self.inner.lock();
-            if inner.find(id).is_some() || inner.pending.contains(&id) {
+            if inner.pending.contains(&id) {
                 return true;
             }
+            // A cached copy of another length was fetched for a reader with a wrong idea of the
+            // object's size (the key does not include it): this one replaces it, or it would be
+            // served, and refetched, for good.
+            let mut actions = Vec::new();
+            if let Some(t) = inner.find(id) {
+                let tier = &mut inner.tiers[t];
+                if tier.lru[&id].len == len {
+                    return true;
+                }
+                if let Some(old) = tier.lru.remove(&id) {
+                    tier.used -= old.len;
+                }
+                actions.push(Action::Delete {
+                    id,
+                    dir: tier.spec.dir.clone(),
+                });
+            }
+            let replacing = !actions.is_empty();
             let total_cap: u64 = inner.tiers.iter().map(|t| t.spec.capacity).sum();
             let total_used: u64 = inner.tiers.iter().map(|t| t.used).sum();
             if len > inner.tiers[0].spec.capacity {
+                drop(inner);
+                self.run_actions(actions);
+                self.publish_usage();
                 return false;
             }
-            if total_used + len > total_cap {
+            // A replacement was admitted already, as the copy it replaces.
+            if total_used + len > total_cap && !replacing {
                 let last = inner.tiers.last().expect("at least one tier");
                 let victim = last.lru.front().map(|(v, _)| *v);
                 let theirs = victim
@@ -571,7 +593,6 @@ impl Shared {
             inner.tiers[0].used += len;
             let dir = inner.tiers[0].spec.dir.clone();
             let kind = inner.tiers[0].spec.kind;
-            let mut actions = Vec::new();
             cascade(&mut inner, 0, &mut actions, &self.metrics);
             (dir, kind, actions)
         };
