@@ -27,6 +27,35 @@ pub struct TierConfig {
     pub size: ByteSize,
 }
 
+/// Bounds on what a worker holds or does at once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkerLimits {
+    /// Most source (lake) reads under way at once; further misses wait for one to finish.
+    #[serde(default = "default_max_source_fetches")]
+    pub max_source_fetches: usize,
+    /// Most metadata entries cached: each stat counts one, each listing one plus its entries.
+    /// The least recently used go first, whatever the metadata policy.
+    #[serde(default = "default_metadata_entries")]
+    pub metadata_entries: usize,
+}
+
+impl Default for WorkerLimits {
+    fn default() -> Self {
+        Self {
+            max_source_fetches: default_max_source_fetches(),
+            metadata_entries: default_metadata_entries(),
+        }
+    }
+}
+
+fn default_max_source_fetches() -> usize {
+    crate::cache::DEFAULT_MAX_SOURCE_FETCHES
+}
+fn default_metadata_entries() -> usize {
+    crate::meta::DEFAULT_METADATA_ENTRIES
+}
+
 /// The worker's configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -44,6 +73,9 @@ pub struct WorkerConfig {
     pub tiers: Vec<TierConfig>,
     #[serde(default)]
     pub metadata: MetadataPolicy,
+    /// Caps on source reads and cached metadata; each has a default.
+    #[serde(default)]
+    pub limits: WorkerLimits,
     /// File holding the data-plane token; without one (and without `LAKECACHE_TOKEN`) the data
     /// plane is open, which only `lakecache local` should use.
     #[serde(default)]
@@ -114,6 +146,12 @@ pub struct WorkerFlags {
     /// File holding the data-plane token.
     #[arg(long, env = "LAKECACHE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Most source reads under way at once (default 32).
+    #[arg(long, env = "LAKECACHE_MAX_SOURCE_FETCHES")]
+    pub max_source_fetches: Option<usize>,
+    /// Most metadata entries cached (default 2000000).
+    #[arg(long, env = "LAKECACHE_METADATA_ENTRIES")]
+    pub metadata_entries: Option<usize>,
 }
 
 /// Parses `PATH:SIZE`.
@@ -151,6 +189,7 @@ impl WorkerConfig {
                     block_size: default_block_size(),
                     tiers: vec![],
                     metadata: MetadataPolicy::Immutable,
+                    limits: WorkerLimits::default(),
                     token_file: None,
                     token: None,
                 }
@@ -197,6 +236,12 @@ impl WorkerConfig {
         }
         if let Some(v) = &flags.token_file {
             cfg.token_file = Some(v.clone());
+        }
+        if let Some(v) = flags.max_source_fetches {
+            cfg.limits.max_source_fetches = v;
+        }
+        if let Some(v) = flags.metadata_entries {
+            cfg.limits.metadata_entries = v;
         }
         if cfg.token.is_none() {
             cfg.token = std::env::var("LAKECACHE_TOKEN")
@@ -246,6 +291,11 @@ impl WorkerConfig {
             if t.kind == TierKind::Disk && t.path.is_none() {
                 return Err(ConfigError::Invalid("the Disk tier needs a path".into()));
             }
+        }
+        if self.limits.max_source_fetches == 0 || self.limits.metadata_entries == 0 {
+            return Err(ConfigError::Invalid(
+                "limits: maxSourceFetches and metadataEntries must be at least 1".into(),
+            ));
         }
         if self.id.is_empty() {
             return Err(ConfigError::Invalid("empty worker id".into()));
@@ -304,6 +354,7 @@ tiers:
   - { kind: Memory, size: 1GiB }
   - { kind: Disk, path: /var/cache/lakecache, size: 50GiB }
 metadata: { policy: Ttl, ttl: 5m }
+limits: { maxSourceFetches: 8 }
 tokenFile: /etc/lakecache/token/token
 "#;
         let cfg: WorkerConfig = serde_yaml_ng::from_str(yaml).unwrap();
@@ -315,6 +366,11 @@ tokenFile: /etc/lakecache/token/token
             MetadataPolicy::Ttl {
                 ttl: std::time::Duration::from_secs(300)
             }
+        );
+        assert_eq!(cfg.limits.max_source_fetches, 8);
+        assert_eq!(
+            cfg.limits.metadata_entries,
+            crate::meta::DEFAULT_METADATA_ENTRIES
         );
         let tiers = cfg.tier_specs();
         assert_eq!(tiers[0].dir, PathBuf::from("/dev/shm/lakecache-w-1"));
@@ -362,6 +418,23 @@ tokenFile: /etc/lakecache/token/token
         };
         let cfg = WorkerConfig::from_flags(&flags).unwrap();
         assert_eq!(cfg.tiers.len(), 2);
+        assert_eq!(cfg.limits, WorkerLimits::default());
+        let cfg = WorkerConfig::from_flags(&WorkerFlags {
+            max_source_fetches: Some(2),
+            metadata_entries: Some(10),
+            ..flags.clone()
+        })
+        .unwrap();
+        assert_eq!(
+            (cfg.limits.max_source_fetches, cfg.limits.metadata_entries),
+            (2, 10)
+        );
+        let e = WorkerConfig::from_flags(&WorkerFlags {
+            max_source_fetches: Some(0),
+            ..flags
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("maxSourceFetches"), "{e}");
         assert_eq!(cfg.tier_specs()[1].dir, PathBuf::from("/var/cache/x"));
     }
 }

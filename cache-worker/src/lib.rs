@@ -89,10 +89,18 @@ impl Worker {
         .await?;
         let bs = cfg.block_size.as_u64();
         let store = Arc::new(BlockStore::open(cfg.tier_specs(), bs, metrics.clone())?);
-        let cache = Arc::new(BlockCache::new(store, source.clone(), bs, metrics.clone()));
         let meta = Arc::new(MetadataCache::new(
             source.clone(),
             cfg.metadata,
+            cfg.limits.metadata_entries,
+            metrics.clone(),
+        ));
+        let cache = Arc::new(BlockCache::new(
+            store,
+            source.clone(),
+            meta.clone(),
+            bs,
+            cfg.limits.max_source_fetches,
             metrics.clone(),
         ));
         let preloader = Preloader::new(cfg.id.clone(), cache.clone(), meta.clone());

@@ -26,6 +26,9 @@ pub struct FaultSource {
     inner: Arc<dyn Source>,
     mode: AtomicU8,
     reads: AtomicU64,
+    /// Reads under way now, and the most there ever were at once.
+    reading: Arc<AtomicU64>,
+    max_reading: Arc<AtomicU64>,
     read_delay: parking_lot::Mutex<Duration>,
 }
 
@@ -35,6 +38,8 @@ impl FaultSource {
             inner,
             mode: AtomicU8::new(0),
             reads: AtomicU64::new(0),
+            reading: Default::default(),
+            max_reading: Default::default(),
             read_delay: parking_lot::Mutex::new(Duration::ZERO),
         }
     }
@@ -53,6 +58,11 @@ impl FaultSource {
         self.reads.load(Ordering::SeqCst)
     }
 
+    /// The most `read` calls that were under way at once.
+    pub fn max_concurrent_reads(&self) -> u64 {
+        self.max_reading.load(Ordering::SeqCst)
+    }
+
     async fn gate(&self) -> Result<()> {
         match self.mode.load(Ordering::SeqCst) {
             0 => Ok(()),
@@ -62,6 +72,14 @@ impl FaultSource {
                 Err(LakeError::Unavailable("injected fault: source hung".into()))
             }
         }
+    }
+}
+
+struct Reading(Arc<AtomicU64>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -79,6 +97,10 @@ impl Source for FaultSource {
 
     async fn read(&self, path: &str, version: &str, start: u64, end: u64) -> Result<Bytes> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        let now = self.reading.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_reading.fetch_max(now, Ordering::SeqCst);
+        // Counted down however the read ends, a cancelled one included.
+        let _reading = Reading(self.reading.clone());
         let delay = *self.read_delay.lock();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
