@@ -6,6 +6,12 @@
 //! loads a disjoint share in parallel and the readers later find each block where they look.
 //! Progress (files and bytes done of total) and per-path failures are kept per preload id and
 //! can be watched; a preload can be cancelled.
+//!
+//! What a worker keeps of its preloads is bounded, as a worker runs for months and a preload's
+//! status travels in one gRPC message: a preload lists at most [`MAX_FAILURES`] failed paths,
+//! each path and reason clipped ([`MAX_FAILURE_PATH_BYTES`], [`MAX_FAILURE_REASON_BYTES`]), the
+//! last one kept saying how many more failed; so a status stays under [`MAX_STATUS_BYTES`].
+//! Finished preloads stay watchable for an hour, and only the last [`KEEP_FINISHED`] of them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +37,21 @@ const BYTES_IN_FLIGHT: u64 = 64 << 20;
 /// Directories listed at once while the paths are expanded.
 const LIST_CONCURRENCY: usize = 16;
 
+/// Failed paths listed in one preload's status; the rest are counted in the last one's reason.
+pub const MAX_FAILURES: usize = 100;
+/// Longest path, and longest reason, of a listed failure, in bytes (longer ones are clipped).
+pub const MAX_FAILURE_PATH_BYTES: usize = 4096;
+pub const MAX_FAILURE_REASON_BYTES: usize = 1024;
+/// Longest preload id this bound allows for; ids are Kubernetes object names (at most 253).
+pub const MAX_ID_BYTES: usize = 4096;
+/// The largest encoded `PreloadStatus` a worker sends: [`MAX_FAILURES`] failures of the longest
+/// path and reason (about 500 KiB) plus the id and counters, rounded up. A client that watches
+/// preloads must accept messages of this size.
+pub const MAX_STATUS_BYTES: usize = 1 << 20;
+/// Finished preloads kept for late watchers, and how long.
+pub const KEEP_FINISHED: usize = 64;
+const FINISHED_TTL_MILLIS: i64 = 3_600_000;
+
 /// A preload request as the worker sees it.
 #[derive(Debug, Clone)]
 pub struct PreloadSpec {
@@ -41,6 +62,8 @@ pub struct PreloadSpec {
 }
 
 struct Job {
+    /// Start order, to tell apart preloads that finished in the same millisecond.
+    seq: u64,
     status: watch::Sender<PreloadStatus>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -51,6 +74,54 @@ pub struct Preloader {
     cache: Arc<BlockCache>,
     meta: Arc<MetadataCache>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    started: std::sync::atomic::AtomicU64,
+}
+
+/// Clips a string to at most `max` bytes, at a character boundary, marking the cut with `…`.
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The failures of one preload as they are listed: the first [`MAX_FAILURES`], clipped.
+#[derive(Default)]
+struct FailureLog {
+    listed: usize,
+    omitted: u64,
+    /// The last listed failure as it was first recorded, before it counted the omitted ones.
+    last: Option<PathFailure>,
+}
+
+impl FailureLog {
+    /// Records a failure in a status: listed while there is room, else counted in the reason of
+    /// the last listed one.
+    fn record(&mut self, s: &mut PreloadStatus, path: &str, reason: &str) {
+        if self.listed < MAX_FAILURES {
+            let f = PathFailure {
+                path: clip(path, MAX_FAILURE_PATH_BYTES),
+                reason: clip(reason, MAX_FAILURE_REASON_BYTES),
+            };
+            self.listed += 1;
+            if self.listed == MAX_FAILURES {
+                self.last = Some(f.clone());
+            }
+            s.failures.push(f);
+            return;
+        }
+        self.omitted += 1;
+        let (Some(first), Some(last)) = (&self.last, s.failures.last_mut()) else {
+            return;
+        };
+        let more = format!(" (and {} more failed paths, not listed)", self.omitted);
+        let room = MAX_FAILURE_REASON_BYTES.saturating_sub(more.len());
+        last.reason = format!("{}{more}", clip(&first.reason, room));
+    }
 }
 
 fn now_millis() -> i64 {
@@ -67,7 +138,33 @@ impl Preloader {
             cache,
             meta,
             jobs: Default::default(),
+            started: Default::default(),
         })
+    }
+
+    /// Drops finished preloads that finished over an hour before `now` (Unix millis), then all
+    /// but the last [`KEEP_FINISHED`] finished ones. Running ones stay.
+    fn prune(jobs: &mut HashMap<String, Arc<Job>>, now: i64) {
+        let mut finished: Vec<(i64, u64, String)> = jobs
+            .iter()
+            .filter_map(|(id, j)| {
+                let s = j.status.borrow();
+                (s.phase != PreloadPhase::Running as i32)
+                    .then(|| (s.finished_unix_millis, j.seq, id.clone()))
+            })
+            .collect();
+        finished.sort();
+        let excess = finished.len().saturating_sub(KEEP_FINISHED);
+        for (i, (at, _, id)) in finished.into_iter().enumerate() {
+            if i < excess || at < now - FINISHED_TTL_MILLIS {
+                jobs.remove(&id);
+            }
+        }
+    }
+
+    /// [`Self::prune`] as of `now`; the worker prunes as each preload starts.
+    pub fn prune_at(&self, now: i64) {
+        Self::prune(&mut self.jobs.lock(), now);
     }
 
     /// Starts a preload, or returns the status of the one with that id.
@@ -76,6 +173,7 @@ impl Preloader {
         if let Some(job) = jobs.get(&spec.id) {
             return job.status.borrow().clone();
         }
+        Self::prune(&mut jobs, now_millis());
         let initial = PreloadStatus {
             id: spec.id.clone(),
             phase: PreloadPhase::Running as i32,
@@ -84,6 +182,9 @@ impl Preloader {
         };
         let (tx, _) = watch::channel(initial.clone());
         let job = Arc::new(Job {
+            seq: self
+                .started
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             status: tx,
             task: Mutex::new(None),
         });
@@ -121,16 +222,15 @@ impl Preloader {
         let update = |f: &dyn Fn(&mut PreloadStatus)| {
             job.status.send_modify(|s| f(s));
         };
+        let failures = Mutex::new(FailureLog::default());
+        let fail = |s: &mut PreloadStatus, path: &str, reason: &str| {
+            failures.lock().record(s, path, reason);
+        };
         let mut files: Vec<(String, ObjectMeta)> = Vec::new();
         for pattern in &spec.paths {
             match self.expand(pattern).await {
                 Ok(mut found) => files.append(&mut found),
-                Err(e) => update(&|s| {
-                    s.failures.push(PathFailure {
-                        path: pattern.clone(),
-                        reason: e.to_string(),
-                    })
-                }),
+                Err(e) => update(&|s| fail(s, pattern, &e.to_string())),
             }
         }
         files.sort_by(|a, b| a.0.cmp(&b.0));
@@ -139,10 +239,7 @@ impl Preloader {
         if !spec.members.is_empty() && me.is_none() {
             let reason = format!("worker {} is not among the preload's members", self.me);
             update(&|s| {
-                s.failures.push(PathFailure {
-                    path: String::new(),
-                    reason: reason.clone(),
-                });
+                fail(s, "", &reason);
                 s.phase = PreloadPhase::Failed as i32;
                 s.finished_unix_millis = now_millis();
             });
@@ -238,10 +335,7 @@ impl Preloader {
                     s.files_done += 1;
                 }
                 if let Some(reason) = &failure {
-                    s.failures.push(PathFailure {
-                        path: path.clone(),
-                        reason: reason.clone(),
-                    });
+                    fail(s, path, reason);
                 }
             });
         }
@@ -310,5 +404,153 @@ impl Preloader {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::WorkerMetrics;
+    use crate::store::{BlockStore, TierKind, TierSpec};
+    use lakecache_lake::{FaultMode, FaultSource, OpendalSource, Source, SourceSpec};
+    use prost::Message;
+
+    struct Fixture {
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+        preloader: Arc<Preloader>,
+    }
+
+    fn fixture() -> Fixture {
+        let (lake, mem) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let real = OpendalSource::new(&SourceSpec::new(format!(
+            "file://{}",
+            lake.path().display()
+        )))
+        .unwrap();
+        // Down: every path fails at once, which is all these tests need from the lake.
+        let fault = FaultSource::new(Arc::new(real));
+        fault.set_mode(FaultMode::Down);
+        let source: Arc<dyn Source> = Arc::new(fault);
+        let metrics = Arc::new(WorkerMetrics::default());
+        let store = BlockStore::open(
+            vec![TierSpec {
+                kind: TierKind::Memory,
+                dir: mem.path().into(),
+                capacity: 1 << 20,
+            }],
+            1 << 16,
+            metrics.clone(),
+        )
+        .unwrap();
+        let meta = Arc::new(MetadataCache::new(
+            source.clone(),
+            Default::default(),
+            1000,
+            metrics.clone(),
+        ));
+        let cache = Arc::new(BlockCache::new(
+            Arc::new(store),
+            source,
+            meta.clone(),
+            1 << 16,
+            4,
+            metrics,
+        ));
+        Fixture {
+            _dirs: (lake, mem),
+            preloader: Preloader::new("w0".into(), cache, meta),
+        }
+    }
+
+    fn spec(id: &str, paths: Vec<String>) -> PreloadSpec {
+        PreloadSpec {
+            id: id.into(),
+            paths,
+            metadata_only: false,
+            members: vec![],
+        }
+    }
+
+    async fn finished(p: &Preloader, id: &str) -> PreloadStatus {
+        let mut rx = p.watch(id).unwrap();
+        rx.wait_for(|s| s.phase != PreloadPhase::Running as i32)
+            .await
+            .unwrap()
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn finished_preloads_are_pruned() {
+        let f = fixture();
+        let p = &f.preloader;
+        for i in 0..KEEP_FINISHED + 6 {
+            p.start(spec(&format!("p{i}"), vec!["missing".into()]));
+            finished(p, &format!("p{i}")).await;
+        }
+        // Each start kept the last KEEP_FINISHED finished ones: p5 to p68, then p69 started.
+        assert!(p.watch("p4").is_none() && p.watch("p5").is_some());
+        p.start(spec("last", vec!["missing".into()]));
+        for i in 0..6 {
+            assert!(p.watch(&format!("p{i}")).is_none(), "p{i} kept");
+        }
+        assert!(p.watch("p6").is_some() && p.watch("p69").is_some());
+        assert_eq!(p.jobs.lock().len(), KEEP_FINISHED + 1);
+        finished(p, "last").await;
+        p.prune_at(now_millis() + FINISHED_TTL_MILLIS - 60_000);
+        assert!(p.watch("p69").is_some(), "pruned before its hour was up");
+        p.prune_at(now_millis() + FINISHED_TTL_MILLIS + 60_000);
+        assert!(p.jobs.lock().is_empty(), "finished an hour ago and kept");
+    }
+
+    #[tokio::test]
+    async fn failures_are_capped_and_clipped() {
+        let f = fixture();
+        // Paths over the limit, in two-byte characters: clipped at a character boundary.
+        let long = "é".repeat(MAX_FAILURE_PATH_BYTES / 2);
+        let paths: Vec<String> = (0..150).map(|i| format!("{i}{long}")).collect();
+        f.preloader.start(spec("many", paths));
+        let s = finished(&f.preloader, "many").await;
+        assert_eq!(s.phase, PreloadPhase::Failed as i32);
+        assert_eq!(s.failures.len(), MAX_FAILURES);
+        for fl in &s.failures {
+            assert!(fl.path.ends_with('…'), "path not clipped");
+            assert!(fl.path.len() <= MAX_FAILURE_PATH_BYTES, "{}", fl.path.len());
+            assert!(
+                fl.reason.len() <= MAX_FAILURE_REASON_BYTES,
+                "{}",
+                fl.reason.len()
+            );
+        }
+        let last = &s.failures.last().unwrap().reason;
+        assert!(
+            last.ends_with("(and 50 more failed paths, not listed)"),
+            "{last}"
+        );
+    }
+
+    #[test]
+    fn the_largest_status_fits_its_bound() {
+        let mut s = PreloadStatus {
+            id: "i".repeat(MAX_ID_BYTES),
+            phase: PreloadPhase::Failed as i32,
+            files_total: u64::MAX,
+            files_done: u64::MAX,
+            bytes_total: u64::MAX,
+            bytes_done: u64::MAX,
+            failures: vec![],
+            started_unix_millis: i64::MIN,
+            finished_unix_millis: i64::MIN,
+            matched_bytes: u64::MAX,
+        };
+        let mut log = FailureLog::default();
+        let (path, reason) = ("p".repeat(100_000), "r".repeat(100_000));
+        for _ in 0..10 * MAX_FAILURES {
+            log.record(&mut s, &path, &reason);
+        }
+        assert_eq!(s.failures.len(), MAX_FAILURES);
+        let len = s.encoded_len();
+        assert!(len <= MAX_STATUS_BYTES, "{len} bytes > {MAX_STATUS_BYTES}");
+        let listed = MAX_FAILURES * (MAX_FAILURE_PATH_BYTES + MAX_FAILURE_REASON_BYTES);
+        assert!(len > listed, "not the worst case: {len} bytes");
     }
 }
