@@ -12,6 +12,14 @@ use lakecache_proto::lakecache::v1 as pb;
 use lakecache_proto::lakecache::v1::cache_worker_client::CacheWorkerClient;
 use tonic::transport::{Channel, Endpoint};
 
+/// Largest message the operator accepts from a worker. A preload's status is the largest a
+/// worker sends: it lists at most 100 failed paths, each path and reason clipped, under 1 MiB
+/// in all (`lakecache_worker::preload::MAX_STATUS_BYTES`; the operator does not depend on the
+/// worker crate, so the figure is repeated here, and a test checks that it still covers it).
+/// tonic's default of 4 MiB would do too; it is set explicitly so that a change of either side
+/// is a visible decision.
+pub const RECEIVE_LIMIT: usize = 4 << 20;
+
 /// One worker, with the token of its CacheNamespace.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WorkerRef {
@@ -116,7 +124,8 @@ impl GrpcWorkers {
         };
         let auth = lakecache_client::membership::Auth::bearer(&w.token)
             .map_err(|_| WorkerError::new(w, "the data-plane token is not valid ASCII"))?;
-        Ok(CacheWorkerClient::with_interceptor(channel, auth))
+        Ok(CacheWorkerClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(RECEIVE_LIMIT))
     }
 
     async fn timed<T>(
@@ -176,5 +185,19 @@ impl WorkerApi for GrpcWorkers {
             Err(e) if e.not_found => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_receive_limit_covers_the_largest_preload_status() {
+        let largest = lakecache_worker::preload::MAX_STATUS_BYTES;
+        assert!(
+            RECEIVE_LIMIT >= largest,
+            "a worker may send a preload status of {largest} bytes, more than {RECEIVE_LIMIT}"
+        );
     }
 }
