@@ -60,6 +60,7 @@ async fn lake(n: usize) -> Lake {
             metadata: MetadataPolicy::Immutable,
             token_file: None,
             token: Some("secret".into()),
+            limits: Default::default(),
         };
         workers.push(Some(Worker::start(cfg).await.unwrap()));
         tiers.push(t);

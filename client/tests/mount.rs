@@ -72,6 +72,7 @@ async fn setup(passthrough: bool) -> Setup {
             metadata: MetadataPolicy::Immutable,
             token_file: None,
             token: None,
+            limits: Default::default(),
         };
         workers.push(Worker::start(cfg).await.unwrap());
     }

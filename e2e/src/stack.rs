@@ -198,6 +198,7 @@ async fn start_worker(
         metadata: MetadataPolicy::Immutable,
         token_file: None,
         token: Some(TOKEN.into()),
+        limits: Default::default(),
     };
     Ok(Worker::start(wc).await?)
 }

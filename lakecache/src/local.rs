@@ -135,6 +135,7 @@ pub async fn start(args: &LocalArgs, source: Arc<dyn Source>) -> anyhow::Result<
             metadata,
             token_file: None,
             token: None,
+            limits: Default::default(),
         };
         let w = Worker::start_with_source(cfg, source.clone())
             .await

@@ -73,6 +73,7 @@ impl Lake {
                 metadata: MetadataPolicy::Immutable,
                 token_file: None,
                 token: Some(TOKEN.to_string()),
+                limits: Default::default(),
             };
             ws.push(Worker::start(cfg).await.unwrap());
         }
