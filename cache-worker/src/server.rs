@@ -255,8 +255,19 @@ impl CacheWorker for WorkerService {
         req: Request<pb::ListRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
         let path = lakecache_lake::normalize(&req.into_inner().path);
-        let entries = self.meta.list(&path).await.map_err(|e| lake_status(&e))?;
-        Ok(Response::new(Box::pin(list_pages(entries))))
+        // An empty page goes out at once, so the reader knows the worker is alive while a
+        // listing it does not hold comes from the source (which may take long for a large
+        // directory); the listing's pages follow.
+        let meta = self.meta.clone();
+        let listing = async move {
+            match meta.list(&path).await {
+                Ok(entries) => list_pages(entries).left_stream(),
+                Err(e) => futures::stream::once(async move { Err(lake_status(&e)) }).right_stream(),
+            }
+        };
+        let alive = futures::stream::once(async { Ok(pb::ListResponse { entries: vec![] }) });
+        let stream = alive.chain(futures::stream::once(listing).flatten());
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn start_preload(

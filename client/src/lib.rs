@@ -5,6 +5,8 @@
 //! - [`reader`]: metadata (listings and attributes, cached with entry TTLs or forever for
 //!   `Immutable` data) and blocks, each asked of its rendezvous owner, failing over to the next
 //!   owner and finally to the source, so a dead worker costs speed, never a failed read.
+//! - [`health`]: deadlines that follow the workers' latency, hedged reads, and ejection of a
+//!   worker that stops answering, so that a hung worker costs about a second once.
 //! - [`prefetch`]: a per-open-file read-ahead window that doubles on sequential reads and resets
 //!   on seeks, under a memory budget shared by every open file.
 //! - [`fs`]: the filesystem core (inodes, lookup, readdir, open, read) as async functions tested
@@ -13,6 +15,7 @@
 
 pub mod fs;
 pub mod fuse;
+pub mod health;
 pub mod local_cache;
 pub mod membership;
 pub mod metrics;

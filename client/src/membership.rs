@@ -8,6 +8,11 @@ use parking_lot::RwLock;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+/// HTTP/2 keepalive of worker connections: a ping this often, and the connection is closed when
+/// its answer takes longer than the timeout.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// One worker as published: its ring id and its gRPC endpoint (`http://host:port`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Member {
@@ -99,6 +104,11 @@ impl Membership {
             let channel = Endpoint::from_shared(m.endpoint.clone())
                 .map_err(|e| err(e.to_string()))?
                 .connect_timeout(self.connect_timeout)
+                // A peer that stops answering pings (a stopped process, a partition, a
+                // half-open connection) is dropped in seconds, failing its calls at once.
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .tcp_nodelay(true)
                 .http2_adaptive_window(true)
                 .initial_stream_window_size(8 << 20)

@@ -29,6 +29,15 @@ pub struct ReaderMetrics {
     pub passthrough_opens: Counter,
     /// Directory listings asked of workers (or the source); cached listings don't count.
     pub listings: Counter,
+    /// Block reads also asked of the next owner because the first had not answered yet.
+    pub hedges: Counter,
+    /// Of those, reads where the hedge's answer came first.
+    pub hedge_wins: Counter,
+    /// Workers ejected for not answering, and brought back after answering a probe.
+    pub ejections: Counter,
+    pub readmissions: Counter,
+    /// Workers ejected now.
+    pub ejected_workers: Gauge,
 }
 
 impl ReaderMetrics {
@@ -65,6 +74,31 @@ impl ReaderMetrics {
             "listings",
             "Directory listings asked of workers or the source",
             self.listings.clone(),
+        );
+        r.register(
+            "hedges",
+            "Block reads also asked of the next owner after the hedge delay",
+            self.hedges.clone(),
+        );
+        r.register(
+            "hedge_wins",
+            "Hedged block reads the hedge answered first",
+            self.hedge_wins.clone(),
+        );
+        r.register(
+            "worker_ejections",
+            "Workers ejected after consecutive failures",
+            self.ejections.clone(),
+        );
+        r.register(
+            "worker_readmissions",
+            "Ejected workers brought back after answering a probe",
+            self.readmissions.clone(),
+        );
+        r.register(
+            "ejected_workers",
+            "Workers ejected now",
+            self.ejected_workers.clone(),
         );
     }
 

@@ -9,15 +9,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use hashlink::LinkedHashMap;
 use lakecache_lake::block::path_item;
 use lakecache_lake::{BlockKey, DirEntry, Kind, LakeError, ObjectMeta, Source};
 use lakecache_proto::lakecache::v1 as pb;
 use parking_lot::Mutex;
 use tonic::Code;
 
+use crate::health::Health;
 use crate::membership::{Conn, Membership};
 use crate::metrics::{OriginLabel, ReaderMetrics};
 
@@ -102,39 +105,86 @@ impl ReadError {
     }
 }
 
-/// A worker's answer: final (`Err(Some)`), or try the next worker (`Err(None)`).
-type Attempt<T> = Result<T, Option<ReadError>>;
+/// Why a call to one worker gave no usable answer.
+#[derive(Debug)]
+enum Miss {
+    /// The answer is final: another worker would say the same (the source failed, the object
+    /// is gone or changed, the reader is misconfigured).
+    Final(ReadError),
+    /// The worker did not answer in time or its connection failed: it counts against its
+    /// health, and the next owner is asked.
+    Fault,
+    /// Ask the next owner, but the worker is not at fault (a short block, a refused token).
+    Next,
+}
 
-fn classify(status: tonic::Status, what: &str, worker: &str) -> Option<ReadError> {
+/// A worker's answer, or why there is none.
+type Attempt<T> = Result<T, Miss>;
+
+fn classify(status: tonic::Status, what: &str, worker: &str) -> Miss {
     let from_source = status.metadata().get(SOURCE_ERROR_KEY).is_some();
     let msg = format!("{what} via worker {worker}: {}", status.message());
     match status.code() {
-        Code::NotFound => Some(ReadError::NotFound(what.to_string())),
-        Code::FailedPrecondition if from_source => Some(ReadError::Stale {
+        Code::NotFound => Miss::Final(ReadError::NotFound(what.to_string())),
+        Code::FailedPrecondition if from_source => Miss::Final(ReadError::Stale {
             path: what.to_string(),
         }),
-        Code::PermissionDenied if from_source => Some(ReadError::Denied(msg)),
-        _ if from_source => Some(ReadError::Unavailable(msg)),
+        Code::PermissionDenied if from_source => Miss::Final(ReadError::Denied(msg)),
+        _ if from_source => Miss::Final(ReadError::Unavailable(msg)),
         Code::Unauthenticated => {
             tracing::error!(worker, "{}", status.message());
-            None
+            Miss::Next
         }
         // A reader and workers configured differently (block size): no worker will do better.
         Code::FailedPrecondition | Code::InvalidArgument | Code::OutOfRange => {
             tracing::error!(worker, "{msg}");
-            Some(ReadError::Unavailable(msg))
+            Miss::Final(ReadError::Unavailable(msg))
         }
         _ => {
             tracing::debug!(worker, code = ?status.code(), "{msg}; trying the next worker");
-            None
+            Miss::Fault
         }
     }
+}
+
+/// Listings kept, least recently used first, within a budget of entries.
+#[derive(Default)]
+struct Listings {
+    map: LinkedHashMap<String, Listing>,
+    entries: usize,
 }
 
 struct Listing {
     entries: Arc<Vec<DirEntry>>,
     at: Instant,
 }
+
+impl Listings {
+    fn insert(&mut self, dir: String, listing: Listing, budget: usize) {
+        self.remove(&dir);
+        let n = listing.entries.len().max(1);
+        // Make room; a listing larger than the whole budget is kept alone, so that the walk
+        // of a huge directory (readdir calls, then lookups) lists it once.
+        while self.entries + n > budget {
+            let Some((_, old)) = self.map.pop_front() else {
+                break;
+            };
+            self.entries -= old.entries.len().max(1);
+        }
+        self.entries += n;
+        self.map.insert(dir, listing);
+    }
+
+    fn remove(&mut self, dir: &str) {
+        if let Some(old) = self.map.remove(dir) {
+            self.entries -= old.entries.len().max(1);
+        }
+    }
+}
+
+/// Entries of listings a reader keeps by default: about 150 bytes each with S3 ETags, so
+/// ~300 MB at most.
+pub const DEFAULT_LISTING_BUDGET: usize = 2_000_000;
 
 /// A worker in the reader's own process (`lakecache local`): its blocks come by a function call
 /// into its cache instead of gRPC over loopback, which saves the encoding, the socket and two
@@ -154,12 +204,160 @@ pub struct Reader {
     cfg: ReaderConfig,
     membership: Arc<Membership>,
     source: Option<Arc<dyn Source>>,
-    listings: Mutex<HashMap<String, Listing>>,
+    listings: Mutex<Listings>,
+    listing_budget: usize,
     /// One listing request at a time per directory.
     list_gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Workers of this process, by member id.
     local: HashMap<String, Arc<dyn LocalBlocks>>,
+    health: Arc<Health>,
     pub metrics: Arc<ReaderMetrics>,
+}
+
+/// What one block read needs to know, shared by its attempts (which may outlive it).
+struct BlockCall {
+    key: BlockKey,
+    size: u64,
+    block_size: u64,
+    first_deadline: Duration,
+    worker_timeout: Duration,
+    health: Arc<Health>,
+    membership: Arc<Membership>,
+}
+
+impl BlockCall {
+    fn what(&self) -> String {
+        format!("{} block {}", self.key.path, self.key.index)
+    }
+
+    /// Records a worker fault, and starts probing the worker if this ejected it.
+    fn fault(&self, id: &str) {
+        if self.health.failed(id) {
+            self.health.watch(id.to_string(), self.membership.clone());
+        }
+    }
+
+    /// One attempt at the block on one worker. It records the worker's health itself, so that
+    /// an attempt a hedge overtook still tells whether its worker is alive.
+    async fn attempt(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        local: Option<Arc<dyn LocalBlocks>>,
+        answered: Arc<AtomicBool>,
+    ) -> Attempt<(Bytes, &'static str)> {
+        let id = conn.member.id.as_str();
+        let started = Instant::now();
+        if let Some(local) = local {
+            // In this process: it cannot hang on its own, and a miss is its lake's time.
+            answered.store(true, Ordering::Release);
+            let call = local.block(self.key.clone(), self.size);
+            return match tokio::time::timeout(self.worker_timeout, call).await {
+                Ok(Ok(found)) => {
+                    self.health.answered(id, started.elapsed());
+                    Ok(found)
+                }
+                Ok(Err(e)) => Err(Miss::Final(e)),
+                Err(_) => {
+                    self.fault(id);
+                    Err(Miss::Fault)
+                }
+            };
+        }
+        let what = self.what();
+        let req = pb::ReadBlockRequest {
+            key: Some(pb::BlockKey {
+                path: self.key.path.clone(),
+                version: self.key.version.clone(),
+                index: self.key.index,
+                object_size: self.size,
+            }),
+            block_size: self.block_size,
+            offset: 0,
+            length: 0,
+        };
+        // The first sign of life: a chunk of data, or the worker's note that it is fetching.
+        let first = async {
+            let mut client = conn.client.clone();
+            let mut stream = client.read_block(req).await?.into_inner();
+            let first = stream.message().await?;
+            Ok::<_, tonic::Status>((stream, first))
+        };
+        let (mut stream, first) = match tokio::time::timeout(self.first_deadline, first).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(s)) => {
+                let miss = classify(s, &what, id);
+                if matches!(miss, Miss::Fault) {
+                    self.fault(id);
+                }
+                return Err(miss);
+            }
+            Err(_) => {
+                tracing::debug!(worker = id, %what, deadline = ?self.first_deadline,
+                    "no first answer; trying the next worker");
+                self.fault(id);
+                return Err(Miss::Fault);
+            }
+        };
+        answered.store(true, Ordering::Release);
+        self.health.answered(id, started.elapsed());
+        let (start, end) = self.key.range(self.block_size, self.size);
+        let want = (end - start) as usize;
+        let rest = async {
+            let mut origin = "source";
+            let mut parts: Vec<Bytes> = Vec::new();
+            if let Some(c) = first {
+                origin = match pb::Tier::try_from(c.served_from) {
+                    Ok(pb::Tier::Memory) => "memory",
+                    Ok(pb::Tier::Disk) => "disk",
+                    _ => "source",
+                };
+                parts.push(c.data);
+            }
+            while let Some(c) = stream.message().await? {
+                parts.push(c.data);
+            }
+            Ok::<_, tonic::Status>((parts, origin))
+        };
+        // Past the first answer the worker is alive; a slow lake gets the whole timeout (and a
+        // worker that dies meanwhile is noticed by keepalive).
+        let (parts, origin) = match tokio::time::timeout(self.worker_timeout, rest).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(s)) => {
+                let miss = classify(s, &what, id);
+                if matches!(miss, Miss::Fault) {
+                    self.fault(id);
+                }
+                return Err(miss);
+            }
+            Err(_) => {
+                self.fault(id);
+                return Err(Miss::Fault);
+            }
+        };
+        let bytes = join(parts, want);
+        if bytes.len() != want {
+            tracing::warn!(worker = id, %what, got = bytes.len(), want,
+                "short block from worker; trying the next");
+            return Err(Miss::Next);
+        }
+        Ok((bytes, origin))
+    }
+}
+
+/// The chunks of a block as one buffer; a block of one chunk is not copied.
+fn join(mut parts: Vec<Bytes>, want: usize) -> Bytes {
+    parts.retain(|p| !p.is_empty());
+    match parts.len() {
+        0 => Bytes::new(),
+        1 => parts.pop().unwrap_or_default(),
+        _ => {
+            let mut b = BytesMut::with_capacity(want);
+            for p in parts {
+                b.extend_from_slice(&p);
+            }
+            b.freeze()
+        }
+    }
 }
 
 impl Reader {
@@ -168,14 +366,17 @@ impl Reader {
         membership: Arc<Membership>,
         source: Option<Arc<dyn Source>>,
     ) -> Self {
+        let metrics = Arc::new(ReaderMetrics::default());
         Self {
             cfg,
             membership,
             source,
             listings: Default::default(),
+            listing_budget: DEFAULT_LISTING_BUDGET,
             list_gates: Default::default(),
             local: HashMap::new(),
-            metrics: Arc::new(ReaderMetrics::default()),
+            health: Arc::new(Health::new(metrics.clone())),
+            metrics,
         }
     }
 
@@ -185,12 +386,27 @@ impl Reader {
         self
     }
 
+    /// Keeps at most `entries` directory entries of listings (at least one directory).
+    pub fn with_listing_budget(mut self, entries: usize) -> Self {
+        self.listing_budget = entries.max(1);
+        self
+    }
+
     pub fn config(&self) -> &ReaderConfig {
         &self.cfg
     }
 
     pub fn membership(&self) -> &Arc<Membership> {
         &self.membership
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Entries of listings held now.
+    pub fn listing_entries(&self) -> usize {
+        self.listings.lock().entries
     }
 
     async fn bounded<T>(
@@ -207,13 +423,34 @@ impl Reader {
         }
     }
 
+    /// The members to ask for an item, best first: healthy owners in rendezvous order, then,
+    /// when the reader cannot read the source itself, the ejected ones (better a slow answer
+    /// than none).
+    fn candidates(&self, item: u128) -> Vec<Arc<Conn>> {
+        let (healthy, ejected): (Vec<_>, Vec<_>) = self
+            .membership
+            .owners(item)
+            .into_iter()
+            .partition(|c| !self.health.is_ejected(&c.member.id));
+        let direct = self.cfg.direct_fallback && self.source.is_some();
+        if direct {
+            healthy
+        } else {
+            healthy.into_iter().chain(ejected).collect()
+        }
+    }
+
     fn cached_listing(&self, dir: &str) -> Option<Arc<Vec<DirEntry>>> {
-        let listings = self.listings.lock();
-        let l = listings.get(dir)?;
-        self.cfg
-            .metadata_ttl
-            .is_none_or(|ttl| l.at.elapsed() < ttl)
-            .then(|| l.entries.clone())
+        let mut listings = self.listings.lock();
+        let l = listings.map.get(dir)?;
+        let fresh = self.cfg.metadata_ttl.is_none_or(|ttl| l.at.elapsed() < ttl);
+        let entries = l.entries.clone();
+        if fresh {
+            listings.map.to_back(dir);
+            Some(entries)
+        } else {
+            None
+        }
     }
 
     /// Whether a fresh listing of `dir` is cached.
@@ -245,6 +482,7 @@ impl Reader {
                     entries: entries.clone(),
                     at: Instant::now(),
                 },
+                self.listing_budget,
             );
             Ok(entries)
         }
@@ -259,11 +497,24 @@ impl Reader {
 
     async fn list_uncached(&self, dir: &str) -> Result<Vec<DirEntry>, ReadError> {
         self.metrics.listings.inc();
-        for conn in self.membership.owners(path_item(dir)) {
+        for conn in self.candidates(path_item(dir)) {
             match self.list_on(&conn, dir).await {
-                Ok(v) => return Ok(v),
-                Err(Some(e)) => return Err(e),
-                Err(None) => {
+                Ok(mut v) => {
+                    // Lookups binary-search the listing: make sure of its order.
+                    if !v.is_sorted_by(|a, b| a.name <= b.name) {
+                        v.sort_by(|a, b| a.name.cmp(&b.name));
+                    }
+                    return Ok(v);
+                }
+                Err(Miss::Final(e)) => return Err(e),
+                Err(Miss::Fault) => {
+                    if self.health.failed(&conn.member.id) {
+                        self.health
+                            .watch(conn.member.id.clone(), self.membership.clone());
+                    }
+                    self.metrics.failovers.inc();
+                }
+                Err(Miss::Next) => {
                     self.metrics.failovers.inc();
                 }
             }
@@ -274,34 +525,48 @@ impl Reader {
         }
     }
 
+    /// A listing from one worker: its first page (the worker sends one at once, empty if it
+    /// must ask the source) within the first-answer deadline, the rest within the worker
+    /// timeout.
     async fn list_on(&self, conn: &Conn, dir: &str) -> Attempt<Vec<DirEntry>> {
-        let fetch = async {
+        let id = conn.member.id.as_str();
+        let started = Instant::now();
+        let deadline = self.health.first_answer_deadline(self.cfg.worker_timeout);
+        let first = async {
             let mut client = conn.client.clone();
             let mut pages = client
                 .list(pb::ListRequest {
                     path: dir.to_string(),
                 })
-                .await
-                .map_err(|s| classify(s, dir, &conn.member.id))?
+                .await?
                 .into_inner();
+            let first = pages.message().await?;
+            Ok::<_, tonic::Status>((pages, first))
+        };
+        let (mut pages, first) = match tokio::time::timeout(deadline, first).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(s)) => return Err(classify(s, dir, id)),
+            Err(_) => return Err(Miss::Fault),
+        };
+        self.health.answered(id, started.elapsed());
+        let rest = async {
             let mut entries = Vec::new();
-            while let Some(page) = pages
-                .message()
-                .await
-                .map_err(|s| classify(s, dir, &conn.member.id))?
-            {
-                entries.extend(page.entries.into_iter().filter_map(|e| {
+            let mut page = first;
+            while let Some(p) = page {
+                entries.extend(p.entries.into_iter().filter_map(|e| {
                     Some(DirEntry {
                         meta: meta_from(e.attributes.as_ref()?),
                         name: e.name,
                     })
                 }));
+                page = pages.message().await?;
             }
-            Ok(entries)
+            Ok::<_, tonic::Status>(entries)
         };
-        match tokio::time::timeout(self.cfg.worker_timeout, fetch).await {
-            Ok(r) => r,
-            Err(_) => Err(None),
+        match tokio::time::timeout(self.cfg.worker_timeout, rest).await {
+            Ok(Ok(entries)) => Ok(entries),
+            Ok(Err(s)) => Err(classify(s, dir, id)),
+            Err(_) => Err(Miss::Fault),
         }
     }
 
@@ -334,7 +599,7 @@ impl Reader {
         let key = BlockKey::new(path, &meta.version, index);
         let what = format!("{path} block {index}");
         let result = self
-            .bounded(&what, self.block_uncached(&key, meta.size))
+            .bounded(&what, self.block_uncached(key, meta.size))
             .await;
         if let Err(e) = &result {
             if matches!(e, ReadError::Stale { .. }) {
@@ -346,33 +611,94 @@ impl Reader {
         result
     }
 
-    async fn block_uncached(&self, key: &BlockKey, size: u64) -> Result<Bytes, ReadError> {
-        for conn in self.membership.owners(key.id().0) {
-            if let Some(local) = self.local.get(&conn.member.id) {
-                let call = local.block(key.clone(), size);
-                match tokio::time::timeout(self.cfg.worker_timeout, call).await {
-                    Ok(Ok((bytes, origin))) => {
-                        self.count(origin, bytes.len());
-                        return Ok(bytes);
+    /// Asks the block's owners in turn; while the one asked has not answered after the hedge
+    /// delay, asks the next one too, and takes the first good answer.
+    async fn block_uncached(&self, key: BlockKey, size: u64) -> Result<Bytes, ReadError> {
+        let owners = self.candidates(key.id().0);
+        self.health.earn();
+        let call = Arc::new(BlockCall {
+            key,
+            size,
+            block_size: self.cfg.block_size,
+            first_deadline: self.health.first_answer_deadline(self.cfg.worker_timeout),
+            worker_timeout: self.cfg.worker_timeout,
+            health: self.health.clone(),
+            membership: self.membership.clone(),
+        });
+        let hedge_delay = self.health.hedge_delay();
+        type Running = (
+            usize,
+            Arc<AtomicBool>,
+            tokio::task::JoinHandle<Attempt<(Bytes, &'static str)>>,
+        );
+        let mut running: Vec<Running> = Vec::new();
+        let mut next = 0;
+        let mut hedged = false;
+        let start = |i: usize, running: &mut Vec<Running>| {
+            let conn = owners[i].clone();
+            let local = self.local.get(&conn.member.id).cloned();
+            let answered = Arc::new(AtomicBool::new(false));
+            let task = tokio::spawn(call.clone().attempt(conn, local, answered.clone()));
+            running.push((i, answered, task));
+        };
+        let outcome = loop {
+            if running.is_empty() {
+                if next >= owners.len() {
+                    break None;
+                }
+                start(next, &mut running);
+                next += 1;
+            }
+            let can_hedge =
+                next < owners.len() && !running.iter().any(|(_, a, _)| a.load(Ordering::Acquire));
+            let done = futures::future::select_all(running.iter_mut().map(|(_, _, t)| t));
+            let hedge = tokio::time::sleep(hedge_delay);
+            tokio::select! {
+                (r, pos, _) = done => {
+                    let (i, _, _) = running.swap_remove(pos);
+                    let r = r.unwrap_or_else(|e| {
+                        Err(Miss::Final(ReadError::Unavailable(format!("read task failed: {e}"))))
+                    });
+                    match r {
+                        Ok(found) => {
+                            if hedged && i > 0 {
+                                self.metrics.hedge_wins.inc();
+                            }
+                            break Some(Ok(found));
+                        }
+                        Err(Miss::Final(e)) => break Some(Err(e)),
+                        Err(Miss::Fault | Miss::Next) => {
+                            self.metrics.failovers.inc();
+                        }
                     }
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => {
-                        self.metrics.failovers.inc();
-                        continue;
+                }
+                _ = hedge, if can_hedge && !hedged => {
+                    if self.health.take_hedge() {
+                        self.metrics.hedges.inc();
+                        start(next, &mut running);
+                        next += 1;
                     }
+                    // One hedge per read; without a token, wait for the deadline.
+                    hedged = true;
                 }
             }
-            match self.block_on(&conn, key, size).await {
-                Ok((bytes, origin)) => {
-                    self.count(origin, bytes.len());
-                    return Ok(bytes);
-                }
-                Err(Some(e)) => return Err(e),
-                Err(None) => {
-                    self.metrics.failovers.inc();
-                }
+        };
+        // Attempts still running: those that answered are cancelled; those that did not run on
+        // to their deadline, so that a hung worker is found out and ejected.
+        for (_, answered, task) in running {
+            if answered.load(Ordering::Acquire) {
+                task.abort();
             }
         }
+        match outcome {
+            Some(Ok((bytes, origin))) => {
+                self.count(origin, bytes.len());
+                return Ok(bytes);
+            }
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+        let key = &call.key;
         match &self.source {
             Some(s) if self.cfg.direct_fallback => {
                 let (start, end) = key.range(self.cfg.block_size, size);
@@ -401,75 +727,6 @@ impl Reader {
         };
         self.metrics.blocks.get_or_create(&l).inc();
         self.metrics.bytes.get_or_create(&l).inc_by(len as u64);
-    }
-
-    async fn block_on(
-        &self,
-        conn: &Conn,
-        key: &BlockKey,
-        size: u64,
-    ) -> Attempt<(Bytes, &'static str)> {
-        let req = pb::ReadBlockRequest {
-            key: Some(pb::BlockKey {
-                path: key.path.clone(),
-                version: key.version.clone(),
-                index: key.index,
-                object_size: size,
-            }),
-            block_size: self.cfg.block_size,
-            offset: 0,
-            length: 0,
-        };
-        let what = format!("{} block {}", key.path, key.index);
-        let fetch = async {
-            let mut client = conn.client.clone();
-            let mut stream = client
-                .read_block(req)
-                .await
-                .map_err(|s| classify(s, &what, &conn.member.id))?
-                .into_inner();
-            let mut first: Option<pb::Chunk> = None;
-            let mut buf: Option<BytesMut> = None;
-            let mut origin = "source";
-            while let Some(chunk) = stream
-                .message()
-                .await
-                .map_err(|s| classify(s, &what, &conn.member.id))?
-            {
-                if first.is_none() && buf.is_none() {
-                    origin = match pb::Tier::try_from(chunk.served_from) {
-                        Ok(pb::Tier::Memory) => "memory",
-                        Ok(pb::Tier::Disk) => "disk",
-                        _ => "source",
-                    };
-                    first = Some(chunk);
-                    continue;
-                }
-                let b = buf.get_or_insert_with(|| {
-                    let f = first.take().map(|c| c.data).unwrap_or_default();
-                    let mut b = BytesMut::with_capacity(self.cfg.block_size as usize);
-                    b.extend_from_slice(&f);
-                    b
-                });
-                b.extend_from_slice(&chunk.data);
-            }
-            let bytes = match (buf, first) {
-                (Some(b), _) => b.freeze(),
-                (None, Some(c)) => c.data,
-                (None, None) => Bytes::new(),
-            };
-            let (start, end) = key.range(self.cfg.block_size, size);
-            if bytes.len() as u64 != end - start {
-                tracing::warn!(worker = %conn.member.id, %what, got = bytes.len(), want = end - start,
-                    "short block from worker; trying the next");
-                return Err(None);
-            }
-            Ok((bytes, origin))
-        };
-        match tokio::time::timeout(self.cfg.worker_timeout, fetch).await {
-            Ok(r) => r,
-            Err(_) => Err(None),
-        }
     }
 }
 

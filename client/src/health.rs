@@ -1,0 +1,322 @@
+//! How the reader judges its workers: who is answering, how fast answers come, and when to ask
+//! a second worker.
+//!
+//! A worker that dies is cheap: its connections are refused or reset and the reader moves to the
+//! next owner at once. A worker that *hangs* (a frozen node, a partition, a stopped process, a
+//! half-open connection) is the expensive failure: calls to it are accepted and never answered.
+//! Four things keep it cheap, together:
+//!
+//! - **Deadlines that follow the workers.** Every call must show a first sign of life (a block's
+//!   first chunk, or the worker's note that it is fetching from the lake; a listing's first page)
+//!   within [`Health::first_answer_deadline`]: several times the p99 of the first answers seen
+//!   lately, at least [`MIN_DEADLINE`], at most the configured worker timeout. A slow lake does not
+//!   count against a worker: once it says it is fetching, the reader waits for the lake.
+//! - **Hedged reads.** A block that has no first answer after about the p99
+//!   ([`Health::hedge_delay`]) is asked of the next owner too; the first good answer wins. Hedges
+//!   spend tokens that every block read earns a tenth of, so at most about one read in ten is
+//!   hedged and a slow cluster is not doubled in load.
+//! - **Ejection.** [`EJECT_AFTER`] consecutive failures (timeouts, transport errors) eject a
+//!   worker: reads skip it and go straight to the next owner. A probe in the background asks
+//!   the worker for its `Info` after a backoff (doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`])
+//!   and brings it back when it answers, so a worker that resumes serves again within seconds.
+//! - **HTTP/2 keepalive** on every worker connection (see [`crate::membership`]): a connection
+//!   whose peer stopped answering pings is closed, which fails its calls at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lakecache_proto::lakecache::v1 as pb;
+use parking_lot::Mutex;
+
+use crate::membership::Membership;
+use crate::metrics::ReaderMetrics;
+
+/// Consecutive failures that eject a worker.
+pub const EJECT_AFTER: u32 = 2;
+/// First and longest wait before an ejected worker is probed.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// How long a probe waits for the worker's answer.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The shortest first-answer deadline: below it, a busy machine's scheduling noise would eject
+/// healthy workers.
+pub const MIN_DEADLINE: Duration = Duration::from_secs(1);
+/// The first-answer deadline is this many times the observed p99.
+const DEADLINE_FACTOR: u32 = 8;
+/// Hedge delay bounds.
+const MIN_HEDGE: Duration = Duration::from_millis(5);
+/// Until enough answers are seen, assume this p99.
+const DEFAULT_P99: Duration = Duration::from_millis(50);
+/// Answers kept for the percentile, and how many before it is trusted.
+const WINDOW: usize = 512;
+const MIN_SAMPLES: usize = 32;
+/// Hedge tokens: the most kept, and what one block read earns.
+const HEDGE_BURST: f64 = 10.0;
+const HEDGE_EARN: f64 = 0.1;
+
+#[derive(Debug, Default)]
+struct WorkerState {
+    failures: u32,
+    /// Set while ejected: the current backoff.
+    ejected: Option<Duration>,
+}
+
+/// The latest first-answer latencies, and their p99 (recomputed every few samples).
+struct Latencies {
+    samples: Vec<Duration>,
+    next: usize,
+    since_sorted: usize,
+    p99: Duration,
+}
+
+impl Latencies {
+    fn record(&mut self, d: Duration) {
+        if self.samples.len() < WINDOW {
+            self.samples.push(d);
+        } else {
+            self.samples[self.next] = d;
+            self.next = (self.next + 1) % WINDOW;
+        }
+        self.since_sorted += 1;
+        if self.samples.len() >= MIN_SAMPLES && self.since_sorted >= 32 {
+            let mut s = self.samples.clone();
+            s.sort_unstable();
+            self.p99 = s[(s.len() * 99 / 100).min(s.len() - 1)];
+            self.since_sorted = 0;
+        }
+    }
+}
+
+/// Health of every worker, shared by all reads of one reader.
+pub struct Health {
+    workers: Mutex<HashMap<String, WorkerState>>,
+    latencies: Mutex<Latencies>,
+    tokens: Mutex<f64>,
+    metrics: Arc<ReaderMetrics>,
+}
+
+impl Health {
+    pub fn new(metrics: Arc<ReaderMetrics>) -> Self {
+        Self {
+            workers: Default::default(),
+            latencies: Mutex::new(Latencies {
+                samples: Vec::with_capacity(WINDOW),
+                next: 0,
+                since_sorted: 0,
+                p99: DEFAULT_P99,
+            }),
+            tokens: Mutex::new(HEDGE_BURST),
+            metrics,
+        }
+    }
+
+    /// The p99 of recent first answers.
+    pub fn p99(&self) -> Duration {
+        self.latencies.lock().p99
+    }
+
+    /// How long a call may take to show its first sign of life.
+    pub fn first_answer_deadline(&self, worker_timeout: Duration) -> Duration {
+        (self.p99() * DEADLINE_FACTOR)
+            .max(MIN_DEADLINE)
+            .min(worker_timeout)
+    }
+
+    /// How long a block read waits for a first answer before asking the next owner too.
+    pub fn hedge_delay(&self) -> Duration {
+        self.p99().max(MIN_HEDGE)
+    }
+
+    /// A block read started: it earns a fraction of a hedge token.
+    pub fn earn(&self) {
+        let mut t = self.tokens.lock();
+        *t = (*t + HEDGE_EARN).min(HEDGE_BURST);
+    }
+
+    /// Takes a hedge token, if one is left.
+    pub fn take_hedge(&self) -> bool {
+        let mut t = self.tokens.lock();
+        if *t >= 1.0 {
+            *t -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether `id` is ejected.
+    pub fn is_ejected(&self, id: &str) -> bool {
+        self.workers
+            .lock()
+            .get(id)
+            .is_some_and(|w| w.ejected.is_some())
+    }
+
+    /// A call to `id` showed its first sign of life after `latency`.
+    pub fn answered(&self, id: &str, latency: Duration) {
+        self.latencies.lock().record(latency);
+        if let Some(w) = self.workers.lock().get_mut(id) {
+            w.failures = 0;
+        }
+    }
+
+    /// A call to `id` failed for the worker's own reasons (no answer, transport error). Returns
+    /// true when this ejected it; then the caller starts the probe ([`Self::watch`]).
+    pub fn failed(&self, id: &str) -> bool {
+        let mut workers = self.workers.lock();
+        let w = workers.entry(id.to_string()).or_default();
+        w.failures += 1;
+        if w.ejected.is_none() && w.failures >= EJECT_AFTER {
+            w.ejected = Some(BACKOFF_MIN);
+            self.metrics.ejections.inc();
+            self.metrics.ejected_workers.inc();
+            tracing::warn!(
+                worker = id,
+                failures = w.failures,
+                "worker ejected: it stopped answering; reads go to the next owner until it \
+                 answers a probe"
+            );
+            return true;
+        }
+        false
+    }
+
+    /// Probes ejected worker `id` in the background until it answers (then it is back) or
+    /// leaves the membership.
+    pub fn watch(self: &Arc<Self>, id: String, membership: Arc<Membership>) {
+        let health = self.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            // Bounded: each round waits at least BACKOFF_MIN, and the worker leaves the
+            // membership or answers in the end; the reader's drop ends the runtime too.
+            loop {
+                let backoff = match health.workers.lock().get(&id).and_then(|w| w.ejected) {
+                    Some(b) => b,
+                    None => return,
+                };
+                tokio::time::sleep(backoff).await;
+                let conn = membership
+                    .snapshot()
+                    .iter()
+                    .find(|c| c.member.id == id)
+                    .cloned();
+                let Some(conn) = conn else {
+                    health.forget(&id);
+                    return;
+                };
+                let mut client = conn.client.clone();
+                let started = Instant::now();
+                let answer =
+                    tokio::time::timeout(PROBE_TIMEOUT, client.info(pb::InfoRequest {})).await;
+                match answer {
+                    // Any answer (even a refusal of the token) shows the worker is serving.
+                    Ok(Ok(_)) => {
+                        health.reinstate(&id, started.elapsed());
+                        return;
+                    }
+                    Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => {
+                        health.reinstate(&id, started.elapsed());
+                        return;
+                    }
+                    _ => {
+                        if let Some(w) = health.workers.lock().get_mut(&id)
+                            && let Some(b) = w.ejected.as_mut()
+                        {
+                            *b = (*b * 2).min(BACKOFF_MAX);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn reinstate(&self, id: &str, took: Duration) {
+        let mut workers = self.workers.lock();
+        if let Some(w) = workers.get_mut(id)
+            && w.ejected.take().is_some()
+        {
+            w.failures = 0;
+            self.metrics.readmissions.inc();
+            self.metrics.ejected_workers.dec();
+            tracing::info!(worker = id, probe = ?took, "worker is back: it answered a probe");
+        }
+    }
+
+    /// Drops what is known of a worker that left the membership.
+    fn forget(&self, id: &str) {
+        if let Some(w) = self.workers.lock().remove(id)
+            && w.ejected.is_some()
+        {
+            self.metrics.ejected_workers.dec();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> Arc<Health> {
+        Arc::new(Health::new(Arc::new(ReaderMetrics::default())))
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_an_answer_in_between_resets_them() {
+        let h = health();
+        assert!(!h.failed("w0"));
+        h.answered("w0", Duration::from_millis(1));
+        assert!(!h.failed("w0"), "an answer resets the count");
+        assert!(h.failed("w0"), "two in a row eject");
+        assert!(h.is_ejected("w0"));
+        assert!(!h.failed("w0"), "ejected once, not again");
+        assert!(!h.is_ejected("w1"));
+        assert_eq!(h.metrics.ejections.get(), 1);
+        h.reinstate("w0", Duration::ZERO);
+        assert!(!h.is_ejected("w0"));
+        assert_eq!(h.metrics.ejected_workers.get(), 0);
+    }
+
+    #[test]
+    fn deadlines_follow_the_observed_p99_within_bounds() {
+        let h = health();
+        let timeout = Duration::from_secs(60);
+        // Before enough samples: the default.
+        assert_eq!(h.hedge_delay(), DEFAULT_P99);
+        for i in 0..200u64 {
+            h.answered("w", Duration::from_micros(500 + i));
+        }
+        assert!(h.p99() < Duration::from_millis(1), "{:?}", h.p99());
+        assert_eq!(h.hedge_delay(), MIN_HEDGE);
+        assert_eq!(h.first_answer_deadline(timeout), MIN_DEADLINE);
+        for _ in 0..WINDOW {
+            h.answered("w", Duration::from_millis(400));
+        }
+        assert_eq!(h.hedge_delay(), Duration::from_millis(400));
+        assert_eq!(
+            h.first_answer_deadline(timeout),
+            Duration::from_millis(3200)
+        );
+        assert_eq!(
+            h.first_answer_deadline(Duration::from_secs(2)),
+            Duration::from_secs(2),
+            "never past the configured timeout"
+        );
+    }
+
+    #[test]
+    fn hedges_are_limited_to_about_one_read_in_ten() {
+        let h = health();
+        let mut hedged = 0;
+        for _ in 0..1000 {
+            h.earn();
+            if h.take_hedge() {
+                hedged += 1;
+            }
+        }
+        // The burst, then a tenth of the reads.
+        assert!((105..=112).contains(&hedged), "{hedged}");
+    }
+}
