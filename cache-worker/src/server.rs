@@ -278,6 +278,13 @@ impl CacheWorker for WorkerService {
         if r.id.is_empty() {
             return Err(Status::invalid_argument("id is required"));
         }
+        if r.id.len() > crate::preload::MAX_ID_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "id is {} bytes; at most {} are allowed",
+                r.id.len(),
+                crate::preload::MAX_ID_BYTES
+            )));
+        }
         if r.paths.is_empty() {
             return Err(Status::invalid_argument(
                 "paths: give at least one path or pattern",

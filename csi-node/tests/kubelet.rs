@@ -132,7 +132,19 @@ async fn kubelet_lifecycle_survives_restarts_and_repairs_mounts() {
             let n: usize = std::fs::read_dir(&copies)
                 .ok()?
                 .flatten()
-                .map(|d| std::fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
+                .map(|d| {
+                    // Copies are named by a 40-character key; the marker and checksums are not.
+                    std::fs::read_dir(d.path().join(lakecache_client::local_cache::SUBDIR))
+                        .map(|r| {
+                            r.flatten()
+                                .filter(|e| {
+                                    let name = e.file_name().to_string_lossy().into_owned();
+                                    name.len() == 40 && !name.contains('.')
+                                })
+                                .count()
+                        })
+                        .unwrap_or(0)
+                })
                 .sum();
             (n == lake.files.len()).then_some(())
         },

@@ -52,10 +52,12 @@ pub struct LocalArgs {
     /// First worker's gRPC port (0 picks free ports).
     #[arg(long, env = "LAKECACHE_PORT", default_value_t = 0)]
     pub port: u16,
-    /// Keep whole files read through the cache in DIR (up to SIZE, as DIR:SIZE) and serve later
-    /// opens from there, handed to the kernel with FUSE passthrough where it allows (Linux 6.9+).
-    /// On a tmpfs such as /dev/shm, warm reads then run at memory speed. Off by default: it
-    /// keeps a second copy of what it holds.
+    /// Keep whole files read through the cache in DIR/lakecache-local-v1 (made on first use;
+    /// nothing else in DIR is touched), up to SIZE, as DIR:SIZE, and serve later opens from
+    /// there, handed to the kernel with FUSE passthrough where it allows (Linux 6.9+). On a tmpfs
+    /// such as /dev/shm, warm reads then run at memory speed. Copies left by an earlier run are
+    /// served once their checksum is checked. Off by default: it keeps a second copy of what it
+    /// holds.
     #[arg(long, env = "LAKECACHE_LOCAL_CACHE")]
     pub local_cache: Option<String>,
     /// Do not hand local copies to the kernel (read them through FUSE instead).

@@ -225,8 +225,9 @@ fn preloads_on_request_and_keeps_local_copies() {
     // Reading keeps a whole local copy of the file, which later opens are served from.
     assert!(std::fs::read(mnt.join("train/a.rec")).unwrap() == data);
     wait_for("the local copy", Duration::from_secs(10), || {
-        std::fs::read_dir(copies.path())
-            .unwrap()
+        std::fs::read_dir(copies.path().join(lakecache_client::local_cache::SUBDIR))
+            .into_iter()
+            .flatten()
             .flatten()
             .any(|e| {
                 e.metadata().map(|m| m.len()).unwrap_or(0) == data.len() as u64
