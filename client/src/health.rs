@@ -15,6 +15,9 @@
 //!   ([`Health::hedge_delay`]) is asked of the next owner too; the first good answer wins. Hedges
 //!   spend tokens that every block read earns a tenth of, so at most about one read in ten is
 //!   hedged and a slow cluster is not doubled in load.
+//! - **Suspicion.** A worker with calls waiting that has answered none of them for a few p99s
+//!   ([`Health::is_suspect`]) is asked after the others, and reads waiting on it are hedged
+//!   without tokens: a hang is noticed in about a tenth of a second, long before any deadline.
 //! - **Ejection.** [`EJECT_AFTER`] consecutive failures (timeouts, transport errors) eject a
 //!   worker: reads skip it and go straight to the next owner. A probe in the background asks
 //!   the worker for its `Info` after a backoff (doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`])
@@ -42,6 +45,10 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The shortest first-answer deadline: below it, a busy machine's scheduling noise would eject
 /// healthy workers.
 pub const MIN_DEADLINE: Duration = Duration::from_secs(1);
+/// A worker is suspect after answering nothing for this many times the p99, and at least
+/// [`MIN_SUSPECT`], while calls wait on it.
+const SUSPECT_FACTOR: u32 = 4;
+const MIN_SUSPECT: Duration = Duration::from_millis(100);
 /// The first-answer deadline is this many times the observed p99.
 const DEADLINE_FACTOR: u32 = 8;
 /// Hedge delay bounds.
@@ -60,6 +67,10 @@ struct WorkerState {
     failures: u32,
     /// Set while ejected: the current backoff.
     ejected: Option<Duration>,
+    /// Calls to the worker waiting for their first answer.
+    waiting: u32,
+    /// Since when the worker has answered nothing while calls wait on it.
+    quiet_since: Option<Instant>,
 }
 
 /// The latest first-answer latencies, and their p99 (recomputed every few samples).
@@ -145,6 +156,44 @@ impl Health {
         }
     }
 
+    /// How long a worker with calls waiting may answer none of them before it is suspect.
+    pub fn suspect_after(&self) -> Duration {
+        (self.p99() * SUSPECT_FACTOR).clamp(MIN_SUSPECT, MIN_DEADLINE)
+    }
+
+    /// Whether `id` has calls waiting and answered none of them for [`Self::suspect_after`]:
+    /// a hanging worker looks so long before its calls time out. A suspect worker is asked
+    /// after the others, and reads waiting on it are hedged without spending a token.
+    pub fn is_suspect(&self, id: &str) -> bool {
+        let after = self.suspect_after();
+        self.workers
+            .lock()
+            .get(id)
+            .is_some_and(|w| w.waiting > 0 && w.quiet_since.is_some_and(|t| t.elapsed() > after))
+    }
+
+    /// A call to `id` starts waiting for its first answer; the guard ends the wait.
+    pub fn waiting(self: &Arc<Self>, id: &str) -> Waiting {
+        let mut workers = self.workers.lock();
+        let w = workers.entry(id.to_string()).or_default();
+        w.waiting += 1;
+        w.quiet_since.get_or_insert_with(Instant::now);
+        Waiting {
+            health: self.clone(),
+            id: id.to_string(),
+            done: false,
+        }
+    }
+
+    fn stop_waiting(&self, id: &str) {
+        if let Some(w) = self.workers.lock().get_mut(id) {
+            w.waiting = w.waiting.saturating_sub(1);
+            if w.waiting == 0 {
+                w.quiet_since = None;
+            }
+        }
+    }
+
     /// Whether `id` is ejected.
     pub fn is_ejected(&self, id: &str) -> bool {
         self.workers
@@ -158,6 +207,9 @@ impl Health {
         self.latencies.lock().record(latency);
         if let Some(w) = self.workers.lock().get_mut(id) {
             w.failures = 0;
+            if w.waiting > 0 {
+                w.quiet_since = Some(Instant::now());
+            }
         }
     }
 
@@ -255,6 +307,33 @@ impl Health {
     }
 }
 
+/// A call waiting for its first answer (see [`Health::waiting`]).
+pub struct Waiting {
+    health: Arc<Health>,
+    id: String,
+    done: bool,
+}
+
+impl Waiting {
+    /// The call got its first answer (or failed): it waits no more.
+    pub fn end(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.health.stop_waiting(&self.id);
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +383,25 @@ mod tests {
             Duration::from_secs(2),
             "never past the configured timeout"
         );
+    }
+
+    #[test]
+    fn a_worker_with_calls_waiting_and_no_answer_is_suspect() {
+        let h = health();
+        let a = h.waiting("w0");
+        assert!(!h.is_suspect("w0"), "not yet");
+        std::thread::sleep(h.suspect_after() + Duration::from_millis(20));
+        assert!(h.is_suspect("w0"), "quiet for too long with a call waiting");
+        // An answer to any call clears it.
+        h.answered("w0", Duration::from_millis(1));
+        assert!(!h.is_suspect("w0"));
+        drop(a);
+        std::thread::sleep(h.suspect_after() + Duration::from_millis(20));
+        assert!(!h.is_suspect("w0"), "nothing waits: nothing to suspect");
+        // A call that ended (answered or failed) no longer waits.
+        h.waiting("w1").end();
+        std::thread::sleep(h.suspect_after() + Duration::from_millis(20));
+        assert!(!h.is_suspect("w1"));
     }
 
     #[test]

@@ -275,6 +275,7 @@ impl BlockCall {
             offset: 0,
             length: 0,
         };
+        let waiting = self.health.waiting(id);
         // The first sign of life: a chunk of data, or the worker's note that it is fetching.
         let first = async {
             let mut client = conn.client.clone();
@@ -282,7 +283,9 @@ impl BlockCall {
             let first = stream.message().await?;
             Ok::<_, tonic::Status>((stream, first))
         };
-        let (mut stream, first) = match tokio::time::timeout(self.first_deadline, first).await {
+        let first = tokio::time::timeout(self.first_deadline, first).await;
+        waiting.end();
+        let (mut stream, first) = match first {
             Ok(Ok(found)) => found,
             Ok(Err(s)) => {
                 let miss = classify(s, &what, id);
@@ -423,21 +426,24 @@ impl Reader {
         }
     }
 
-    /// The members to ask for an item, best first: healthy owners in rendezvous order, then,
-    /// when the reader cannot read the source itself, the ejected ones (better a slow answer
-    /// than none).
+    /// The members to ask for an item, best first: healthy owners in rendezvous order, then
+    /// suspect ones, then, when the reader cannot read the source itself, the ejected ones
+    /// (better a slow answer than none).
     fn candidates(&self, item: u128) -> Vec<Arc<Conn>> {
-        let (healthy, ejected): (Vec<_>, Vec<_>) = self
+        let (usable, ejected): (Vec<_>, Vec<_>) = self
             .membership
             .owners(item)
             .into_iter()
             .partition(|c| !self.health.is_ejected(&c.member.id));
+        let (mut order, suspect): (Vec<_>, Vec<_>) = usable
+            .into_iter()
+            .partition(|c| !self.health.is_suspect(&c.member.id));
+        order.extend(suspect);
         let direct = self.cfg.direct_fallback && self.source.is_some();
-        if direct {
-            healthy
-        } else {
-            healthy.into_iter().chain(ejected).collect()
+        if !direct {
+            order.extend(ejected);
         }
+        order
     }
 
     fn cached_listing(&self, dir: &str) -> Option<Arc<Vec<DirEntry>>> {
@@ -625,7 +631,8 @@ impl Reader {
             health: self.health.clone(),
             membership: self.membership.clone(),
         });
-        let hedge_delay = self.health.hedge_delay();
+        let mut hedge_wait = self.health.hedge_delay();
+        let mut rechecked = false;
         type Running = (
             usize,
             Arc<AtomicBool>,
@@ -652,7 +659,7 @@ impl Reader {
             let can_hedge =
                 next < owners.len() && !running.iter().any(|(_, a, _)| a.load(Ordering::Acquire));
             let done = futures::future::select_all(running.iter_mut().map(|(_, _, t)| t));
-            let hedge = tokio::time::sleep(hedge_delay);
+            let hedge = tokio::time::sleep(hedge_wait);
             tokio::select! {
                 (r, pos, _) = done => {
                     let (i, _, _) = running.swap_remove(pos);
@@ -673,13 +680,23 @@ impl Reader {
                     }
                 }
                 _ = hedge, if can_hedge && !hedged => {
-                    if self.health.take_hedge() {
+                    // Waiting on a worker that answers nothing costs no token.
+                    let suspect = running
+                        .iter()
+                        .any(|(i, _, _)| self.health.is_suspect(&owners[*i].member.id));
+                    if suspect || self.health.take_hedge() {
                         self.metrics.hedges.inc();
                         start(next, &mut running);
                         next += 1;
+                        hedged = true;
+                    } else if rechecked {
+                        // One hedge per read; without a token, wait for the deadline.
+                        hedged = true;
+                    } else {
+                        // No token: look again once the worker could be suspect.
+                        rechecked = true;
+                        hedge_wait = self.health.suspect_after();
                     }
-                    // One hedge per read; without a token, wait for the deadline.
-                    hedged = true;
                 }
             }
         };
