@@ -258,9 +258,15 @@ impl CacheWorker for WorkerService {
         // An empty page goes out at once, so the reader knows the worker is alive while a
         // listing it does not hold comes from the source (which may take long for a large
         // directory); the listing's pages follow.
+        // The listing runs in a task of its own: a large one is long work, and the stream's
+        // task must stay free to send the first page meanwhile.
         let meta = self.meta.clone();
+        let task = tokio::spawn(async move { meta.list(&path).await });
         let listing = async move {
-            match meta.list(&path).await {
+            let listed = task.await.unwrap_or_else(|e| {
+                Err(LakeError::Unavailable(format!("listing task failed: {e}")))
+            });
+            match listed {
                 Ok(entries) => list_pages(entries).left_stream(),
                 Err(e) => futures::stream::once(async move { Err(lake_status(&e)) }).right_stream(),
             }

@@ -97,6 +97,10 @@ pub struct FsCore {
     list_ahead: Arc<tokio::sync::Semaphore>,
 }
 
+/// Most entries one readdir call returns: more than any kernel buffer takes (128 KiB holds
+/// about 2,500 plain entries).
+pub const READDIR_BATCH: usize = 4096;
+
 /// Subdirectories of one directory listed ahead, and how many at once.
 const LIST_AHEAD_MAX: usize = 256;
 const LIST_AHEAD_CONCURRENCY: usize = 8;
@@ -221,7 +225,9 @@ impl FsCore {
     }
 
     /// Entries of a directory from `offset` on (offsets are 1-based positions in the listing;
-    /// `.` and `..` come first). With `plus`, each entry takes a kernel reference and gets an
+    /// `.` and `..` come first), at most [`READDIR_BATCH`] of them: the kernel asks again from
+    /// where a reply ended, so a directory of a million entries costs a million entries of work,
+    /// not a million per call. With `plus`, each entry takes a kernel reference and gets an
     /// inode number that stays valid; without, entries get their number if they have one.
     pub async fn readdir(
         &self,
@@ -244,10 +250,11 @@ impl FsCore {
                 out.push((pos as u64 + 1, name.to_string(), Self::attr(*i, &meta)));
             }
         }
-        for (pos, e) in entries.iter().enumerate() {
+        let skip = offset.saturating_sub(2) as usize;
+        for (pos, e) in entries.iter().enumerate().skip(skip) {
             let pos = pos as u64 + 2;
-            if pos < offset {
-                continue;
+            if out.len() >= READDIR_BATCH {
+                break;
             }
             let path = lakecache_lake::join(&dir, &e.name);
             let attr = if plus {

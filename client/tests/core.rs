@@ -394,3 +394,139 @@ async fn reading_a_directory_lists_its_subdirectories_ahead() {
     fs.reader().list("train").await.unwrap();
     assert_eq!(fs.reader().metrics.listings.get(), before);
 }
+
+/// A flat directory of a million objects: listed in pages streamed by the worker, read by the
+/// kernel's way of readdir (batches from an offset), and every file in it found and opened. The
+/// reader holds the listing within its entry budget (about 150 bytes an entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flat_directory_of_a_million_objects_lists_and_every_file_opens() {
+    const N: usize = 1_000_000;
+    let started = std::time::Instant::now();
+    let source = Arc::new(OpendalSource::new(&SourceSpec::new("memory://")).unwrap());
+    let name = |i: usize| format!("img-{i:07}.jpg");
+    {
+        let op = source.operator().clone();
+        use futures::StreamExt;
+        let mut puts = futures::stream::iter((0..N).map(|i| {
+            let op = op.clone();
+            let name = name(i);
+            async move { op.write(&format!("flat/{name}"), name.into_bytes()).await }
+        }))
+        .buffer_unordered(64);
+        while let Some(r) = puts.next().await {
+            r.unwrap();
+        }
+    }
+    eprintln!("{N} objects written in {:?}", started.elapsed());
+    let mut workers = Vec::new();
+    let mut tiers = Vec::new();
+    for i in 0..2 {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = WorkerConfig {
+            id: format!("w{i}"),
+            source: SourceSpec::new("memory://"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            block_size: ByteSize::b(BS),
+            tiers: vec![TierConfig {
+                kind: TierKind::Disk,
+                path: Some(t.path().into()),
+                size: ByteSize::mib(64),
+            }],
+            metadata: MetadataPolicy::Immutable,
+            token_file: None,
+            token: Some("secret".into()),
+            limits: Default::default(),
+        };
+        workers.push(
+            Worker::start_with_source(cfg, source.clone())
+                .await
+                .unwrap(),
+        );
+        tiers.push(t);
+    }
+    let m = Arc::new(Membership::new(Some("secret"), Duration::from_secs(1)).unwrap());
+    m.set(
+        workers
+            .iter()
+            .map(|w| Member {
+                id: w.id.clone(),
+                endpoint: format!("http://{}", w.addr),
+            })
+            .collect(),
+    )
+    .unwrap();
+    let cfg = ReaderConfig {
+        block_size: BS,
+        worker_timeout: Duration::from_secs(60),
+        read_timeout: Duration::from_secs(120),
+        metadata_ttl: None,
+        direct_fallback: false,
+    };
+    let reader = Arc::new(Reader::new(cfg, m, None));
+    let fs = FsCore::new(reader.clone(), FsConfig::default());
+    let flat = fs.lookup(ROOT_INO, "flat").await.unwrap();
+    // readdir as the kernel calls it: from the offset after the last entry it took.
+    let t = std::time::Instant::now();
+    let mut names = Vec::with_capacity(N);
+    let mut offset = 0;
+    loop {
+        let batch = fs.readdir(flat.ino, offset, false).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        assert!(batch.len() <= lakecache_client::fs::READDIR_BATCH);
+        offset = last.0;
+        names.extend(
+            batch
+                .into_iter()
+                .filter(|(_, n, _)| n != "." && n != "..")
+                .map(|(_, n, _)| n),
+        );
+    }
+    eprintln!("listed {} entries in {:?}", names.len(), t.elapsed());
+    assert_eq!(names.len(), N, "every object is listed once");
+    assert_eq!(names[0], name(0));
+    assert_eq!(names[N - 1], name(N - 1));
+    assert_eq!(
+        reader.metrics.listings.get(),
+        2,
+        "the root and the directory, once each"
+    );
+    assert_eq!(reader.listing_entries(), N + 1);
+    eprintln!(
+        "an entry is {} bytes in place plus its name and version on the heap",
+        std::mem::size_of::<lakecache_lake::DirEntry>()
+    );
+    // Every file is found and opens; some are read.
+    let t = std::time::Instant::now();
+    for (i, n) in names.iter().enumerate() {
+        let a = fs.lookup(flat.ino, n).await.unwrap();
+        assert_eq!(a.size, n.len() as u64, "{n}");
+        let fh = fs.open(a.ino).await.unwrap();
+        if i % 50_000 == 0 {
+            let data = fs.read(fh, 0, 4096).await.unwrap();
+            assert_eq!(&data[..], n.as_bytes());
+        }
+        fs.release(fh);
+        fs.forget(a.ino, 1);
+    }
+    eprintln!("looked up and opened {N} files in {:?}", t.elapsed());
+    // The budget bounds what the reader holds: a smaller one keeps the newest listing only.
+    let small = Arc::new(
+        Reader::new(reader.config().clone(), reader.membership().clone(), None)
+            .with_listing_budget(1000),
+    );
+    small.list("").await.unwrap();
+    assert_eq!(small.listing_entries(), 1);
+    small.list("flat").await.unwrap();
+    assert_eq!(
+        small.listing_entries(),
+        N,
+        "a listing past the budget is kept alone"
+    );
+    small.list("").await.unwrap();
+    assert_eq!(
+        small.listing_entries(),
+        1,
+        "and goes when another is needed"
+    );
+}

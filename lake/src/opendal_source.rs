@@ -65,6 +65,11 @@ impl OpendalSource {
         })
     }
 
+    /// The OpenDAL operator underneath (tests fill a `memory://` lake through it).
+    pub fn operator(&self) -> &Operator {
+        &self.op
+    }
+
     async fn bounded<T>(
         &self,
         path: &str,
