@@ -5,11 +5,13 @@
 //! then logs to stderr.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lakecache_client::fuse::{self, MountConfig};
+use lakecache_client::metrics::ReaderMetrics;
 use lakecache_client::{
     FsConfig, FsCore, LocalFileCache, Member, Membership, Reader, ReaderConfig,
 };
@@ -73,11 +75,19 @@ async fn first_answer(membership: &Membership, timeout: Duration) -> anyhow::Res
     )
 }
 
-/// Mounts and serves until SIGTERM. Writes the status line to `status`.
-pub async fn run(cfg: FuseServerConfig, status: &mut dyn Write) -> anyhow::Result<()> {
+/// Mounts and serves until SIGTERM. Writes the status line to `status`, and the reader's metrics
+/// to `metrics` every few seconds (see [`crate::fuse_metrics`]).
+pub async fn run(
+    cfg: FuseServerConfig,
+    status: &mut dyn Write,
+    metrics: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let result = mount(&cfg).await;
     let mount = match result {
-        Ok(m) => {
+        Ok((m, reader_metrics)) => {
+            if let Some(path) = metrics {
+                crate::fuse_metrics::publish(reader_metrics, path);
+            }
             writeln!(status, "{READY}")?;
             status.flush()?;
             m
@@ -101,7 +111,7 @@ pub async fn run(cfg: FuseServerConfig, status: &mut dyn Write) -> anyhow::Resul
     Ok(())
 }
 
-async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<fuse::Mount> {
+async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<ReaderMetrics>)> {
     let membership = Arc::new(
         Membership::new(cfg.token.as_deref(), Duration::from_secs(2))
             .context("the data-plane token")?,
@@ -130,6 +140,7 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<fuse::Mount> {
         direct_fallback: false,
     };
     let reader = Arc::new(Reader::new(reader_cfg, membership, None));
+    let metrics = reader.metrics.clone();
     let fs = FsConfig {
         attr_ttl: cfg.metadata_ttl.unwrap_or(Duration::from_secs(3600)),
         keep_cache: cfg.metadata_ttl.is_none(),
@@ -165,5 +176,5 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<fuse::Mount> {
     let m = tokio::task::spawn_blocking(move || fuse::mount(core, &path, &mc, handle))
         .await?
         .with_context(|| format!("mounting FUSE at {}", cfg.mount_path.display()))?;
-    Ok(m)
+    Ok((m, metrics))
 }

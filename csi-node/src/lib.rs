@@ -12,6 +12,7 @@
 //!   plugin registration API (the `node-driver-registrar` container).
 #![forbid(unsafe_code)]
 
+pub mod fuse_metrics;
 pub mod fuse_server;
 pub mod kube_members;
 pub mod metrics;
@@ -164,10 +165,15 @@ pub async fn start_plugin(opts: PluginOptions) -> anyhow::Result<RunningPlugin> 
     let mut registry = Registry::with_prefix("lakecache_csi");
     plugin.metrics.register(&mut registry);
     let ready = Readiness::default();
-    let admin = AdminServer::start(
+    // The FUSE servers' own metrics, with a volume label (see `fuse_metrics`).
+    let snapshots = state::StateDir::open(&opts.state_dir)?;
+    let extra: lakecache_telemetry::ExtraMetrics =
+        Arc::new(move || fuse_metrics::gather(&snapshots));
+    let admin = AdminServer::start_with(
         opts.admin_listen,
         Arc::new(parking_lot::Mutex::new(registry)),
         ready.clone(),
+        Some(extra),
     )
     .await?;
 

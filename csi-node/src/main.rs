@@ -165,7 +165,8 @@ fn main() -> anyhow::Result<()> {
             let cfg: FuseServerConfig = serde_json::from_slice(&text)
                 .with_context(|| format!("parsing {}", config.display()))?;
             let mut out = std::io::stdout();
-            rt.block_on(fuse_server::run(cfg, &mut out))
+            let metrics = lakecache_csi_node::fuse_metrics::snapshot_path(&config);
+            rt.block_on(fuse_server::run(cfg, &mut out, Some(metrics)))
         }
     }
 }

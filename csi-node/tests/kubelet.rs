@@ -220,6 +220,25 @@ async fn kubelet_lifecycle_survives_restarts_and_repairs_mounts() {
         metric(&m, "lakecache_csi_repairs_total{kind=\"target\"}") >= 2.0,
         "{m}"
     );
+    // The FUSE servers' own metrics are there too, by volume (reads above may have come from
+    // the page cache, so only their presence is certain).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = node.metrics().await;
+        if m.contains("\nlakecache_fuse_read_errors_total{volume=\"") {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no FUSE server metrics: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        m.matches("# TYPE lakecache_fuse_hedges counter").count(),
+        1,
+        "{m}"
+    );
 
     // Kill the mounter: the FUSE server keeps serving; a new mounter adopts it.
     node.kill_mounter();

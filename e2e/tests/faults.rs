@@ -130,6 +130,7 @@ impl Drop for WorkerProcess {
 struct FuseServer {
     child: Child,
     mountpoint: PathBuf,
+    config: PathBuf,
     log: PathBuf,
 }
 
@@ -174,6 +175,7 @@ impl FuseServer {
         let server = Self {
             child,
             mountpoint,
+            config: path,
             log: log_path,
         };
         let line = rx
@@ -187,8 +189,38 @@ impl FuseServer {
 }
 
 impl FuseServer {
+    /// A counter from the snapshot of its metrics that the FUSE server writes beside its
+    /// configuration (what the CSI plugin's `/metrics` shows per volume).
+    fn counter(&self, name: &str) -> f64 {
+        std::fs::read_to_string(self.config.with_extension("prom"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     fn logged(&self, what: &str) -> bool {
         std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains(what))
+    }
+
+    /// Waits for the ejection to show in the metrics snapshot, and prints the hedges.
+    async fn report_counters(&self, what: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.counter("lakecache_fuse_worker_ejections_total") < 1.0 {
+            ensure!(
+                Instant::now() < deadline,
+                "{what}: no ejection in the metrics"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "{what}: {} ejection(s), {} hedged block reads, {} won by the hedge",
+            self.counter("lakecache_fuse_worker_ejections_total"),
+            self.counter("lakecache_fuse_hedges_total"),
+            self.counter("lakecache_fuse_hedge_wins_total"),
+        );
+        Ok(())
     }
 
     /// Waits (at most 10 s) until the log says `what`.
@@ -403,6 +435,7 @@ async fn a_hung_worker_fails_no_read_and_serves_again_when_it_answers() -> anyho
         // Calls it left unanswered end at their deadline, and eject it.
         fuse.wait_logged("worker ejected", "the stopped worker was not ejected")
             .await?;
+        fuse.report_counters("worker stopped (SIGSTOP)").await?;
         workers[1].signal(Signal::SIGCONT)?;
         let back = serves_again(&workers[1], &fuse, Instant::now(), &files).await?;
         eprintln!("worker stopped (SIGSTOP): serves again {back:.2?} after SIGCONT");
@@ -432,6 +465,7 @@ async fn a_hung_worker_fails_no_read_and_serves_again_when_it_answers() -> anyho
         // Calls it left unanswered end at their deadline, and eject it.
         fuse.wait_logged("worker ejected", "the black-holed worker was not ejected")
             .await?;
+        fuse.report_counters("worker black-holed (proxy)").await?;
         proxy.set_blackhole(false);
         let back = serves_again(&workers[2], &fuse, Instant::now(), &files).await?;
         eprintln!("worker black-holed (proxy): serves again {back:.2?} after the proxy answers");

@@ -79,10 +79,15 @@ impl Readiness {
     }
 }
 
+/// More metrics for `/metrics`, in OpenMetrics text without the final `# EOF` (for example
+/// what child processes report), gathered at each scrape.
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
 #[derive(Clone)]
 struct AdminState {
     registry: Arc<parking_lot::Mutex<Registry>>,
     ready: Readiness,
+    extra: Option<ExtraMetrics>,
 }
 
 /// The admin HTTP server of a component.
@@ -104,6 +109,16 @@ impl AdminServer {
         registry: Arc<parking_lot::Mutex<Registry>>,
         ready: Readiness,
     ) -> Result<Self, AdminError> {
+        Self::start_with(addr, registry, ready, None).await
+    }
+
+    /// [`AdminServer::start`], with `extra` metrics appended to the registry's at each scrape.
+    pub async fn start_with(
+        addr: SocketAddr,
+        registry: Arc<parking_lot::Mutex<Registry>>,
+        ready: Readiness,
+        extra: Option<ExtraMetrics>,
+    ) -> Result<Self, AdminError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| AdminError::Bind(addr, e))?;
@@ -114,7 +129,11 @@ impl AdminServer {
             .route("/metrics", get(metrics))
             .route("/livez", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
-            .with_state(AdminState { registry, ready });
+            .with_state(AdminState {
+                registry,
+                ready,
+                extra,
+            });
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "admin server stopped");
@@ -137,6 +156,10 @@ impl Drop for AdminServer {
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     let mut body = String::new();
     let result = encode(&mut body, &s.registry.lock());
+    if let (Ok(()), Some(extra)) = (&result, &s.extra) {
+        let own = body.strip_suffix("# EOF\n").unwrap_or(&body).to_string();
+        body = format!("{own}{}# EOF\n", extra());
+    }
     match result {
         Ok(()) => (
             StatusCode::OK,
