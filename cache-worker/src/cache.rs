@@ -123,26 +123,10 @@ impl BlockCache {
     }
 
     /// The whole block `key` of an object of `size` bytes.
-    pub async fn get(&self, key: &BlockKey, size: u64) -> Result<(Bytes, Origin), BlockError> {
-        self.get_with(key, size, None).await
-    }
-
-    /// [`Self::get`], telling `on_miss` as soon as the block is known to come from the source
-    /// (before the source answers), so that a caller can say so to its reader at once.
     ///
     /// `size` is the reader's word for the object's size; the worker's own metadata, when it
     /// has the object at the key's version, takes precedence (see [`Loader::load`]).
-    pub async fn get_with(
-        &self,
-        key: &BlockKey,
-        size: u64,
-        on_miss: Option<tokio::sync::oneshot::Sender<()>>,
-    ) -> Result<(Bytes, Origin), BlockError> {
-        let miss = move || {
-            if let Some(tx) = on_miss {
-                let _ = tx.send(());
-            }
-        };
+    pub async fn get(&self, key: &BlockKey, size: u64) -> Result<(Bytes, Origin), BlockError> {
         let started = Instant::now();
         let metrics = &self.loader.metrics;
         let size = self.loader.known_size(key).unwrap_or(size);
@@ -163,7 +147,6 @@ impl BlockCache {
             // out which length is right and the store keeps that one.
             Lookup::Hit { bytes, .. } if bytes.len() as u64 != end - start => {
                 metrics.misses.inc();
-                miss();
                 (self.fetch(key, 0, size).await?, Origin::Source)
             }
             Lookup::Hit { bytes, tier } => {
@@ -175,7 +158,6 @@ impl BlockCache {
             }
             Lookup::Miss { past } => {
                 metrics.misses.inc();
-                miss();
                 (self.fetch(key, past, size).await?, Origin::Source)
             }
         };

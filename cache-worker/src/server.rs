@@ -191,52 +191,33 @@ impl CacheWorker for WorkerService {
             )));
         }
         let bkey = BlockKey::new(key.path, key.version, key.index);
-        // The lookup runs in a task of its own, so that a miss can be told to the reader at once
-        // (an empty first chunk from the source) while the source is still being read.
-        let (miss_tx, miss_rx) = tokio::sync::oneshot::channel();
+        // An empty chunk goes out at once: the reader then knows this worker is alive and
+        // working on its block, whether the block comes from a tier or from a slow lake. The
+        // lookup runs in a task of its own, so the stream's task is free to send it meanwhile.
         let cache = self.cache.clone();
         let object_size = key.object_size;
-        let mut lookup =
-            tokio::spawn(async move { cache.get_with(&bkey, object_size, Some(miss_tx)).await });
-        let joined = |r: Result<_, tokio::task::JoinError>| {
-            r.unwrap_or_else(|e| {
+        let lookup = tokio::spawn(async move { cache.get(&bkey, object_size).await });
+        let (offset, length, metrics) = (req.offset, req.length, self.metrics.clone());
+        let ack = futures::stream::once(async {
+            Ok(pb::Chunk {
+                offset: 0,
+                data: Bytes::new(),
+                served_from: pb::Tier::Unspecified as i32,
+            })
+        });
+        let rest = futures::stream::once(async move {
+            let found = lookup.await.unwrap_or_else(|e| {
                 Err(BlockError::Lake(LakeError::Unavailable(format!(
                     "block read task failed: {e}"
                 ))))
-            })
-        };
-        let missed = tokio::select! {
-            biased;
-            r = &mut lookup => Err(joined(r)),
-            m = miss_rx => Ok(m.is_ok()),
-        };
-        let (offset, length, metrics) = (req.offset, req.length, self.metrics.clone());
-        match missed {
-            // Answered before a miss was known (a hit, or an error): the whole answer now.
-            Err(r) => {
-                let (bytes, origin) = r.map_err(|e| block_status(&e))?;
-                let chunks = chunks(&metrics, bytes, origin, offset, length);
-                Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+            });
+            match found {
+                Ok((bytes, origin)) => chunks(&metrics, bytes, origin, offset, length),
+                Err(e) => vec![Err(block_status(&e))],
             }
-            Ok(miss) => {
-                let marker = miss.then(|| {
-                    Ok(pb::Chunk {
-                        offset: 0,
-                        data: Bytes::new(),
-                        served_from: pb::Tier::Source as i32,
-                    })
-                });
-                let rest = futures::stream::once(async move {
-                    match joined(lookup.await) {
-                        Ok((bytes, origin)) => chunks(&metrics, bytes, origin, offset, length),
-                        Err(e) => vec![Err(block_status(&e))],
-                    }
-                })
-                .flat_map(futures::stream::iter);
-                let stream = futures::stream::iter(marker).chain(rest);
-                Ok(Response::new(Box::pin(stream)))
-            }
-        }
+        })
+        .flat_map(futures::stream::iter);
+        Ok(Response::new(Box::pin(ack.chain(rest))))
     }
 
     async fn stat(

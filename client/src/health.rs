@@ -6,15 +6,18 @@
 //! half-open connection) is the expensive failure: calls to it are accepted and never answered.
 //! Four things keep it cheap, together:
 //!
-//! - **Deadlines that follow the workers.** Every call must show a first sign of life (a block's
-//!   first chunk, or the worker's note that it is fetching from the lake; a listing's first page)
-//!   within [`Health::first_answer_deadline`]: several times the p99 of the first answers seen
-//!   lately, at least [`MIN_DEADLINE`], at most the configured worker timeout. A slow lake does not
-//!   count against a worker: once it says it is fetching, the reader waits for the lake.
-//! - **Hedged reads.** A block that has no first answer after about the p99
-//!   ([`Health::hedge_delay`]) is asked of the next owner too; the first good answer wins. Hedges
-//!   spend tokens that every block read earns a tenth of, so at most about one read in ten is
-//!   hedged and a slow cluster is not doubled in load.
+//! - **Deadlines that follow the workers.** Every call must show a first sign of life within
+//!   [`Health::first_answer_deadline`]: several times the p99 of the first answers seen lately,
+//!   at least [`MIN_DEADLINE`], at most the configured worker timeout. A worker answers a block
+//!   request at once with an empty chunk, and a listing with an empty page, before it reads a
+//!   tier or the lake: so the first answer measures whether the worker is alive, and a slow disk
+//!   or lake never counts against it (the data then gets the whole worker timeout).
+//! - **Hedged reads.** A block whose worker has not answered after about the p99 of first
+//!   answers ([`Health::hedge_delay`]) is asked of the next owner too; the first good answer
+//!   wins. Only silence is hedged, not a slow answer: the next owner seldom holds the block, so a
+//!   hedge costs a lake read, which beats a silent worker but not a busy one. Hedges spend
+//!   tokens that every block read earns a tenth of, so at most about one read in ten is hedged
+//!   and a struggling cluster is not doubled in load.
 //! - **Suspicion.** A worker with calls waiting that has answered none of them for a few p99s
 //!   ([`Health::is_suspect`]) is asked after the others, and reads waiting on it are hedged
 //!   without tokens: a hang is noticed in about a tenth of a second, long before any deadline.

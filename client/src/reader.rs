@@ -276,7 +276,8 @@ impl BlockCall {
             length: 0,
         };
         let waiting = self.health.waiting(id);
-        // The first sign of life: a chunk of data, or the worker's note that it is fetching.
+        // The first sign of life: the worker's empty first chunk, sent as soon as it takes the
+        // call (or, from an older worker, the first chunk of data).
         let first = async {
             let mut client = conn.client.clone();
             let mut stream = client.read_block(req).await?.into_inner();
@@ -306,20 +307,21 @@ impl BlockCall {
         let (start, end) = self.key.range(self.block_size, self.size);
         let want = (end - start) as usize;
         let rest = async {
-            let mut origin = "source";
+            let mut origin = None;
             let mut parts: Vec<Bytes> = Vec::new();
-            if let Some(c) = first {
-                origin = match pb::Tier::try_from(c.served_from) {
-                    Ok(pb::Tier::Memory) => "memory",
-                    Ok(pb::Tier::Disk) => "disk",
-                    _ => "source",
-                };
+            let mut next = first;
+            while let Some(c) = next {
+                if origin.is_none() && c.served_from != pb::Tier::Unspecified as i32 {
+                    origin = Some(match pb::Tier::try_from(c.served_from) {
+                        Ok(pb::Tier::Memory) => "memory",
+                        Ok(pb::Tier::Disk) => "disk",
+                        _ => "source",
+                    });
+                }
                 parts.push(c.data);
+                next = stream.message().await?;
             }
-            while let Some(c) = stream.message().await? {
-                parts.push(c.data);
-            }
-            Ok::<_, tonic::Status>((parts, origin))
+            Ok::<_, tonic::Status>((parts, origin.unwrap_or("source")))
         };
         // Past the first answer the worker is alive; a slow lake gets the whole timeout (and a
         // worker that dies meanwhile is noticed by keepalive).
