@@ -122,6 +122,27 @@ impl BlockCache {
         &self.loader.source
     }
 
+    /// Block `key` if a tier holds it with the right length; never asks the source, and a block
+    /// not held is not a miss (the caller asked only in case it was here).
+    pub async fn cached(&self, key: &BlockKey, size: u64) -> Option<(Bytes, Origin)> {
+        let metrics = &self.loader.metrics;
+        let size = self.loader.known_size(key).unwrap_or(size);
+        let (start, end) = key.range(self.loader.block_size, size);
+        if start >= end {
+            return None;
+        }
+        match self.loader.store.get(key).await {
+            Lookup::Hit { bytes, tier } if bytes.len() as u64 == end - start => {
+                metrics
+                    .hits
+                    .get_or_create(&metrics.tier(tier.label()))
+                    .inc();
+                Some((bytes, Origin::Tier(tier)))
+            }
+            _ => None,
+        }
+    }
+
     /// The whole block `key` of an object of `size` bytes.
     ///
     /// `size` is the reader's word for the object's size; the worker's own metadata, when it

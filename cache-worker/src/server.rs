@@ -17,12 +17,13 @@ use crate::metrics::WorkerMetrics;
 use crate::preload::{PreloadSpec, Preloader};
 use crate::store::TierKind;
 
+/// How often a ReadBlock stream says the worker is still at work while its block is not ready.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Chunk size of a ReadBlock stream.
 pub const CHUNK: usize = 1 << 20;
 
-/// Metadata key set on errors that come from the source, so that a reader knows failing over to
-/// another worker would not help.
-pub const SOURCE_ERROR_KEY: &str = "lakecache-source-error";
+pub use lakecache_proto::lakecache::v1::{NOT_CACHED_KEY, SOURCE_ERROR_KEY};
 
 pub struct WorkerService {
     pub id: String,
@@ -168,7 +169,7 @@ fn chunks(
 #[tonic::async_trait]
 impl CacheWorker for WorkerService {
     type ReadBlockStream = ChunkStream;
-    type ListStream = ListStream;
+    type ListPagesStream = ListStream;
     type WatchPreloadStream = StatusStream;
 
     async fn read_block(
@@ -191,33 +192,56 @@ impl CacheWorker for WorkerService {
             )));
         }
         let bkey = BlockKey::new(key.path, key.version, key.index);
-        // An empty chunk goes out at once: the reader then knows this worker is alive and
-        // working on its block, whether the block comes from a tier or from a slow lake. The
-        // lookup runs in a task of its own, so the stream's task is free to send it meanwhile.
+        // An empty chunk goes out at once, and another every HEARTBEAT until the block is
+        // ready: the reader then knows this worker is alive and working on its block, whether
+        // the block comes from a tier or from a slow lake. The lookup runs in a task of its
+        // own, so the stream's task is free to send them meanwhile.
         let cache = self.cache.clone();
         let object_size = key.object_size;
-        let lookup = tokio::spawn(async move { cache.get(&bkey, object_size).await });
-        let (offset, length, metrics) = (req.offset, req.length, self.metrics.clone());
-        let ack = futures::stream::once(async {
-            Ok(pb::Chunk {
-                offset: 0,
-                data: Bytes::new(),
-                served_from: pb::Tier::Unspecified as i32,
-            })
+        let cached_only = req.cached_only;
+        let lookup = tokio::spawn(async move {
+            if cached_only {
+                Ok(cache.cached(&bkey, object_size).await)
+            } else {
+                cache.get(&bkey, object_size).await.map(Some)
+            }
         });
-        let rest = futures::stream::once(async move {
-            let found = lookup.await.unwrap_or_else(|e| {
-                Err(BlockError::Lake(LakeError::Unavailable(format!(
-                    "block read task failed: {e}"
-                ))))
-            });
-            match found {
-                Ok((bytes, origin)) => chunks(&metrics, bytes, origin, offset, length),
-                Err(e) => vec![Err(block_status(&e))],
+        let (offset, length, metrics) = (req.offset, req.length, self.metrics.clone());
+        let answer = move |found| match found {
+            Ok(Ok(Some((bytes, origin)))) => chunks(&metrics, bytes, origin, offset, length),
+            Ok(Ok(None)) => {
+                let mut s = Status::not_found("block not cached here");
+                s.metadata_mut()
+                    .insert(NOT_CACHED_KEY, "1".parse().expect("ascii"));
+                vec![Err(s)]
+            }
+            Ok(Err(e)) => vec![Err(block_status(&e))],
+            // The worker's own failure, not its source's: the reader may ask another.
+            Err(e) => vec![Err(Status::internal(format!(
+                "block read task failed: {e}"
+            )))],
+        };
+        // Until the block is ready, an empty chunk every HEARTBEAT (the first at once): the
+        // reader tells a worker waiting on a slow lake from one that hangs by these.
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stream = futures::stream::unfold(Some((lookup, tick, answer)), |state| async move {
+            let (mut lookup, mut tick, answer) = state?;
+            tokio::select! {
+                biased;
+                found = &mut lookup => Some((answer(found), None)),
+                _ = tick.tick() => {
+                    let beat = pb::Chunk {
+                        offset: 0,
+                        data: Bytes::new(),
+                        served_from: pb::Tier::Unspecified as i32,
+                    };
+                    Some((vec![Ok(beat)], Some((lookup, tick, answer))))
+                }
             }
         })
         .flat_map(futures::stream::iter);
-        Ok(Response::new(Box::pin(ack.chain(rest))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn stat(
@@ -234,22 +258,34 @@ impl CacheWorker for WorkerService {
     async fn list(
         &self,
         req: Request<pb::ListRequest>,
-    ) -> Result<Response<Self::ListStream>, Status> {
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let path = lakecache_lake::normalize(&req.into_inner().path);
+        let entries = self.meta.list(&path).await.map_err(|e| lake_status(&e))?;
+        Ok(Response::new(pb::ListResponse {
+            entries: entries.iter().map(entry).collect(),
+        }))
+    }
+
+    async fn list_pages(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<Self::ListPagesStream>, Status> {
         let path = lakecache_lake::normalize(&req.into_inner().path);
         // An empty page goes out at once, so the reader knows the worker is alive while a
         // listing it does not hold comes from the source (which may take long for a large
-        // directory); the listing's pages follow.
-        // The listing runs in a task of its own: a large one is long work, and the stream's
-        // task must stay free to send the first page meanwhile.
+        // directory); the listing's pages follow. The listing runs in a task of its own: a large
+        // one is long work, and the stream's task must stay free to send the first page.
         let meta = self.meta.clone();
         let task = tokio::spawn(async move { meta.list(&path).await });
         let listing = async move {
-            let listed = task.await.unwrap_or_else(|e| {
-                Err(LakeError::Unavailable(format!("listing task failed: {e}")))
-            });
+            let listed = match task.await {
+                Ok(Ok(entries)) => Ok(entries),
+                Ok(Err(e)) => Err(lake_status(&e)),
+                Err(e) => Err(Status::internal(format!("listing task failed: {e}"))),
+            };
             match listed {
                 Ok(entries) => list_pages(entries).left_stream(),
-                Err(e) => futures::stream::once(async move { Err(lake_status(&e)) }).right_stream(),
+                Err(s) => futures::stream::once(async move { Err(s) }).right_stream(),
             }
         };
         let alive = futures::stream::once(async { Ok(pb::ListResponse { entries: vec![] }) });

@@ -18,9 +18,11 @@
 //!   hedge costs a lake read, which beats a silent worker but not a busy one. Hedges spend
 //!   tokens that every block read earns a tenth of, so at most about one read in ten is hedged
 //!   and a struggling cluster is not doubled in load.
-//! - **Suspicion.** A worker with calls waiting that has answered none of them for a few p99s
-//!   ([`Health::is_suspect`]) is asked after the others, and reads waiting on it are hedged
-//!   without tokens: a hang is noticed in about a tenth of a second, long before any deadline.
+//! - **Suspicion.** A worker with calls waiting that gives no sign of life for a few p99s (200 ms
+//!   at least; a worker sends a heartbeat every 50 ms while a block waits on its lake)
+//!   ([`Health::is_suspect`]) is asked after the others, and reads waiting on it go to the next
+//!   owner at once: a hang, before or after a call's first answer, is noticed in a fraction of a
+//!   second, long before any deadline.
 //! - **Ejection.** [`EJECT_AFTER`] consecutive failures (timeouts, transport errors) eject a
 //!   worker: reads skip it and go straight to the next owner. A probe in the background asks
 //!   the worker for its `Info` after a backoff (doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`])
@@ -43,6 +45,8 @@ pub const EJECT_AFTER: u32 = 2;
 /// First and longest wait before an ejected worker is probed.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// A worker ejected again within this long of coming back doubles its last backoff.
+const FLAPPING: Duration = Duration::from_secs(30);
 /// How long a probe waits for the worker's answer.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The shortest first-answer deadline: below it, a busy machine's scheduling noise would eject
@@ -51,7 +55,8 @@ pub const MIN_DEADLINE: Duration = Duration::from_secs(1);
 /// A worker is suspect after answering nothing for this many times the p99, and at least
 /// [`MIN_SUSPECT`], while calls wait on it.
 const SUSPECT_FACTOR: u32 = 4;
-const MIN_SUSPECT: Duration = Duration::from_millis(100);
+/// At least four of a worker's 50 ms heartbeats, and the time a 1 MiB chunk takes at 10 MB/s.
+const MIN_SUSPECT: Duration = Duration::from_millis(200);
 /// The first-answer deadline is this many times the observed p99.
 const DEADLINE_FACTOR: u32 = 8;
 /// Hedge delay bounds.
@@ -74,6 +79,10 @@ struct WorkerState {
     waiting: u32,
     /// Since when the worker has answered nothing while calls wait on it.
     quiet_since: Option<Instant>,
+    /// The backoff of its last ejection, and when it came back: a worker ejected again soon
+    /// after (its probe answers but its reads do not) waits twice as long each time.
+    last_backoff: Duration,
+    back_at: Option<Instant>,
 }
 
 /// The latest first-answer latencies, and their p99 (recomputed every few samples).
@@ -164,8 +173,9 @@ impl Health {
         (self.p99() * SUSPECT_FACTOR).clamp(MIN_SUSPECT, MIN_DEADLINE)
     }
 
-    /// Whether `id` has calls waiting and answered none of them for [`Self::suspect_after`]:
-    /// a hanging worker looks so long before its calls time out. A suspect worker is asked
+    /// Whether `id` has calls waiting and gave no sign of life (a first answer, data, or the
+    /// heartbeat a worker sends every 50 ms while it waits on its lake) for
+    /// [`Self::suspect_after`]: a hanging worker looks so long before its calls time out. A suspect worker is asked
     /// after the others, and reads waiting on it are hedged without spending a token.
     pub fn is_suspect(&self, id: &str) -> bool {
         let after = self.suspect_after();
@@ -216,6 +226,23 @@ impl Health {
         }
     }
 
+    /// A call to `id` got another message (data, or a heartbeat): the worker is alive.
+    pub fn progress(&self, id: &str) {
+        if let Some(w) = self.workers.lock().get_mut(id)
+            && w.waiting > 0
+        {
+            w.quiet_since = Some(Instant::now());
+        }
+    }
+
+    /// A call to `id` got its answer, without a first-answer latency worth recording (a worker
+    /// in this process).
+    pub fn alive(&self, id: &str) {
+        if let Some(w) = self.workers.lock().get_mut(id) {
+            w.failures = 0;
+        }
+    }
+
     /// A call to `id` failed for the worker's own reasons (no answer, transport error). Returns
     /// true when this ejected it; then the caller starts the probe ([`Self::watch`]).
     pub fn failed(&self, id: &str) -> bool {
@@ -223,7 +250,13 @@ impl Health {
         let w = workers.entry(id.to_string()).or_default();
         w.failures += 1;
         if w.ejected.is_none() && w.failures >= EJECT_AFTER {
-            w.ejected = Some(BACKOFF_MIN);
+            let flapping = w.back_at.is_some_and(|t| t.elapsed() < FLAPPING);
+            let backoff = if flapping {
+                (w.last_backoff * 2).min(BACKOFF_MAX)
+            } else {
+                BACKOFF_MIN
+            };
+            w.ejected = Some(backoff);
             self.metrics.ejections.inc();
             self.metrics.ejected_workers.inc();
             tracing::warn!(
@@ -291,9 +324,11 @@ impl Health {
     fn reinstate(&self, id: &str, took: Duration) {
         let mut workers = self.workers.lock();
         if let Some(w) = workers.get_mut(id)
-            && w.ejected.take().is_some()
+            && let Some(backoff) = w.ejected.take()
         {
             w.failures = 0;
+            w.last_backoff = backoff;
+            w.back_at = Some(Instant::now());
             self.metrics.readmissions.inc();
             self.metrics.ejected_workers.dec();
             tracing::info!(worker = id, probe = ?took, "worker is back: it answered a probe");
@@ -359,6 +394,10 @@ mod tests {
         h.reinstate("w0", Duration::ZERO);
         assert!(!h.is_ejected("w0"));
         assert_eq!(h.metrics.ejected_workers.get(), 0);
+        // Ejected again soon after coming back: it waits longer before the next probe.
+        h.failed("w0");
+        assert!(h.failed("w0"));
+        assert_eq!(h.workers.lock()["w0"].ejected, Some(BACKOFF_MIN * 2));
     }
 
     #[test]

@@ -24,8 +24,7 @@ use crate::health::Health;
 use crate::membership::{Conn, Membership};
 use crate::metrics::{OriginLabel, ReaderMetrics};
 
-/// Metadata key a worker sets on errors that come from its source.
-const SOURCE_ERROR_KEY: &str = "lakecache-source-error";
+use lakecache_proto::lakecache::v1::{NOT_CACHED_KEY, SOURCE_ERROR_KEY};
 
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
@@ -125,6 +124,8 @@ fn classify(status: tonic::Status, what: &str, worker: &str) -> Miss {
     let from_source = status.metadata().get(SOURCE_ERROR_KEY).is_some();
     let msg = format!("{what} via worker {worker}: {}", status.message());
     match status.code() {
+        // A hedge's cache-only question: not here, which says nothing about the object.
+        Code::NotFound if status.metadata().get(NOT_CACHED_KEY).is_some() => Miss::Next,
         Code::NotFound => Miss::Final(ReadError::NotFound(what.to_string())),
         Code::FailedPrecondition if from_source => Miss::Final(ReadError::Stale {
             path: what.to_string(),
@@ -239,21 +240,24 @@ impl BlockCall {
 
     /// One attempt at the block on one worker. It records the worker's health itself, so that
     /// an attempt a hedge overtook still tells whether its worker is alive.
+    /// With `cached_only`, the worker answers from its tiers only (a hedge's question).
     async fn attempt(
         self: Arc<Self>,
         conn: Arc<Conn>,
         local: Option<Arc<dyn LocalBlocks>>,
         answered: Arc<AtomicBool>,
+        cached_only: bool,
     ) -> Attempt<(Bytes, &'static str)> {
         let id = conn.member.id.as_str();
         let started = Instant::now();
         if let Some(local) = local {
-            // In this process: it cannot hang on its own, and a miss is its lake's time.
+            // In this process: it cannot hang on its own, and a miss is its lake's time (not a
+            // first-answer latency, so it is not recorded as one).
             answered.store(true, Ordering::Release);
             let call = local.block(self.key.clone(), self.size);
             return match tokio::time::timeout(self.worker_timeout, call).await {
                 Ok(Ok(found)) => {
-                    self.health.answered(id, started.elapsed());
+                    self.health.alive(id);
                     Ok(found)
                 }
                 Ok(Err(e)) => Err(Miss::Final(e)),
@@ -274,7 +278,9 @@ impl BlockCall {
             block_size: self.block_size,
             offset: 0,
             length: 0,
+            cached_only,
         };
+        // The call waits on the worker until its last message; each message is a sign of life.
         let waiting = self.health.waiting(id);
         // The first sign of life: the worker's empty first chunk, sent as soon as it takes the
         // call (or, from an older worker, the first chunk of data).
@@ -285,7 +291,6 @@ impl BlockCall {
             Ok::<_, tonic::Status>((stream, first))
         };
         let first = tokio::time::timeout(self.first_deadline, first).await;
-        waiting.end();
         let (mut stream, first) = match first {
             Ok(Ok(found)) => found,
             Ok(Err(s)) => {
@@ -318,13 +323,19 @@ impl BlockCall {
                         _ => "source",
                     });
                 }
-                parts.push(c.data);
+                if !c.data.is_empty() {
+                    parts.push(c.data);
+                }
                 next = stream.message().await?;
+                // Each message (data, or the worker's heartbeat while it waits on its lake)
+                // shows the worker alive.
+                self.health.progress(id);
             }
             Ok::<_, tonic::Status>((parts, origin.unwrap_or("source")))
         };
-        // Past the first answer the worker is alive; a slow lake gets the whole timeout (and a
-        // worker that dies meanwhile is noticed by keepalive).
+        // Past the first answer the worker is alive; a slow disk or lake gets the whole timeout,
+        // and running out of it is slowness, not the worker's fault (a worker that dies
+        // meanwhile breaks the stream, or keepalive drops its connection).
         let (parts, origin) = match tokio::time::timeout(self.worker_timeout, rest).await {
             Ok(Ok(found)) => found,
             Ok(Err(s)) => {
@@ -334,11 +345,9 @@ impl BlockCall {
                 }
                 return Err(miss);
             }
-            Err(_) => {
-                self.fault(id);
-                return Err(Miss::Fault);
-            }
+            Err(_) => return Err(Miss::Next),
         };
+        waiting.end();
         let bytes = join(parts, want);
         if bytes.len() != want {
             tracing::warn!(worker = id, %what, got = bytes.len(), want,
@@ -346,6 +355,40 @@ impl BlockCall {
             return Err(Miss::Next);
         }
         Ok((bytes, origin))
+    }
+}
+
+/// A listing in name order: lookups binary-search it.
+fn sorted(mut v: Vec<DirEntry>) -> Vec<DirEntry> {
+    if !v.is_sorted_by(|a, b| a.name <= b.name) {
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    v
+}
+
+/// One attempt of a block read in flight.
+struct Running {
+    /// Index of the owner asked.
+    owner: usize,
+    /// Set once the worker gave its first answer.
+    answered: Arc<AtomicBool>,
+    /// A hedge's question: from the worker's tiers only.
+    cached_only: bool,
+    task: tokio::task::JoinHandle<Attempt<(Bytes, &'static str)>>,
+}
+
+/// The attempts of one block read. When the read ends (answered, failed, or dropped by its
+/// caller's deadline), attempts whose worker answered are cancelled; those still waiting for a
+/// first answer run on to their deadline, so that a hung worker is found out and ejected.
+struct Attempts(Vec<Running>);
+
+impl Drop for Attempts {
+    fn drop(&mut self) {
+        for r in &self.0 {
+            if r.answered.load(Ordering::Acquire) {
+                r.task.abort();
+            }
+        }
     }
 }
 
@@ -507,13 +550,7 @@ impl Reader {
         self.metrics.listings.inc();
         for conn in self.candidates(path_item(dir)) {
             match self.list_on(&conn, dir).await {
-                Ok(mut v) => {
-                    // Lookups binary-search the listing: make sure of its order.
-                    if !v.is_sorted_by(|a, b| a.name <= b.name) {
-                        v.sort_by(|a, b| a.name.cmp(&b.name));
-                    }
-                    return Ok(v);
-                }
+                Ok(v) => return Ok(sorted(v)),
                 Err(Miss::Final(e)) => return Err(e),
                 Err(Miss::Fault) => {
                     if self.health.failed(&conn.member.id) {
@@ -528,52 +565,63 @@ impl Reader {
             }
         }
         match &self.source {
-            Some(s) if self.cfg.direct_fallback => s.list(dir).await.map_err(from_lake),
+            Some(s) if self.cfg.direct_fallback => s.list(dir).await.map(sorted).map_err(from_lake),
             _ => Err(ReadError::Unavailable(format!("{dir}: no worker answered"))),
         }
     }
 
     /// A listing from one worker: its first page (the worker sends one at once, empty if it
-    /// must ask the source) within the first-answer deadline, the rest within the worker
-    /// timeout.
+    /// must ask the source) within the first-answer deadline, each next page within the worker
+    /// timeout. A worker older than `ListPages` is asked with `List`.
     async fn list_on(&self, conn: &Conn, dir: &str) -> Attempt<Vec<DirEntry>> {
         let id = conn.member.id.as_str();
         let started = Instant::now();
         let deadline = self.health.first_answer_deadline(self.cfg.worker_timeout);
+        let req = pb::ListRequest {
+            path: dir.to_string(),
+        };
         let first = async {
             let mut client = conn.client.clone();
-            let mut pages = client
-                .list(pb::ListRequest {
-                    path: dir.to_string(),
-                })
-                .await?
-                .into_inner();
+            let mut pages = client.list_pages(req.clone()).await?.into_inner();
             let first = pages.message().await?;
             Ok::<_, tonic::Status>((pages, first))
         };
         let (mut pages, first) = match tokio::time::timeout(deadline, first).await {
             Ok(Ok(found)) => found,
+            Ok(Err(s)) if s.code() == Code::Unimplemented => {
+                return self.list_whole(conn, req).await;
+            }
             Ok(Err(s)) => return Err(classify(s, dir, id)),
             Err(_) => return Err(Miss::Fault),
         };
         self.health.answered(id, started.elapsed());
-        let rest = async {
-            let mut entries = Vec::new();
-            let mut page = first;
-            while let Some(p) = page {
-                entries.extend(p.entries.into_iter().filter_map(|e| {
-                    Some(DirEntry {
-                        meta: meta_from(e.attributes.as_ref()?),
-                        name: e.name,
-                    })
-                }));
-                page = pages.message().await?;
-            }
-            Ok::<_, tonic::Status>(entries)
-        };
-        match tokio::time::timeout(self.cfg.worker_timeout, rest).await {
-            Ok(Ok(entries)) => Ok(entries),
-            Ok(Err(s)) => Err(classify(s, dir, id)),
+        let mut entries = Vec::new();
+        let mut page = first;
+        while let Some(p) = page {
+            entries.extend(p.entries.into_iter().filter_map(entry_from));
+            // Past the first page the worker is alive: a page that takes too long is the
+            // source's slowness, not the worker's fault.
+            page = match tokio::time::timeout(self.cfg.worker_timeout, pages.message()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(s)) => return Err(classify(s, dir, id)),
+                Err(_) => return Err(Miss::Next),
+            };
+        }
+        Ok(entries)
+    }
+
+    /// A listing in one message, from a worker that predates `ListPages`.
+    async fn list_whole(&self, conn: &Conn, req: pb::ListRequest) -> Attempt<Vec<DirEntry>> {
+        let mut client = conn.client.clone();
+        let dir = req.path.clone();
+        match tokio::time::timeout(self.cfg.worker_timeout, client.list(req)).await {
+            Ok(Ok(r)) => Ok(r
+                .into_inner()
+                .entries
+                .into_iter()
+                .filter_map(entry_from)
+                .collect()),
+            Ok(Err(s)) => Err(classify(s, &dir, &conn.member.id)),
             Err(_) => Err(Miss::Fault),
         }
     }
@@ -619,8 +667,17 @@ impl Reader {
         result
     }
 
-    /// Asks the block's owners in turn; while the one asked has not answered after the hedge
-    /// delay, asks the next one too, and takes the first good answer.
+    /// Asks the block's owners in turn, hedging a silent one:
+    ///
+    /// - after the hedge delay (about the p99 of first answers) with no answer, the next owner
+    ///   is asked whether it holds the block (`cached_only`: no lake read if it does not), if a
+    ///   hedge token is left;
+    /// - once the owner asked is suspect (no sign of life, not even the heartbeat it sends while
+    ///   it waits on its lake, while calls wait on it), the next owner is asked in full, without
+    ///   a token: that is the failover of a hung worker, before or after its first answer;
+    /// - an owner that answers and keeps sending signs of life is waited for (a slow lake is not
+    ///   hedged), and a failed attempt moves on to the next owner unless another still may
+    ///   answer.
     async fn block_uncached(&self, key: BlockKey, size: u64) -> Result<Bytes, ReadError> {
         let owners = self.candidates(key.id().0);
         self.health.earn();
@@ -633,82 +690,100 @@ impl Reader {
             health: self.health.clone(),
             membership: self.membership.clone(),
         });
-        let mut hedge_wait = self.health.hedge_delay();
-        let mut rechecked = false;
-        type Running = (
-            usize,
-            Arc<AtomicBool>,
-            tokio::task::JoinHandle<Attempt<(Bytes, &'static str)>>,
-        );
-        let mut running: Vec<Running> = Vec::new();
+        let started = tokio::time::Instant::now();
+        let mut running = Attempts(Vec::new());
         let mut next = 0;
-        let mut hedged = false;
-        let start = |i: usize, running: &mut Vec<Running>| {
+        // When to look at hedging next; `None` once it is settled.
+        let mut hedge_at = Some(started + self.health.hedge_delay());
+        let mut asked_cached = false;
+        let mut hedge: Option<usize> = None;
+        let start = |i: usize, cached_only: bool, running: &mut Attempts| {
             let conn = owners[i].clone();
             let local = self.local.get(&conn.member.id).cloned();
             let answered = Arc::new(AtomicBool::new(false));
-            let task = tokio::spawn(call.clone().attempt(conn, local, answered.clone()));
-            running.push((i, answered, task));
+            let task =
+                tokio::spawn(
+                    call.clone()
+                        .attempt(conn, local, answered.clone(), cached_only),
+                );
+            running.0.push(Running {
+                owner: i,
+                answered,
+                cached_only,
+                task,
+            });
         };
         let outcome = loop {
-            if running.is_empty() {
+            if running.0.is_empty() {
                 if next >= owners.len() {
                     break None;
                 }
-                start(next, &mut running);
+                start(next, false, &mut running);
                 next += 1;
             }
-            let can_hedge =
-                next < owners.len() && !running.iter().any(|(_, a, _)| a.load(Ordering::Acquire));
-            let done = futures::future::select_all(running.iter_mut().map(|(_, _, t)| t));
-            let hedge = tokio::time::sleep(hedge_wait);
+            let done = futures::future::select_all(running.0.iter_mut().map(|r| &mut r.task));
+            let wake = hedge_at.unwrap_or(started);
             tokio::select! {
                 (r, pos, _) = done => {
-                    let (i, _, _) = running.swap_remove(pos);
+                    let finished = running.0.swap_remove(pos);
                     let r = r.unwrap_or_else(|e| {
                         Err(Miss::Final(ReadError::Unavailable(format!("read task failed: {e}"))))
                     });
                     match r {
                         Ok(found) => {
-                            if hedged && i > 0 {
+                            if hedge == Some(finished.owner) {
                                 self.metrics.hedge_wins.inc();
                             }
                             break Some(Ok(found));
                         }
-                        Err(Miss::Final(e)) => break Some(Err(e)),
-                        Err(Miss::Fault | Miss::Next) => {
+                        Err(Miss::Final(e)) if !finished.cached_only => break Some(Err(e)),
+                        Err(_) if finished.cached_only => {}
+                        Err(_) => {
                             self.metrics.failovers.inc();
+                            // Move on now, unless an attempt still running may answer.
+                            if !running.0.is_empty()
+                                && !running.0.iter().any(|r| !r.cached_only)
+                                && next < owners.len()
+                            {
+                                start(next, false, &mut running);
+                                next += 1;
+                            }
                         }
                     }
                 }
-                _ = hedge, if can_hedge && !hedged => {
-                    // Waiting on a worker that answers nothing costs no token.
-                    let suspect = running
-                        .iter()
-                        .any(|(i, _, _)| self.health.is_suspect(&owners[*i].member.id));
-                    if suspect || self.health.take_hedge() {
-                        self.metrics.hedges.inc();
-                        start(next, &mut running);
-                        next += 1;
-                        hedged = true;
-                    } else if rechecked {
-                        // One hedge per read; without a token, wait for the deadline.
-                        hedged = true;
-                    } else {
-                        // No token: look again once the worker could be suspect.
-                        rechecked = true;
-                        hedge_wait = self.health.suspect_after();
+                _ = tokio::time::sleep_until(wake), if hedge_at.is_some() => {
+                    if next >= owners.len() {
+                        // Nobody left to ask: wait for the attempts running.
+                        hedge_at = None;
+                        continue;
                     }
+                    let full: Vec<&Running> = running.0.iter().filter(|r| !r.cached_only).collect();
+                    let suspect = full
+                        .iter()
+                        .any(|r| self.health.is_suspect(&owners[r.owner].member.id));
+                    if suspect {
+                        // The worker fell silent (before or after its first answer): ask the
+                        // next owner in full.
+                        self.metrics.hedges.inc();
+                        hedge = Some(next);
+                        start(next, false, &mut running);
+                        next += 1;
+                        hedge_at = None;
+                        continue;
+                    }
+                    let answered = full.iter().any(|r| r.answered.load(Ordering::Acquire));
+                    if !answered && !asked_cached && self.health.take_hedge() {
+                        self.metrics.hedges.inc();
+                        hedge = Some(next);
+                        start(next, true, &mut running);
+                    }
+                    asked_cached = true;
+                    // Keep watching for silence while the read lasts.
+                    hedge_at = Some(tokio::time::Instant::now() + self.health.suspect_after() / 2);
                 }
             }
         };
-        // Attempts still running: those that answered are cancelled; those that did not run on
-        // to their deadline, so that a hung worker is found out and ejected.
-        for (_, answered, task) in running {
-            if answered.load(Ordering::Acquire) {
-                task.abort();
-            }
-        }
+        drop(running);
         match outcome {
             Some(Ok((bytes, origin))) => {
                 self.count(origin, bytes.len());
@@ -747,6 +822,13 @@ impl Reader {
         self.metrics.blocks.get_or_create(&l).inc();
         self.metrics.bytes.get_or_create(&l).inc_by(len as u64);
     }
+}
+
+fn entry_from(e: pb::DirEntry) -> Option<DirEntry> {
+    Some(DirEntry {
+        meta: meta_from(e.attributes.as_ref()?),
+        name: e.name,
+    })
 }
 
 fn meta_from(a: &pb::Attributes) -> ObjectMeta {

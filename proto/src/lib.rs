@@ -19,6 +19,13 @@ pub mod csi {
 pub mod lakecache {
     pub mod v1 {
         tonic::include_proto!("lakecache.v1");
+
+        /// Metadata a worker sets on an error that comes from its source: another worker would
+        /// only ask the same source again.
+        pub const SOURCE_ERROR_KEY: &str = "lakecache-source-error";
+        /// Metadata a worker sets on the NOT_FOUND answer to a `cached_only` ReadBlock whose
+        /// block it does not hold (the object may well exist).
+        pub const NOT_CACHED_KEY: &str = "lakecache-not-cached";
     }
 }
 
