@@ -20,6 +20,10 @@ use crate::state::{StateDir, write_atomic};
 /// How often a FUSE server writes its snapshot.
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 
+/// A snapshot older than this is not reported: its FUSE server is gone (the repair loop starts
+/// another, which writes its own).
+const STALE: Duration = Duration::from_secs(30);
+
 /// Where the FUSE server with configuration `config` writes its snapshot.
 pub fn snapshot_path(config: &Path) -> PathBuf {
     config.with_extension("prom")
@@ -60,6 +64,16 @@ pub fn gather(state: &StateDir) -> String {
         .flatten()
         .filter_map(|rec| {
             let path = snapshot_path(&state.fuse_config_path(&rec.volume_id));
+            // A snapshot nobody refreshes is a dead FUSE server's: not reported as current.
+            let age = std::fs::metadata(&path)
+                .ok()?
+                .modified()
+                .ok()?
+                .elapsed()
+                .ok()?;
+            if age > STALE {
+                return None;
+            }
             let text = std::fs::read_to_string(path).ok()?;
             Some((rec.volume_id, text))
         })
