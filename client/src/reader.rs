@@ -17,14 +17,13 @@ use hashlink::LinkedHashMap;
 use lakecache_lake::block::path_item;
 use lakecache_lake::{BlockKey, DirEntry, Kind, LakeError, ObjectMeta, Source};
 use lakecache_proto::lakecache::v1 as pb;
+use lakecache_proto::lakecache::v1::{NOT_CACHED_KEY, SOURCE_ERROR_KEY};
 use parking_lot::Mutex;
 use tonic::Code;
 
 use crate::health::Health;
 use crate::membership::{Conn, Membership};
 use crate::metrics::{OriginLabel, ReaderMetrics};
-
-use lakecache_proto::lakecache::v1::{NOT_CACHED_KEY, SOURCE_ERROR_KEY};
 
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
@@ -251,6 +250,10 @@ impl BlockCall {
         let id = conn.member.id.as_str();
         let started = Instant::now();
         if let Some(local) = local {
+            if cached_only {
+                // An in-process worker has no cache-only read; it is never silent anyway.
+                return Err(Miss::Next);
+            }
             // In this process: it cannot hang on its own, and a miss is its lake's time (not a
             // first-answer latency, so it is not recorded as one).
             answered.store(true, Ordering::Release);

@@ -100,6 +100,16 @@ impl WorkerProcess {
 
     /// Blocks this worker has served (hits and misses), by its own count.
     async fn served(&self) -> anyhow::Result<u64> {
+        let info = self.info().await?;
+        Ok(info.hits + info.misses)
+    }
+
+    /// Blocks this worker had to read from the lake.
+    async fn misses(&self) -> anyhow::Result<u64> {
+        Ok(self.info().await?.misses)
+    }
+
+    async fn info(&self) -> anyhow::Result<lakecache_proto::lakecache::v1::WorkerInfo> {
         let channel = tonic::transport::Endpoint::from_shared(self.endpoint())?
             .connect_timeout(Duration::from_secs(1))
             .connect()
@@ -114,7 +124,7 @@ impl WorkerProcess {
             .await
             .context("worker info timed out")??
             .into_inner();
-        Ok(info.hits + info.misses)
+        Ok(info)
     }
 }
 
@@ -416,6 +426,7 @@ async fn a_hung_worker_fails_no_read_and_serves_again_when_it_answers() -> anyho
             healthy.failed
         );
         let stopped_at = std::sync::Mutex::new(None);
+        let misses_before = workers[0].misses().await? + workers[2].misses().await?;
         let hung = tokio::task::block_in_place(|| {
             epoch(&root, &files, || {
                 workers[1].signal(Signal::SIGSTOP).expect("SIGSTOP");
@@ -432,6 +443,12 @@ async fn a_hung_worker_fails_no_read_and_serves_again_when_it_answers() -> anyho
             hung.failed
         );
         report("worker stopped (SIGSTOP)", &healthy, &hung);
+        let refetched = workers[0].misses().await? + workers[2].misses().await? - misses_before;
+        // What the epoch lost is mostly this: the stopped worker's share read again from S3.
+        eprintln!(
+            "worker stopped (SIGSTOP): the other workers read {refetched} blocks (1 MiB at most) \
+             of its share again from S3"
+        );
         // Calls it left unanswered end at their deadline, and eject it.
         fuse.wait_logged("worker ejected", "the stopped worker was not ejected")
             .await?;
@@ -454,6 +471,7 @@ async fn a_hung_worker_fails_no_read_and_serves_again_when_it_answers() -> anyho
             "healthy epoch failed reads: {:?}",
             healthy.failed
         );
+        let misses_before = workers[0].misses().await? + workers[1].misses().await?;
         let hung =
             tokio::task::block_in_place(|| epoch(&root, &files, || proxy.set_blackhole(true)));
         assert!(
@@ -462,6 +480,11 @@ async fn a_hung_worker_fails_no_read_and_serves_again_when_it_answers() -> anyho
             hung.failed
         );
         report("worker black-holed (proxy)", &healthy, &hung);
+        let refetched = workers[0].misses().await? + workers[1].misses().await? - misses_before;
+        eprintln!(
+            "worker black-holed (proxy): the other workers read {refetched} blocks of its share \
+             again from S3"
+        );
         // Calls it left unanswered end at their deadline, and eject it.
         fuse.wait_logged("worker ejected", "the black-holed worker was not ejected")
             .await?;
