@@ -15,7 +15,7 @@ use lakecache_client::metrics::ReaderMetrics;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 
-use crate::state::{StateDir, write_atomic};
+use crate::state::{StateDir, temp_path};
 
 /// How often a FUSE server writes its snapshot.
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(2);
@@ -48,7 +48,11 @@ pub fn publish(metrics: Arc<ReaderMetrics>, path: PathBuf) {
         // Bounded by the process's life: one small write per tick.
         loop {
             tick.tick().await;
-            if let Err(e) = write_atomic(&path, snapshot(&metrics).as_bytes(), 0o644) {
+            // A rename, not a sync: a snapshot lost to a crash is simply written again.
+            let tmp = temp_path(&path);
+            let written = std::fs::write(&tmp, snapshot(&metrics))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
                 tracing::debug!(path = %path.display(), error = %e, "cannot write metrics");
             }
         }

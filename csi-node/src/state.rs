@@ -122,10 +122,13 @@ impl StateDir {
     }
 }
 
-/// Writes `data` to `path` through a temporary file and a rename, with `mode`.
+/// Writes `data` to `path` through a temporary file and a rename, with `mode`. The temporary
+/// file is named after the whole file name and the process, so that writers of other files in
+/// one directory (the plugin's `fuse.json`, the mounter's `fuse.pid`, the FUSE server's
+/// `fuse.prom`) never share one.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    let tmp = temp_path(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -137,9 +140,34 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     std::fs::rename(&tmp, path)
 }
 
+/// `<dir>/<file name>.<pid>.tmp`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!("{name}.{}.tmp", std::process::id()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_of_one_stem_get_temporary_files_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("fuse.pid"), dir.path().join("fuse.prom"));
+        assert_ne!(temp_path(&a), temp_path(&b));
+        write_atomic(&a, b"1", 0o644).unwrap();
+        write_atomic(&b, b"2", 0o644).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"1");
+        assert_eq!(std::fs::read(&b).unwrap(), b"2");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "no temporary file left"
+        );
+    }
 
     #[test]
     fn records_round_trip_and_survive_reopen() {
