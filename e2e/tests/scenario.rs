@@ -727,6 +727,9 @@ fn now() -> f64 {
 /// The `lakecache-csi-node fuse-server` processes on the machine (the mounter container's
 /// children, seen from the host).
 fn fuse_server_pids() -> Vec<i32> {
+    // The node's processes live in its network namespace; FUSE servers that other tests (or an
+    // earlier run that failed) started on this machine live in ours and are not the node's.
+    let ours = std::fs::read_link("/proc/self/ns/net").ok();
     let mut pids: Vec<i32> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -737,7 +740,7 @@ fn fuse_server_pids() -> Vec<i32> {
                 let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
                 args.iter().any(|a| a.ends_with(b"lakecache-csi-node"))
                     && args.iter().any(|a| *a == b"fuse-server")
-            })
+            }) && std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() != ours
         })
         .collect();
     pids.sort();
