@@ -230,6 +230,16 @@ impl BlockCall {
         format!("{} block {}", self.key.path, self.key.index)
     }
 
+    /// What an error status from worker `id` means, recorded against the worker when it is
+    /// the worker's fault.
+    fn refused(&self, status: tonic::Status, what: &str, id: &str) -> Miss {
+        let miss = classify(status, what, id);
+        if matches!(miss, Miss::Fault) {
+            self.fault(id);
+        }
+        miss
+    }
+
     /// Records a worker fault, and starts probing the worker if this ejected it.
     fn fault(&self, id: &str) {
         if self.health.failed(id) {
@@ -296,13 +306,7 @@ impl BlockCall {
         let first = tokio::time::timeout(self.first_deadline, first).await;
         let (mut stream, first) = match first {
             Ok(Ok(found)) => found,
-            Ok(Err(s)) => {
-                let miss = classify(s, &what, id);
-                if matches!(miss, Miss::Fault) {
-                    self.fault(id);
-                }
-                return Err(miss);
-            }
+            Ok(Err(s)) => return Err(self.refused(s, &what, id)),
             Err(_) => {
                 tracing::debug!(worker = id, %what, deadline = ?self.first_deadline,
                     "no first answer; trying the next worker");
@@ -341,13 +345,7 @@ impl BlockCall {
         // meanwhile breaks the stream, or keepalive drops its connection).
         let (parts, origin) = match tokio::time::timeout(self.worker_timeout, rest).await {
             Ok(Ok(found)) => found,
-            Ok(Err(s)) => {
-                let miss = classify(s, &what, id);
-                if matches!(miss, Miss::Fault) {
-                    self.fault(id);
-                }
-                return Err(miss);
-            }
+            Ok(Err(s)) => return Err(self.refused(s, &what, id)),
             Err(_) => return Err(Miss::Next),
         };
         waiting.end();

@@ -46,22 +46,8 @@ async fn lake(n: usize) -> Lake {
     let mut workers = Vec::new();
     for i in 0..n {
         let t = tempfile::tempdir().unwrap();
-        let cfg = WorkerConfig {
-            id: format!("w{i}"),
-            source: SourceSpec::new(format!("file://{}", dir.path().display())),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
-            block_size: ByteSize::b(BS),
-            tiers: vec![TierConfig {
-                kind: TierKind::Disk,
-                path: Some(t.path().into()),
-                size: ByteSize::mib(64),
-            }],
-            metadata: MetadataPolicy::Immutable,
-            token_file: None,
-            token: Some("secret".into()),
-            limits: Default::default(),
-        };
+        let source = SourceSpec::new(format!("file://{}", dir.path().display()));
+        let cfg = worker_config(i, source, t.path());
         workers.push(Some(Worker::start(cfg).await.unwrap()));
         tiers.push(t);
     }
@@ -72,12 +58,31 @@ async fn lake(n: usize) -> Lake {
     }
 }
 
-fn reader(l: &Lake, token: &str, direct: bool) -> Arc<Reader> {
+/// Worker `w<i>` over `source`, with a 64 MiB Disk tier in `tier`.
+fn worker_config(i: usize, source: SourceSpec, tier: &std::path::Path) -> WorkerConfig {
+    WorkerConfig {
+        id: format!("w{i}"),
+        source,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        block_size: ByteSize::b(BS),
+        tiers: vec![TierConfig {
+            kind: TierKind::Disk,
+            path: Some(tier.into()),
+            size: ByteSize::mib(64),
+        }],
+        metadata: MetadataPolicy::Immutable,
+        token_file: None,
+        token: Some("secret".into()),
+        limits: Default::default(),
+    }
+}
+
+/// A membership of `workers`, sending `token`.
+fn membership<'a>(workers: impl Iterator<Item = &'a Worker>, token: &str) -> Arc<Membership> {
     let m = Arc::new(Membership::new(Some(token), Duration::from_secs(1)).unwrap());
     m.set(
-        l.workers
-            .iter()
-            .flatten()
+        workers
             .map(|w| Member {
                 id: w.id.clone(),
                 endpoint: format!("http://{}", w.addr),
@@ -85,6 +90,11 @@ fn reader(l: &Lake, token: &str, direct: bool) -> Arc<Reader> {
             .collect(),
     )
     .unwrap();
+    m
+}
+
+fn reader(l: &Lake, token: &str, direct: bool) -> Arc<Reader> {
+    let m = membership(l.workers.iter().flatten(), token);
     let source: Arc<dyn Source> = Arc::new(
         OpendalSource::new(&SourceSpec::new(format!(
             "file://{}",
@@ -422,22 +432,7 @@ async fn a_flat_directory_of_a_million_objects_lists_and_every_file_opens() {
     let mut tiers = Vec::new();
     for i in 0..2 {
         let t = tempfile::tempdir().unwrap();
-        let cfg = WorkerConfig {
-            id: format!("w{i}"),
-            source: SourceSpec::new("memory://"),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
-            block_size: ByteSize::b(BS),
-            tiers: vec![TierConfig {
-                kind: TierKind::Disk,
-                path: Some(t.path().into()),
-                size: ByteSize::mib(64),
-            }],
-            metadata: MetadataPolicy::Immutable,
-            token_file: None,
-            token: Some("secret".into()),
-            limits: Default::default(),
-        };
+        let cfg = worker_config(i, SourceSpec::new("memory://"), t.path());
         workers.push(
             Worker::start_with_source(cfg, source.clone())
                 .await
@@ -445,17 +440,7 @@ async fn a_flat_directory_of_a_million_objects_lists_and_every_file_opens() {
         );
         tiers.push(t);
     }
-    let m = Arc::new(Membership::new(Some("secret"), Duration::from_secs(1)).unwrap());
-    m.set(
-        workers
-            .iter()
-            .map(|w| Member {
-                id: w.id.clone(),
-                endpoint: format!("http://{}", w.addr),
-            })
-            .collect(),
-    )
-    .unwrap();
+    let m = membership(workers.iter(), "secret");
     let cfg = ReaderConfig {
         block_size: BS,
         worker_timeout: Duration::from_secs(60),
