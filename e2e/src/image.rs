@@ -31,37 +31,68 @@ pub fn chart_image() -> anyhow::Result<String> {
     Ok(format!("{IMAGE_REPOSITORY}:{version}"))
 }
 
-/// The binaries the image holds, as `image/binaries` lists them.
-pub fn binaries() -> anyhow::Result<Vec<String>> {
+/// The binaries the image holds, as `image/binaries` lists them: (package, binary) for each
+/// line, `binary` or `package binary`.
+pub fn binaries() -> anyhow::Result<Vec<(String, String)>> {
     let list = repo_root().join("image/binaries");
     let text =
         std::fs::read_to_string(&list).with_context(|| format!("reading {}", list.display()))?;
-    Ok(text
-        .lines()
+    text.lines()
         .map(|l| l.split('#').next().unwrap_or("").trim())
         .filter(|l| !l.is_empty())
-        // `package binary` pairs, or a binary alone.
-        .filter_map(|l| l.split_whitespace().last().map(String::from))
-        .collect())
+        .map(
+            |l| match l.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [bin] => Ok((bin.to_string(), bin.to_string())),
+                [package, bin] => Ok((package.to_string(), bin.to_string())),
+                words => {
+                    bail!("image/binaries: {words:?} is neither `binary` nor `package binary`")
+                }
+            },
+        )
+        .collect()
 }
 
-/// The directory holding the workspace's binaries of this build (`<target>/debug`).
+/// How long building the image's binaries may take.
+const CARGO_LIMIT: Duration = Duration::from_secs(60 * 60);
+
+/// The directory holding this build's binaries, `<target>/<profile>` (the test binary is in its
+/// `deps/`), after building the image's binaries there if one is missing (`cargo test
+/// --workspace` builds them; a test run alone, or in release, may not have).
 pub fn binaries_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // <target>/debug/deps/<test binary>
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .context("the test binary is not in <target>/<profile>/deps")?
         .to_path_buf();
-    for b in binaries()? {
-        if !dir.join(&b).is_file() {
-            bail!(
-                "{} is missing: build the image's binaries first (`cargo build -p lakecache -p \
-                 lakecache-worker -p lakecache-operator -p lakecache-csi-node`; `cargo test \
-                 --workspace` builds them)",
-                dir.join(&b).display()
-            );
+    let binaries = binaries()?;
+    if binaries.iter().all(|(_, bin)| dir.join(bin).is_file()) {
+        return Ok(dir);
+    }
+    let target = dir.parent().context("<target>/<profile> has no parent")?;
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.arg("build").arg("--target-dir").arg(target);
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            cargo.arg("--release");
+        }
+        other => bail!("the test binary's profile directory is {other:?}, not debug or release"),
+    }
+    for (package, _) in &binaries {
+        cargo.args(["-p", package]);
+    }
+    eprintln!("building the image's binaries: {cargo:?}");
+    let out = crate::cluster::output_within(cargo.current_dir(repo_root()), None, CARGO_LIMIT)?;
+    if !out.status.success() {
+        bail!(
+            "{cargo:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    for (_, bin) in &binaries {
+        if !dir.join(bin).is_file() {
+            bail!("cargo built no {}", dir.join(bin).display());
         }
     }
     Ok(dir)
@@ -76,7 +107,7 @@ pub fn node_images() -> anyhow::Result<Vec<NodeImage>> {
     }
     let bins = binaries_dir()?;
     let mut key = sha2::Sha256::new();
-    for b in binaries()? {
+    for (_, b) in binaries()? {
         let meta = std::fs::metadata(bins.join(&b))?;
         key.update(b.as_bytes());
         key.update(meta.len().to_le_bytes());

@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
+use lakecache_e2e::image::{binaries, binaries_dir};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -31,8 +32,6 @@ use serde_json::Value;
 const PAUSE_TAG: &str = "3.10";
 /// A cold `scripts/image` downloads and installs Debian packages.
 const SCRIPT_LIMIT: Duration = Duration::from_secs(20 * 60);
-/// Building the image's binaries from scratch, on a small machine.
-const CARGO_LIMIT: Duration = Duration::from_secs(60 * 60);
 const COMMAND_LIMIT: Duration = Duration::from_secs(5 * 60);
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 
@@ -94,18 +93,6 @@ fn list(path: &str) -> anyhow::Result<Vec<Vec<String>>> {
         })
         .filter(|words| !words.is_empty())
         .collect())
-}
-
-/// `image/binaries`: (package, binary) for each line, `binary` or `package binary`.
-fn binaries() -> anyhow::Result<Vec<(String, String)>> {
-    list("image/binaries")?
-        .into_iter()
-        .map(|words| match words.as_slice() {
-            [bin] => Ok((bin.clone(), bin.clone())),
-            [package, bin] => Ok((package.clone(), bin.clone())),
-            _ => bail!("image/binaries: {words:?} is neither `binary` nor `package binary`"),
-        })
-        .collect()
 }
 
 /// What the image's runtime stage sets, as the Dockerfile or scripts/image spells it (with the
@@ -402,44 +389,6 @@ fn dockerfile_and_script_read_the_same_lists_and_set_the_same_image() -> anyhow:
         from_dockerfile.user
     );
     Ok(())
-}
-
-/// The directory holding this build's binaries, `<target>/<profile>` (the test binary is in its
-/// `deps/`), after building the image's binaries there if one is missing.
-fn binaries_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the test binary is not in <target>/<profile>/deps")?
-        .to_path_buf();
-    let binaries = binaries()?;
-    if binaries.iter().all(|(_, bin)| dir.join(bin).is_file()) {
-        return Ok(dir);
-    }
-    let target = dir.parent().context("<target>/<profile> has no parent")?;
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo.arg("build").arg("--target-dir").arg(target);
-    match dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => {}
-        Some("release") => {
-            cargo.arg("--release");
-        }
-        other => bail!("the test binary's profile directory is {other:?}, not debug or release"),
-    }
-    for (package, _) in &binaries {
-        cargo.args(["-p", package]);
-    }
-    eprintln!("building the image's binaries: {cargo:?}");
-    ok(cargo.current_dir(repo()), CARGO_LIMIT)?;
-    for (_, bin) in &binaries {
-        ensure!(
-            dir.join(bin).is_file(),
-            "cargo built no {}",
-            dir.join(bin).display()
-        );
-    }
-    Ok(dir)
 }
 
 /// An unpacked OCI archive: its layout directory and the one image it holds.
