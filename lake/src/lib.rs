@@ -28,7 +28,7 @@ use bytes::Bytes;
 pub use block::{BlockId, BlockKey};
 pub use fault::{FaultMode, FaultSource};
 pub use opendal_source::OpendalSource;
-pub use spec::{SourceFlags, SourceSpec, SpecError};
+pub use spec::{SECRET_OPTION_KEYS, SourceFlags, SourceSpec, SpecError, is_secret_option};
 pub use throttle::ThrottledSource;
 
 /// Whether a path names a file or a directory.

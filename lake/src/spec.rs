@@ -11,17 +11,35 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Keys whose values are secret: they are never printed.
-const SECRET_KEYS: &[&str] = &[
+/// Option keys whose values are secret, by name. [`is_secret_option`] adds every key that
+/// contains `key`, `secret`, `token` or `password`. The CRD's CEL rule on `spec.source.options`
+/// refuses the same set (its test iterates over this list on a real API server).
+pub const SECRET_OPTION_KEYS: &[&str] = &[
     "access_key_id",
     "secret_access_key",
     "session_token",
     "access_key_secret",
     "security_token",
     "credential",
+    "credential_path",
     "account_key",
     "sas_token",
+    "token",
+    "server_side_encryption_customer_key",
+    "encryption_key",
+    "password",
 ];
+
+/// Substrings that make an option key secret wherever they appear (compared lower-cased).
+pub const SECRET_OPTION_PATTERNS: &[&str] = &["key", "secret", "token", "password"];
+
+/// Whether a source option's value is secret: it is never printed, never accepted on a
+/// command line, and never accepted in a CacheNamespace's `options` (only from a Secret).
+pub fn is_secret_option(key: &str) -> bool {
+    let key = key.trim().to_ascii_lowercase();
+    SECRET_OPTION_KEYS.contains(&key.as_str())
+        || SECRET_OPTION_PATTERNS.iter().any(|p| key.contains(p))
+}
 
 /// Where a source is and how to read it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -74,7 +92,7 @@ impl SourceSpec {
             .options
             .iter()
             .map(|(k, v)| {
-                if SECRET_KEYS.contains(&k.as_str()) {
+                if is_secret_option(k) {
                     format!("{k}=***")
                 } else {
                     format!("{k}={v}")
@@ -198,6 +216,10 @@ impl SourceFlags {
             let (k, v) = kv
                 .split_once('=')
                 .ok_or_else(|| SpecError::BadOption(kv.clone(), "expected KEY=VALUE".into()))?;
+            // A command line is readable by every local user (`/proc/*/cmdline`, `ps`).
+            if is_secret_option(k) {
+                return Err(SpecError::SecretOption(k.trim().to_string()));
+            }
             spec.options.insert(k.trim().into(), v.trim().into());
         }
         if let Some(v) = &self.credentials_dir {
@@ -225,7 +247,7 @@ impl std::fmt::Debug for Resolved {
             .map(|(k, v)| {
                 (
                     k.as_str(),
-                    if SECRET_KEYS.contains(&k.as_str()) {
+                    if is_secret_option(k) {
                         "***"
                     } else {
                         v.as_str()
@@ -272,6 +294,13 @@ pub enum SpecError {
     Build(String),
     #[error("source option {0:?}: {1}")]
     BadOption(String, String),
+    #[error(
+        "source option {0:?} holds a secret and is refused on the command line (any local user \
+         can read it there): put it in a file named {0} in --credentials-dir, or in the \
+         environment variable LAKECACHE_SOURCE_OPT_{upper}",
+        upper = .0.to_ascii_uppercase()
+    )]
+    SecretOption(String),
 }
 
 #[cfg(test)]
@@ -344,6 +373,32 @@ mod tests {
         };
         let e = bad.apply(&mut spec).unwrap_err();
         assert!(e.to_string().contains("KEY=VALUE"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_refused_on_the_command_line_and_never_shown() {
+        for key in SECRET_OPTION_KEYS.iter().copied().chain([
+            "MyApiKey",
+            "db_password",
+            "x-auth-token",
+            "client_secret",
+        ]) {
+            assert!(is_secret_option(key), "{key}");
+            let flags = SourceFlags {
+                options: vec![format!("{key}=hunter2")],
+                ..Default::default()
+            };
+            let mut spec = SourceSpec::new("s3://b");
+            let e = flags.apply(&mut spec).unwrap_err().to_string();
+            assert!(e.contains("--credentials-dir") && e.contains(key), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(spec.options.is_empty());
+            let shown = SourceSpec::new("s3://b").option(key, "hunter2").redacted();
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        for key in ["endpoint", "region", "enable_virtual_host_style", "root"] {
+            assert!(!is_secret_option(key), "{key}");
+        }
     }
 
     #[test]
