@@ -15,6 +15,9 @@ use crate::SpecError;
 use crate::quantity::{parse_bytes, parse_duration};
 
 /// Option keys that hold secrets; they must come from the credentials Secret, never the spec.
+/// The same list as `lakecache_lake::spec::SECRET_OPTION_KEYS` (the operator's tests check
+/// that on a real API server); [`is_secret_option`] adds every key that contains one of
+/// [`SECRET_OPTION_PATTERNS`].
 pub const SECRET_OPTION_KEYS: &[&str] = &[
     "access_key_id",
     "secret_access_key",
@@ -22,9 +25,41 @@ pub const SECRET_OPTION_KEYS: &[&str] = &[
     "access_key_secret",
     "security_token",
     "credential",
+    "credential_path",
     "account_key",
     "sas_token",
+    "token",
+    "server_side_encryption_customer_key",
+    "encryption_key",
+    "password",
 ];
+
+/// Substrings that make an option key secret wherever they appear (compared lower-cased).
+pub const SECRET_OPTION_PATTERNS: &[&str] = &["key", "secret", "token", "password"];
+
+/// Whether a source option key names a secret, which `spec.source.options` refuses.
+pub fn is_secret_option(key: &str) -> bool {
+    let key = key.trim().to_ascii_lowercase();
+    SECRET_OPTION_KEYS.contains(&key.as_str())
+        || SECRET_OPTION_PATTERNS.iter().any(|p| key.contains(p))
+}
+
+/// The CEL rule on `spec.source.options`: what [`is_secret_option`] says, for the API server.
+/// Keys are compared lower-cased (`lowerAscii`, of the Kubernetes CEL strings library), so
+/// `Secret_Access_Key` and `MyApiKey` are refused too.
+pub fn secret_options_rule() -> String {
+    let keys = SECRET_OPTION_KEYS
+        .iter()
+        .map(|k| format!("'{k}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let patterns = SECRET_OPTION_PATTERNS
+        .iter()
+        .map(|p| format!("k.lowerAscii().contains('{p}')"))
+        .collect::<Vec<_>>()
+        .join(" || ");
+    format!("!self.exists(k, k.lowerAscii().trim() in [{keys}] || {patterns})")
+}
 
 /// The smallest and largest block sizes.
 pub const MIN_BLOCK_SIZE: u64 = 64 << 10;
@@ -151,10 +186,12 @@ pub struct SourceSpec {
     pub credentials_secret_ref: Option<SecretReference>,
 
     /// Further non-secret options of the storage service (OpenDAL's names, such as
-    /// `enable_virtual_host_style: "true"`). Credentials are refused here: use
-    /// credentialsSecretRef.
+    /// `enable_virtual_host_style: "true"`), at most 64. Credentials are refused here (known
+    /// credential keys, and any key whose name contains `key`, `secret`, `token` or `password`,
+    /// in any case): use credentialsSecretRef.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[x_kube(validation = Rule::new("!self.exists(k, k in ['access_key_id', 'secret_access_key', 'session_token', 'access_key_secret', 'security_token', 'credential', 'account_key', 'sas_token'])").message("source.options must not hold credentials: put them in the Secret named by source.credentialsSecretRef"))]
+    #[x_kube(validation = Rule::new(secret_options_rule()).message("source.options must not hold credentials (access_key_id, secret_access_key, token, any key that contains key, secret, token or password, …): put them in the Secret named by source.credentialsSecretRef"))]
+    #[schemars(extend("maxProperties" = 64))]
     pub options: BTreeMap<String, String>,
 
     /// The deadline of one request to the source, retries included, as a duration (default
@@ -262,8 +299,11 @@ pub struct TierSpec {
     #[schemars(length(max = 32))]
     pub size: String,
 
-    /// Disk: an absolute directory on the node (a hostPath); each CacheNamespace gets its own
-    /// subdirectory, so the cache survives a worker restart on the same node.
+    /// Disk: a directory on the node (a hostPath), one of those the cluster admin allows (the
+    /// chart's `workers.allowedHostPathRoots`, by default `/var/lib/lakecache`); any other path
+    /// turns the CacheNamespace Failed. Each CacheNamespace gets its own subdirectory
+    /// (`PATH/NAMESPACE/NAME`, and one per worker below it), so the cache survives a worker
+    /// restart on the same node and no two CacheNamespaces share a directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('..')").message("tiers[].path must be an absolute directory without '..'"))]
     #[schemars(length(max = 1024))]
@@ -461,7 +501,7 @@ impl CacheNamespaceSpec {
         if let Some(k) = src
             .options
             .keys()
-            .find(|k| SECRET_OPTION_KEYS.contains(&k.as_str()))
+            .find(|k| is_secret_option(k))
         {
             return Err(SpecError::new(
                 format!("spec.source.options.{k}"),
@@ -654,5 +694,43 @@ mod tests {
             let e = s.validate().unwrap_err();
             assert_eq!(e.field, field, "{e}");
         }
+    }
+
+    #[test]
+    fn secret_option_keys_are_refused_in_any_case_and_others_pass() {
+        let secret = SECRET_OPTION_KEYS
+            .iter()
+            .copied()
+            .chain(["MyApiKey", "db_password", "Secret_Access_Key", " credential"]);
+        for k in secret {
+            assert!(is_secret_option(k), "{k}");
+            let mut s = spec();
+            s.source.options.insert(k.into(), "x".into());
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.field, format!("spec.source.options.{k}"), "{e}");
+        }
+        for k in ["region", "endpoint", "enable_virtual_host_style", "disable_ec2_metadata"] {
+            assert!(!is_secret_option(k), "{k}");
+            let mut s = spec();
+            s.source.options.insert(k.into(), "x".into());
+            s.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn the_cel_rule_names_every_secret_key_and_pattern() {
+        let rule = secret_options_rule();
+        for k in SECRET_OPTION_KEYS {
+            assert!(rule.contains(&format!("'{k}'")), "{k} missing from {rule}");
+        }
+        for p in SECRET_OPTION_PATTERNS {
+            assert!(
+                rule.contains(&format!("k.lowerAscii().contains('{p}')")),
+                "{p} missing from {rule}"
+            );
+        }
+        let crd = serde_json::to_string(&<CacheNamespace as kube::CustomResourceExt>::crd())
+            .unwrap();
+        assert!(crd.contains("lowerAscii().contains('password')"));
     }
 }
