@@ -76,10 +76,15 @@ pub struct WorkerConfig {
     /// Caps on source reads and cached metadata; each has a default.
     #[serde(default)]
     pub limits: WorkerLimits,
-    /// File holding the data-plane token; without one (and without `LAKECACHE_TOKEN`) the data
-    /// plane is open, which only `lakecache local` should use.
+    /// File holding the data-plane token. Without one (and without `LAKECACHE_TOKEN`) the data
+    /// plane is open: the worker then listens only on a loopback address, unless
+    /// `insecureOpenDataPlane` says an open data plane on the network is wanted.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Serve an open data plane (no token) on a non-loopback address: anyone who can reach the
+    /// port reads the whole source.
+    #[serde(default)]
+    pub insecure_open_data_plane: bool,
     /// The token itself, when it comes from the environment rather than a file. Never written to
     /// a file by the operator.
     #[serde(skip)]
@@ -109,6 +114,17 @@ pub enum ConfigError {
     Invalid(String),
     #[error("cannot read the token file {0}: {1}")]
     Token(PathBuf, std::io::Error),
+    #[error(
+        "the data-plane token {0} is empty: write the token into it (an empty token would let \
+         any caller in)"
+    )]
+    EmptyToken(String),
+    #[error(
+        "no data-plane token (tokenFile, --token-file or LAKECACHE_TOKEN) and the listen address \
+         {0} is not a loopback address: anyone who reaches it could read the whole source; give \
+         a token, listen on 127.0.0.1, or pass --insecure-open-data-plane if that is what you want"
+    )]
+    OpenDataPlane(SocketAddr),
 }
 
 /// Command-line flags of the worker; each overrides the file.
@@ -146,6 +162,10 @@ pub struct WorkerFlags {
     /// File holding the data-plane token.
     #[arg(long, env = "LAKECACHE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Serve without a token on a non-loopback address: anyone who reaches the port reads the
+    /// whole source. Without a token the worker otherwise refuses any address but loopback.
+    #[arg(long, env = "LAKECACHE_INSECURE_OPEN_DATA_PLANE")]
+    pub insecure_open_data_plane: bool,
     /// Most source reads under way at once (default 32).
     #[arg(long, env = "LAKECACHE_MAX_SOURCE_FETCHES")]
     pub max_source_fetches: Option<usize>,
@@ -191,6 +211,7 @@ impl WorkerConfig {
                     metadata: MetadataPolicy::Immutable,
                     limits: WorkerLimits::default(),
                     token_file: None,
+                    insecure_open_data_plane: false,
                     token: None,
                 }
             }
@@ -237,6 +258,7 @@ impl WorkerConfig {
         if let Some(v) = &flags.token_file {
             cfg.token_file = Some(v.clone());
         }
+        cfg.insecure_open_data_plane |= flags.insecure_open_data_plane;
         if let Some(v) = flags.max_source_fetches {
             cfg.limits.max_source_fetches = v;
         }
@@ -244,9 +266,8 @@ impl WorkerConfig {
             cfg.limits.metadata_entries = v;
         }
         if cfg.token.is_none() {
-            cfg.token = std::env::var("LAKECACHE_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty());
+            // Set but empty is kept: `resolve_token` refuses it rather than running open.
+            cfg.token = std::env::var("LAKECACHE_TOKEN").ok();
         }
         cfg.validate()?;
         Ok(cfg)
@@ -303,16 +324,21 @@ impl WorkerConfig {
         Ok(())
     }
 
-    /// The tiers with their directories resolved, Memory first.
-    pub fn tier_specs(&self) -> Vec<TierSpec> {
+    /// Whether a tier has no directory of its own (a Memory tier without `path`), so the worker
+    /// makes a private one under /dev/shm ([`crate::store::private_memory_dir`]).
+    pub fn needs_memory_dir(&self) -> bool {
+        self.tiers.iter().any(|t| t.path.is_none())
+    }
+
+    /// The tiers with their directories resolved, Memory first; a tier without `path` gets
+    /// `default_dir`.
+    pub fn tier_specs(&self, default_dir: &Path) -> Vec<TierSpec> {
         let mut tiers: Vec<TierSpec> = self
             .tiers
             .iter()
             .map(|t| TierSpec {
                 kind: t.kind,
-                dir: t.path.clone().unwrap_or_else(|| {
-                    PathBuf::from("/dev/shm").join(format!("lakecache-{}", self.id))
-                }),
+                dir: t.path.clone().unwrap_or_else(|| default_dir.to_path_buf()),
                 capacity: t.size.as_u64(),
             })
             .collect();
@@ -320,17 +346,23 @@ impl WorkerConfig {
         tiers
     }
 
-    /// The data-plane token, from the token file or the environment.
+    /// The data-plane token, from the environment or the token file. An empty or blank token
+    /// is an error, never "no token"; so is no token on a non-loopback address, unless
+    /// `insecure_open_data_plane` is set.
     pub fn resolve_token(&self) -> Result<Option<String>, ConfigError> {
-        if let Some(t) = &self.token {
-            return Ok(Some(t.clone()));
-        }
-        match &self.token_file {
-            Some(p) => {
-                let t = std::fs::read_to_string(p).map_err(|e| ConfigError::Token(p.clone(), e))?;
-                Ok(Some(t.trim().to_string()))
-            }
-            None => Ok(None),
+        let token = if let Some(t) = &self.token {
+            Some((t.trim().to_string(), "in LAKECACHE_TOKEN".to_string()))
+        } else if let Some(p) = &self.token_file {
+            let t = std::fs::read_to_string(p).map_err(|e| ConfigError::Token(p.clone(), e))?;
+            Some((t.trim().to_string(), format!("file {}", p.display())))
+        } else {
+            None
+        };
+        match token {
+            Some((t, _)) if !t.is_empty() => Ok(Some(t)),
+            Some((_, from)) => Err(ConfigError::EmptyToken(from)),
+            None if self.listen.ip().is_loopback() || self.insecure_open_data_plane => Ok(None),
+            None => Err(ConfigError::OpenDataPlane(self.listen)),
         }
     }
 }
@@ -372,8 +404,9 @@ tokenFile: /etc/lakecache/token/token
             cfg.limits.metadata_entries,
             crate::meta::DEFAULT_METADATA_ENTRIES
         );
-        let tiers = cfg.tier_specs();
-        assert_eq!(tiers[0].dir, PathBuf::from("/dev/shm/lakecache-w-1"));
+        assert!(cfg.needs_memory_dir());
+        let tiers = cfg.tier_specs(Path::new("/dev/shm/private"));
+        assert_eq!(tiers[0].dir, PathBuf::from("/dev/shm/private"));
         assert_eq!(tiers[1].capacity, 50 << 30);
     }
 
@@ -435,6 +468,63 @@ tokenFile: /etc/lakecache/token/token
         })
         .unwrap_err();
         assert!(e.to_string().contains("maxSourceFetches"), "{e}");
-        assert_eq!(cfg.tier_specs()[1].dir, PathBuf::from("/var/cache/x"));
+        assert_eq!(
+            cfg.tier_specs(Path::new("/unused"))[1].dir,
+            PathBuf::from("/var/cache/x")
+        );
+    }
+
+    #[test]
+    fn the_token_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |listen: &str, token_file: Option<&str>, token: Option<&str>| WorkerConfig {
+            id: "w".into(),
+            source: SourceSpec::new("memory://"),
+            listen: listen.parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            block_size: default_block_size(),
+            tiers: vec![],
+            metadata: MetadataPolicy::Immutable,
+            limits: WorkerLimits::default(),
+            token_file: token_file.map(|n| dir.path().join(n)),
+            insecure_open_data_plane: false,
+            token: token.map(String::from),
+        };
+        std::fs::write(dir.path().join("good"), "s3cr3t\n").unwrap();
+        std::fs::write(dir.path().join("empty"), "").unwrap();
+        std::fs::write(dir.path().join("blank"), " \n\t ").unwrap();
+        let ok = |c: WorkerConfig| c.resolve_token().unwrap();
+        assert_eq!(
+            ok(cfg("0.0.0.0:1", Some("good"), None)).as_deref(),
+            Some("s3cr3t")
+        );
+        assert_eq!(
+            ok(cfg("0.0.0.0:1", None, Some(" t "))).as_deref(),
+            Some("t")
+        );
+        assert_eq!(ok(cfg("127.0.0.1:1", None, None)), None);
+        assert_eq!(ok(cfg("[::1]:1", None, None)), None);
+        for (file, env) in [
+            (Some("empty"), None),
+            (Some("blank"), None),
+            (None, Some(" ")),
+        ] {
+            let e = cfg("127.0.0.1:1", file, env).resolve_token().unwrap_err();
+            assert!(matches!(e, ConfigError::EmptyToken(_)), "{e}");
+        }
+        for listen in ["0.0.0.0:7700", "[::]:7700", "10.1.2.3:7700"] {
+            let e = cfg(listen, None, None)
+                .resolve_token()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--insecure-open-data-plane"), "{e}");
+            let mut open = cfg(listen, None, None);
+            open.insecure_open_data_plane = true;
+            assert_eq!(ok(open), None);
+        }
+        let e = cfg("127.0.0.1:1", Some("missing"), None)
+            .resolve_token()
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::Token(..)), "{e}");
     }
 }

@@ -18,6 +18,7 @@ pub mod server;
 pub mod store;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lakecache_lake::{OpendalSource, Source};
@@ -61,6 +62,31 @@ pub struct Worker {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     _admin: AdminServer,
+    /// The private memory tier made for this worker, removed when it stops.
+    _memory_dir: Option<PrivateDir>,
+}
+
+/// A directory this process made for itself and removes when dropped.
+struct PrivateDir(PathBuf);
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A worker id as a file-name part: anything but ASCII letters, digits, `-`, `_` and `.`
+/// becomes `_`.
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 impl Worker {
@@ -77,6 +103,15 @@ impl Worker {
     ) -> Result<Self, WorkerError> {
         cfg.validate()?;
         let token = cfg.resolve_token()?;
+        if token.is_none() {
+            if cfg.listen.ip().is_loopback() {
+                tracing::info!(listen = %cfg.listen, "no data-plane token: open to local callers only");
+            } else {
+                tracing::warn!(listen = %cfg.listen,
+                    "no data-plane token and --insecure-open-data-plane: anyone who reaches this \
+                     address can read the whole source");
+            }
+        }
         let metrics = Arc::new(WorkerMetrics::default());
         let mut registry = Registry::with_prefix("lakecache_worker");
         metrics.register(&mut registry);
@@ -88,7 +123,22 @@ impl Worker {
         )
         .await?;
         let bs = cfg.block_size.as_u64();
-        let store = Arc::new(BlockStore::open(cfg.tier_specs(), bs, metrics.clone())?);
+        let memory_dir = if cfg.needs_memory_dir() {
+            for dir in store::remove_stale_memory_dirs() {
+                tracing::info!(dir = %dir.display(), "removed the memory tier of a worker that is gone");
+            }
+            let dir = store::private_memory_dir(&format!("worker-{}", sanitize(&cfg.id)))
+                .map_err(|e| store::StoreError::Dir(store::SHM.into(), e))?;
+            Some(PrivateDir(dir))
+        } else {
+            None
+        };
+        let default_dir = memory_dir.as_ref().map_or(Path::new(store::SHM), |d| &d.0);
+        let store = Arc::new(BlockStore::open(
+            cfg.tier_specs(default_dir),
+            bs,
+            metrics.clone(),
+        )?);
         let meta = Arc::new(MetadataCache::new(
             source.clone(),
             cfg.metadata,
@@ -163,6 +213,7 @@ impl Worker {
             shutdown: Some(tx),
             task,
             _admin: admin,
+            _memory_dir: memory_dir,
         })
     }
 

@@ -37,6 +37,7 @@
 //! the index entry and treats the read as a miss.
 
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -151,6 +152,61 @@ pub enum StoreError {
     TooSmall(TierKind, u64, u64),
     #[error("no tiers configured: give a Memory or a Disk tier")]
     NoTiers,
+}
+
+/// Where memory tiers without a directory of their own go: shared memory, as an emptyDir of
+/// medium Memory is in Kubernetes.
+pub const SHM: &str = "/dev/shm";
+
+/// Makes a private directory for a memory tier outside Kubernetes:
+/// `/dev/shm/lakecache-<pid>-<tag>-<random>`, created (never reused) with mode 0700, so no other
+/// local user can read the cached data, guess the name, or plant a symlink there beforehand.
+/// The pid in the name lets [`remove_stale_memory_dirs`] clean up after a process that died.
+pub fn private_memory_dir(tag: &str) -> std::io::Result<PathBuf> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("lakecache-{}-{tag}-", std::process::id()))
+        .rand_bytes(12)
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir_in(SHM)?;
+    Ok(dir.keep())
+}
+
+/// Removes the memory tiers of processes that are gone (SIGKILL, a crash: shared memory
+/// outlives its process), as made by [`private_memory_dir`]: only directories (never what a
+/// symlink points to) named `lakecache-<pid>-…` whose process is gone and which this user owns.
+/// Returns what it removed.
+pub fn remove_stale_memory_dirs() -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return vec![];
+    };
+    let Ok(entries) = std::fs::read_dir(SHM) else {
+        return vec![];
+    };
+    let mut removed = vec![];
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("lakecache-"))
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() && m.uid() == me => {}
+            _ => continue,
+        }
+        if std::fs::remove_dir_all(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 /// The tiered block store.
@@ -295,7 +351,12 @@ impl BlockStore {
             if spec.capacity < block_size {
                 return Err(StoreError::TooSmall(spec.kind, spec.capacity, block_size));
             }
-            std::fs::create_dir_all(&spec.dir).map_err(|e| StoreError::Dir(spec.dir.clone(), e))?;
+            // Directories the store makes are private (0700); block files are 0600.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&spec.dir)
+                .map_err(|e| StoreError::Dir(spec.dir.clone(), e))?;
             total_blocks += (spec.capacity / block_size) as usize;
             let (mut lru, mut used) =
                 rebuild(&spec).map_err(|e| StoreError::Dir(spec.dir.clone(), e))?;
@@ -802,17 +863,25 @@ fn move_block(id: BlockId, from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Creates (or truncates) a file readable only by this user.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn write_block(dir: &Path, id: BlockId, bytes: &[u8], meta: &BlockMeta) -> std::io::Result<()> {
     let tmp = dir.join(format!("{id}.blk.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = private_file(&tmp)?;
     f.write_all(bytes)?;
     drop(f);
     std::fs::rename(&tmp, dir.join(format!("{id}.blk")))?;
     let tmp_meta = dir.join(format!("{id}.meta.tmp"));
-    std::fs::write(
-        &tmp_meta,
-        serde_json::to_vec(meta).map_err(std::io::Error::other)?,
-    )?;
+    private_file(&tmp_meta)?
+        .write_all(&serde_json::to_vec(meta).map_err(std::io::Error::other)?)?;
     std::fs::rename(&tmp_meta, dir.join(format!("{id}.meta")))
 }
 

@@ -73,6 +73,7 @@ fn worker_config(i: usize, source: SourceSpec, tier: &std::path::Path) -> Worker
         }],
         metadata: MetadataPolicy::Immutable,
         token_file: None,
+        insecure_open_data_plane: false,
         token: Some("secret".into()),
         limits: Default::default(),
     }

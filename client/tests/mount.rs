@@ -71,6 +71,7 @@ async fn setup(passthrough: bool) -> Setup {
             }],
             metadata: MetadataPolicy::Immutable,
             token_file: None,
+            insecure_open_data_plane: false,
             token: None,
             limits: Default::default(),
         };

@@ -197,6 +197,7 @@ async fn start_worker(
         tiers,
         metadata: MetadataPolicy::Immutable,
         token_file: None,
+        insecure_open_data_plane: false,
         token: Some(TOKEN.into()),
         limits: Default::default(),
     };

@@ -99,15 +99,20 @@ pub async fn start(args: &LocalArgs, source: Arc<dyn Source>) -> anyhow::Result<
     } else {
         MetadataPolicy::Ttl { ttl }
     };
-    remove_stale_memory_tiers();
+    for dir in lakecache_worker::store::remove_stale_memory_dirs() {
+        eprintln!(
+            "lakecache: removed {}, the memory tier of a process that is gone",
+            dir.display()
+        );
+    }
     let mut workers = Vec::new();
     let mut memory_dirs = Vec::new();
     for i in 0..args.workers {
         let id = format!("local-{i}");
         let mut tiers = Vec::new();
         if args.memory.as_u64() > 0 {
-            let dir =
-                PathBuf::from("/dev/shm").join(format!("lakecache-{}-{id}", std::process::id()));
+            let dir = lakecache_worker::store::private_memory_dir(&id)
+                .with_context(|| format!("making the memory tier of {id} in /dev/shm"))?;
             memory_dirs.push(dir.clone());
             tiers.push(TierConfig {
                 kind: TierKind::Memory,
@@ -136,6 +141,7 @@ pub async fn start(args: &LocalArgs, source: Arc<dyn Source>) -> anyhow::Result<
             tiers,
             metadata,
             token_file: None,
+            insecure_open_data_plane: false,
             token: None,
             limits: Default::default(),
         };
@@ -398,34 +404,4 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     local.stop().await?;
     eprintln!("lakecache: unmounted {}", args.mount.display());
     Ok(())
-}
-
-/// Removes memory tiers that `lakecache local` processes left in /dev/shm when they died
-/// without cleaning up (SIGKILL, a crash): shared memory outlives its process.
-fn remove_stale_memory_tiers() {
-    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
-        return;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name();
-        let Some((pid, tail)) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("lakecache-"))
-            .and_then(|n| n.split_once('-'))
-        else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        if !tail.starts_with("local-") || Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        if std::fs::remove_dir_all(e.path()).is_ok() {
-            eprintln!(
-                "lakecache: removed {}, the memory tier of a process that is gone",
-                e.path().display()
-            );
-        }
-    }
 }
