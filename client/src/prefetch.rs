@@ -7,8 +7,20 @@
 //! block: the kernel's own read-ahead issues reads slightly out of order), up to
 //! `max_window` blocks, and collapses to nothing on a seek, so random readers fetch only what
 //! they read. Blocks fetched ahead hold bytes from a budget shared by every open file; when the
-//! budget is spent, read-ahead pauses rather than grow memory, and the blocks a read needs are
-//! fetched regardless. Blocks behind the reader are dropped as it moves on.
+//! budget is spent, read-ahead pauses rather than grow memory. Blocks behind the reader are
+//! dropped as it moves on.
+//!
+//! The blocks a read needs hold budget too, or memory would grow with the number of open files
+//! (each keeps the blocks it read near its position) whatever the budget says. A read takes
+//! budget first, before read-ahead does; when the budget is spent it still must not wait for
+//! it (the budget is held by blocks of other files, which only their own reads release), so it
+//! takes its blocks from a small reserve of its own, [`READ_RESERVE`], waits there when the
+//! reserve is in use (by other reads, which end), and keeps nothing from it once it returns.
+//! A fetch whose block nobody holds any more is cancelled. So the blocks of a mount take at
+//! most its budget plus [`READ_RESERVE`] (a read larger than the whole reserve takes it all and
+//! overruns it by the rest, which FUSE's reads, at most 1 MiB, never do with blocks of 1 MiB or
+//! more), plus one block per worker call still receiving (see `Reader`: a call never holds more
+//! than a block).
 //!
 //! A file no larger than one block is one block: it is fetched whole on its first read, which is
 //! how shuffled small files (images) are served.
@@ -30,6 +42,15 @@ use crate::reader::{ReadError, Reader};
 /// Budget granularity: permits are KiB.
 const UNIT: u64 = 1024;
 
+/// Memory for the blocks of reads that find the budget spent, beyond the budget: a few reads
+/// of 4 MiB blocks at once.
+pub const READ_RESERVE: u64 = 64 << 20;
+
+/// Permits for `bytes`.
+fn units(bytes: u64) -> u32 {
+    bytes.div_ceil(UNIT).min(u32::MAX as u64) as u32
+}
+
 /// How far behind the stream's front a read may arrive and still belong to it: twice the
 /// kernel's largest read-ahead request.
 const LAG: u64 = 2 << 20;
@@ -38,8 +59,10 @@ type Flight = Shared<BoxFuture<'static, Result<Bytes, ReadError>>>;
 
 struct Slot {
     flight: Flight,
-    /// Budget held by a block fetched ahead; `None` for blocks a read asked for.
-    permit: Option<OwnedSemaphorePermit>,
+    /// The block's share of the budget, given back when the slot is dropped.
+    _permit: OwnedSemaphorePermit,
+    /// Fetched ahead of the reader, not for a read.
+    ahead: bool,
 }
 
 struct State {
@@ -53,6 +76,8 @@ struct State {
 #[derive(Clone)]
 pub struct PrefetchBudget {
     sem: Arc<Semaphore>,
+    /// [`READ_RESERVE`], in permits.
+    reads: Arc<Semaphore>,
     pub max_window: u64,
 }
 
@@ -61,8 +86,24 @@ impl PrefetchBudget {
         let permits = (bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
         Self {
             sem: Arc::new(Semaphore::new(permits)),
+            reads: Arc::new(Semaphore::new((READ_RESERVE / UNIT) as usize)),
             max_window: max_window.max(1),
         }
+    }
+
+    /// Reserve for reads of `bytes` that found the budget spent; waits while other reads use it.
+    async fn reserve(&self, bytes: u64) -> Result<OwnedSemaphorePermit, ReadError> {
+        let n = units(bytes).min((READ_RESERVE / UNIT) as u32);
+        self.reads
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|e| ReadError::Unavailable(format!("read reserve: {e}")))
+    }
+
+    /// Bytes of the read reserve not in use.
+    pub fn reserve_available(&self) -> u64 {
+        self.reads.available_permits() as u64 * UNIT
     }
 
     /// Bytes of budget not in use.
@@ -126,8 +167,12 @@ impl FileReader {
             }
             b
         });
+        // Dropped by its last holder (the slot and every read waiting on it): the fetch stops,
+        // so no block arrives into memory that nothing counts.
+        let mut task = AbortOnDrop(task);
         async move {
-            task.await
+            (&mut task.0)
+                .await
                 .unwrap_or_else(|e| Err(ReadError::Unavailable(format!("read task failed: {e}"))))
         }
         .boxed()
@@ -144,7 +189,7 @@ impl FileReader {
         let bs = self.reader.config().block_size;
         let (first, last) = (offset / bs, (end - 1) / bs);
         let blocks = block_count(file_size, bs);
-        let needed: Vec<(u64, Flight, bool)> = {
+        let needed: Vec<(u64, Option<Flight>, bool)> = {
             let mut st = self.state.lock();
             // The kernel's own read-ahead sends several reads at once, and they arrive out of
             // order. A read that starts in a block already fetched ahead, or within `LAG` bytes
@@ -183,22 +228,35 @@ impl FileReader {
                     last + previous_window.max(max) + 1,
                 )
             };
-            // Blocks fetched for reads (not ahead) hold no budget: on a seek keep only those
-            // next to this read, so that a random reader's memory stays bounded.
+            // On a seek keep, of the blocks fetched for reads (not ahead), only those next to
+            // this read: a random reader's blocks would otherwise take budget from read-ahead.
             let near = first.saturating_sub(1)..=last;
             st.blocks.retain(|i, slot| {
-                *i >= keep_from
-                    && *i <= keep_to
-                    && (sequential || slot.permit.is_some() || near.contains(i))
+                *i >= keep_from && *i <= keep_to && (sequential || slot.ahead || near.contains(i))
             });
-            let needed = (first..=last)
+            // The blocks this read needs, from the budget first; those it cannot cover come
+            // from the read reserve below, and are not kept.
+            let needed: Vec<(u64, Option<Flight>, bool)> = (first..=last)
                 .map(|i| {
-                    let ahead = st.blocks.contains_key(&i);
-                    let slot = st.blocks.entry(i).or_insert_with(|| Slot {
-                        flight: self.flight(i),
-                        permit: None,
-                    });
-                    (i, slot.flight.clone(), ahead)
+                    if let Some(slot) = st.blocks.get(&i) {
+                        return (i, Some(slot.flight.clone()), true);
+                    }
+                    let len = bs.min(file_size - i * bs);
+                    match self.budget.sem.clone().try_acquire_many_owned(units(len)) {
+                        Ok(permit) => {
+                            let flight = self.flight(i);
+                            st.blocks.insert(
+                                i,
+                                Slot {
+                                    flight: flight.clone(),
+                                    _permit: permit,
+                                    ahead: false,
+                                },
+                            );
+                            (i, Some(flight), false)
+                        }
+                        Err(_) => (i, None, false),
+                    }
                 })
                 .collect();
             // Read ahead within the window and the budget.
@@ -207,8 +265,7 @@ impl FileReader {
                     continue;
                 }
                 let len = bs.min(file_size - i * bs);
-                let permits = len.div_ceil(UNIT) as u32;
-                let Ok(permit) = self.budget.sem.clone().try_acquire_many_owned(permits) else {
+                let Ok(permit) = self.budget.sem.clone().try_acquire_many_owned(units(len)) else {
                     break;
                 };
                 self.reader.metrics.prefetched_blocks.inc();
@@ -216,7 +273,8 @@ impl FileReader {
                     i,
                     Slot {
                         flight: self.flight(i),
-                        permit: Some(permit),
+                        _permit: permit,
+                        ahead: true,
                     },
                 );
             }
@@ -231,8 +289,20 @@ impl FileReader {
             });
             needed
         };
+        let block_len = |i: u64| bs.min(file_size - i * bs);
+        let uncovered: u64 = needed
+            .iter()
+            .filter(|(_, f, _)| f.is_none())
+            .map(|(i, _, _)| block_len(*i))
+            .sum();
+        let _reserve = if uncovered > 0 {
+            Some(self.budget.reserve(uncovered).await?)
+        } else {
+            None
+        };
         let mut parts = Vec::with_capacity(needed.len());
         for (i, f, ahead) in needed {
+            let f = f.unwrap_or_else(|| self.flight(i));
             let block = match f.await {
                 Ok(b) => b,
                 Err(first_err) => {
@@ -246,6 +316,11 @@ impl FileReader {
                     if !(ahead && transient) {
                         return Err(first_err);
                     }
+                    let _retry = if _reserve.is_none() {
+                        Some(self.budget.reserve(block_len(i)).await?)
+                    } else {
+                        None
+                    };
                     self.reader.block(&self.path, &self.meta, i).await?
                 }
             };
@@ -270,8 +345,22 @@ impl FileReader {
         Ok(out.freeze())
     }
 
+    /// Blocks this file keeps now (fetched for reads or ahead, all within the budget).
+    pub fn kept_blocks(&self) -> usize {
+        self.state.lock().blocks.len()
+    }
+
     /// The current read-ahead window, in blocks.
     pub fn window(&self) -> u64 {
         self.state.lock().window
+    }
+}
+
+/// A task that stops when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

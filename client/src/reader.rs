@@ -112,8 +112,11 @@ enum Miss {
     /// The worker did not answer in time or its connection failed: it counts against its
     /// health, and the next owner is asked.
     Fault,
-    /// Ask the next owner, but the worker is not at fault (a short block, a refused token).
+    /// Ask the next owner, but the worker is not at fault (a short block).
     Next,
+    /// The worker refused the data-plane token: ask the next owner; when every one refuses and
+    /// the token may be rotated, wait for the new token (see [`Reader::block`]).
+    Refused,
 }
 
 /// A worker's answer, or why there is none.
@@ -133,7 +136,7 @@ fn classify(status: tonic::Status, what: &str, worker: &str) -> Miss {
         _ if from_source => Miss::Final(ReadError::Unavailable(msg)),
         Code::Unauthenticated => {
             tracing::error!(worker, "{}", status.message());
-            Miss::Next
+            Miss::Refused
         }
         // A reader and workers configured differently (block size): no worker will do better.
         Code::FailedPrecondition | Code::InvalidArgument | Code::OutOfRange => {
@@ -321,8 +324,18 @@ impl BlockCall {
         let rest = async {
             let mut origin = None;
             let mut parts: Vec<Bytes> = Vec::new();
+            let mut received = 0usize;
             let mut next = first;
             while let Some(c) = next {
+                // A block is at most `want` bytes: a worker that sends more (broken, or not a
+                // worker at all) fails the call before its bytes are kept, so one call never
+                // holds more than a block plus one message (at most the client's message size).
+                received = received.saturating_add(c.data.len());
+                if received > want {
+                    return Err(tonic::Status::data_loss(format!(
+                        "the worker sent more than the block's {want} bytes"
+                    )));
+                }
                 if origin.is_none() && c.served_from != pb::Tier::Unspecified as i32 {
                     origin = Some(match pb::Tier::try_from(c.served_from) {
                         Ok(pb::Tier::Memory) => "memory",
@@ -549,20 +562,32 @@ impl Reader {
 
     async fn list_uncached(&self, dir: &str) -> Result<Vec<DirEntry>, ReadError> {
         self.metrics.listings.inc();
-        for conn in self.candidates(path_item(dir)) {
-            match self.list_on(&conn, dir).await {
-                Ok(v) => return Ok(sorted(v)),
-                Err(Miss::Final(e)) => return Err(e),
-                Err(Miss::Fault) => {
-                    if self.health.failed(&conn.member.id) {
-                        self.health
-                            .watch(conn.member.id.clone(), self.membership.clone());
+        // Bounded by the caller's deadline: a pass per token change.
+        loop {
+            let mut tokens = self.membership.token_changes();
+            let mut refused = false;
+            for conn in self.candidates(path_item(dir)) {
+                match self.list_on(&conn, dir).await {
+                    Ok(v) => return Ok(sorted(v)),
+                    Err(Miss::Final(e)) => return Err(e),
+                    Err(Miss::Fault) => {
+                        if self.health.failed(&conn.member.id) {
+                            self.health
+                                .watch(conn.member.id.clone(), self.membership.clone());
+                        }
+                        self.metrics.failovers.inc();
                     }
-                    self.metrics.failovers.inc();
+                    Err(Miss::Next) => {
+                        self.metrics.failovers.inc();
+                    }
+                    Err(Miss::Refused) => {
+                        refused = true;
+                        self.metrics.failovers.inc();
+                    }
                 }
-                Err(Miss::Next) => {
-                    self.metrics.failovers.inc();
-                }
+            }
+            if !(refused && self.wait_for_token(&mut tokens).await) {
+                break;
             }
         }
         match &self.source {
@@ -680,6 +705,40 @@ impl Reader {
     ///   hedged), and a failed attempt moves on to the next owner unless another still may
     ///   answer.
     async fn block_uncached(&self, key: BlockKey, size: u64) -> Result<Bytes, ReadError> {
+        // Bounded by the caller's deadline: a pass per token change.
+        loop {
+            let mut tokens = self.membership.token_changes();
+            let mut refused = false;
+            match self.block_pass(key.clone(), size, &mut refused).await {
+                Err(e) if refused => {
+                    if !self.wait_for_token(&mut tokens).await {
+                        return Err(e);
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Whether to try again after every worker refused the token: when the token may be
+    /// rotated, once it changed (at once if it changed since `tokens` was taken). The caller's
+    /// deadline bounds the wait.
+    async fn wait_for_token(&self, tokens: &mut tokio::sync::watch::Receiver<u64>) -> bool {
+        if !self.membership.token_rotates() || self.cfg.direct_fallback && self.source.is_some() {
+            return false;
+        }
+        tracing::warn!("every worker refused the data-plane token; waiting for a new one");
+        tokens.changed().await.is_ok()
+    }
+
+    /// One pass over the block's owners (see [`Reader::block_uncached`]); sets `refused` when
+    /// a worker refused the token.
+    async fn block_pass(
+        &self,
+        key: BlockKey,
+        size: u64,
+        refused: &mut bool,
+    ) -> Result<Bytes, ReadError> {
         let owners = self.candidates(key.id().0);
         self.health.earn();
         let call = Arc::new(BlockCall {
@@ -739,7 +798,8 @@ impl Reader {
                         }
                         Err(Miss::Final(e)) if !finished.cached_only => break Some(Err(e)),
                         Err(_) if finished.cached_only => {}
-                        Err(_) => {
+                        Err(miss) => {
+                            *refused |= matches!(miss, Miss::Refused);
                             self.metrics.failovers.inc();
                             // Move on now, unless an attempt still running may answer.
                             if !running.0.is_empty()
@@ -790,7 +850,11 @@ impl Reader {
                 self.count(origin, bytes.len());
                 return Ok(bytes);
             }
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => {
+                // A final answer: another token would not change it.
+                *refused = false;
+                return Err(e);
+            }
             None => {}
         }
         let key = &call.key;

@@ -516,3 +516,41 @@ async fn a_flat_directory_of_a_million_objects_lists_and_every_file_opens() {
         "and goes when another is needed"
     );
 }
+
+/// The blocks reads fetch are counted against the budget like read-ahead: many open files that
+/// each read where they stand keep no more than the budget, and reads that find it spent still
+/// get their bytes from the read reserve, which they give back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_fetched_for_reads_stay_within_the_budget() {
+    use lakecache_client::prefetch::{FileReader, PrefetchBudget, READ_RESERVE};
+    let l = lake(2).await;
+    let r = reader(&l, "secret", false);
+    let meta = r.stat("train/big.rec").await.unwrap();
+    let want = pattern(2, (BS * 20 + 17) as usize);
+    let budget = PrefetchBudget::new(2 * BS, 8);
+    let files: Vec<FileReader> = (0..10)
+        .map(|_| {
+            FileReader::new(
+                r.clone(),
+                "train/big.rec".into(),
+                meta.clone(),
+                budget.clone(),
+            )
+        })
+        .collect();
+    // Each file reads a block somewhere else, as shuffled readers of one big file do.
+    for (i, f) in files.iter().enumerate() {
+        let off = i as u64 * 2 * BS;
+        let b = f.read(off, BS as u32).await.unwrap();
+        assert_eq!(&b[..], &want[off as usize..(off + BS) as usize], "file {i}");
+    }
+    let kept: usize = files.iter().map(|f| f.kept_blocks()).sum();
+    assert!(kept <= 2, "{kept} blocks kept with a budget of 2");
+    assert_eq!(
+        budget.reserve_available(),
+        READ_RESERVE,
+        "the reserve was given back"
+    );
+    drop(files);
+    assert_eq!(budget.available(), 2 * BS, "the budget was given back");
+}
