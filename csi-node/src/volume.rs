@@ -84,6 +84,17 @@ impl VolumeContext {
         check_name(keys::NAMESPACE, namespace, 63)?;
         check_name(keys::CACHE_NAMESPACE, name, 253)?;
         let workers = get(keys::WORKERS).map(parse_workers).transpose()?;
+        if ephemeral && workers.is_some() {
+            // An inline volume is the tenant's own text: a worker list there would make the FUSE
+            // server dial any address from the node's network (and report what it found).
+            return Err(ContextError(format!(
+                "volumeAttributes.{} is accepted only on a PersistentVolume (an administrator's \
+                 object), not on an inline volume: remove it; the FUSE server then reads the \
+                 workers the operator publishes for CacheNamespace {}",
+                keys::WORKERS,
+                name
+            )));
+        }
         let sub_path = match get(keys::SUB_PATH) {
             Some(p) => clean_sub_path(p)?,
             None => String::new(),
@@ -136,7 +147,11 @@ impl VolumeContext {
         })
     }
 
-    /// With `podInfoOnMount`, a pod may only mount a CacheNamespace of its own namespace.
+    /// A pod may only mount a CacheNamespace of its own namespace. kubelet names the pod's
+    /// namespace only with `podInfoOnMount` on the CSIDriver; without it the check cannot be
+    /// made, so a volume that resolves a CacheNamespace is refused (fail closed). A static
+    /// `workers` list, which only a PersistentVolume may carry, resolves nothing and needs no
+    /// pod namespace.
     pub fn check_pod_namespace(&self) -> Result<(), ContextError> {
         match &self.pod_namespace {
             Some(pod_ns) if *pod_ns != self.namespace => Err(ContextError(format!(
@@ -144,8 +159,61 @@ impl VolumeContext {
                  create the pod in namespace {:?}, or a CacheNamespace in {pod_ns:?}",
                 self.namespace, self.name, self.namespace
             ))),
+            None if self.workers.is_none() => Err(ContextError(format!(
+                "kubelet did not say which namespace the pod is in ({} is missing), so the \
+                 plugin cannot check that it may mount CacheNamespace {}/{}: set \
+                 podInfoOnMount: true on the CSIDriver {}",
+                keys::POD_NAMESPACE,
+                self.namespace,
+                self.name,
+                crate::DRIVER_NAME
+            ))),
             _ => Ok(()),
         }
+    }
+
+    /// Refuses a `prefetchBudget` or `localCacheSize` above the plugin's caps.
+    pub fn check_caps(&self, caps: &Caps) -> Result<(), ContextError> {
+        let over = |key: &str, asked: Option<u64>, cap: u64, flag: &str| match asked {
+            Some(v) if cap > 0 && v > cap => Err(ContextError(format!(
+                "volumeAttributes.{key} {} is more than this node allows ({}, the plugin's \
+                 {flag}): ask for at most that",
+                bytesize::ByteSize(v),
+                bytesize::ByteSize(cap)
+            ))),
+            _ => Ok(()),
+        };
+        over(
+            keys::PREFETCH_BUDGET,
+            self.prefetch_budget,
+            caps.max_prefetch_budget,
+            "--max-prefetch-budget",
+        )?;
+        over(
+            keys::LOCAL_CACHE_SIZE,
+            self.local_cache_size,
+            caps.max_local_cache_size,
+            "--max-local-cache-size",
+        )
+    }
+}
+
+/// The most a volume may ask for; 0 is no cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caps {
+    pub max_prefetch_budget: u64,
+    pub max_local_cache_size: u64,
+}
+
+/// The data-plane token of a stage or publish secret: `None` without a `token` key; an empty or
+/// blank one is refused, never taken for "no authentication".
+pub fn token_from_secrets(secrets: &HashMap<String, String>) -> Result<Option<&str>, ContextError> {
+    match secrets.get(TOKEN_KEY) {
+        None => Ok(None),
+        Some(t) if t.trim().is_empty() => Err(ContextError(format!(
+            "the secret's {TOKEN_KEY:?} key is empty: put the data-plane token in it"
+        ))),
+        Some(t) => Ok(Some(t.as_str())),
     }
 }
 
@@ -233,8 +301,17 @@ pub struct FuseServerConfig {
     pub name: String,
     /// Static workers; `None` means follow the CacheNamespace's status in the Kubernetes API.
     pub workers: Option<Vec<WorkerSpec>>,
-    /// The data-plane token.
+    /// The data-plane token, inline (configurations written before `token_file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The file that holds the data-plane token (mode 0600, beside this file). The FUSE server
+    /// reads it again when it changes: the plugin rewrites it when kubelet publishes the
+    /// volume with a new token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// An inline volume: the tenant's own request. Errors name no worker address.
+    #[serde(default)]
+    pub inline: bool,
     #[serde(with = "humantime_serde", default)]
     pub metadata_ttl: Option<Duration>,
     pub prefetch_budget: u64,
@@ -258,6 +335,8 @@ impl std::fmt::Debug for FuseServerConfig {
             .field("name", &self.name)
             .field("workers", &self.workers)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("inline", &self.inline)
             .field("metadata_ttl", &self.metadata_ttl)
             .field("prefetch_budget", &self.prefetch_budget)
             .field("fuse_threads", &self.fuse_threads)
@@ -368,6 +447,93 @@ mod tests {
     }
 
     #[test]
+    fn an_inline_volume_may_not_name_workers() {
+        let err = VolumeContext::parse(&ctx(&[
+            ("cacheNamespace", "imagenet"),
+            ("workers", "w0=10.0.0.1:22"),
+            (keys::EPHEMERAL, "true"),
+            (keys::POD_NAMESPACE, "team-a"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only on a PersistentVolume"), "{err}");
+        assert!(!err.contains("10.0.0.1"), "{err}");
+        // A PersistentVolume (no ephemeral key) may.
+        VolumeContext::parse(&ctx(&[
+            ("cacheNamespace", "imagenet"),
+            ("namespace", "ml"),
+            ("workers", "w0=10.0.0.1:22"),
+        ]))
+        .unwrap();
+    }
+
+    #[test]
+    fn without_the_pods_namespace_only_a_static_worker_list_mounts() {
+        let cn = VolumeContext::parse(&ctx(&[("cacheNamespace", "imagenet"), ("namespace", "ml")]))
+            .unwrap();
+        let err = cn.check_pod_namespace().unwrap_err().to_string();
+        assert!(err.contains("podInfoOnMount"), "{err}");
+        let inline = VolumeContext::parse(&ctx(&[
+            ("cacheNamespace", "imagenet"),
+            ("namespace", "ml"),
+            (keys::EPHEMERAL, "true"),
+        ]))
+        .unwrap();
+        assert!(inline.check_pod_namespace().is_err());
+        let static_pv = VolumeContext::parse(&ctx(&[
+            ("cacheNamespace", "imagenet"),
+            ("namespace", "ml"),
+            ("workers", "w0=127.0.0.1:1"),
+        ]))
+        .unwrap();
+        static_pv.check_pod_namespace().unwrap();
+    }
+
+    #[test]
+    fn sizes_over_the_caps_are_refused_naming_the_cap() {
+        let caps = Caps {
+            max_prefetch_budget: 64 << 20,
+            max_local_cache_size: 1 << 30,
+        };
+        let c = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("cacheNamespace", "x"), ("namespace", "ml")];
+            all.extend_from_slice(pairs);
+            VolumeContext::parse(&ctx(&all)).unwrap().check_caps(&caps)
+        };
+        c(&[("prefetchBudget", "64MiB"), ("localCacheSize", "1GiB")]).unwrap();
+        c(&[]).unwrap();
+        let e = c(&[("prefetchBudget", "65MiB")]).unwrap_err().to_string();
+        assert!(
+            e.contains("--max-prefetch-budget") && e.contains("prefetchBudget"),
+            "{e}"
+        );
+        let e = c(&[("localCacheSize", "2GiB")]).unwrap_err().to_string();
+        assert!(e.contains("--max-local-cache-size"), "{e}");
+        // 0 is no cap.
+        VolumeContext::parse(&ctx(&[
+            ("cacheNamespace", "x"),
+            ("namespace", "ml"),
+            ("prefetchBudget", "100GiB"),
+        ]))
+        .unwrap()
+        .check_caps(&Caps::default())
+        .unwrap();
+    }
+
+    #[test]
+    fn a_blank_token_is_refused_and_a_missing_one_is_none() {
+        assert_eq!(token_from_secrets(&ctx(&[])).unwrap(), None);
+        assert_eq!(
+            token_from_secrets(&ctx(&[("token", "t")])).unwrap(),
+            Some("t")
+        );
+        for blank in ["", " ", "\n\t"] {
+            let e = token_from_secrets(&ctx(&[("token", blank)])).unwrap_err();
+            assert!(e.to_string().contains("empty"), "{e}");
+        }
+    }
+
+    #[test]
     fn an_inline_volume_defaults_to_the_pods_namespace() {
         let c = VolumeContext::parse(&ctx(&[
             ("cacheNamespace", "imagenet"),
@@ -388,6 +554,8 @@ mod tests {
             name: "n".into(),
             workers: None,
             token: Some("s3cr3t".into()),
+            token_file: None,
+            inline: false,
             metadata_ttl: None,
             prefetch_budget: 1,
             fuse_threads: 1,

@@ -172,5 +172,47 @@ async fn a_mount_follows_the_workers_the_operator_publishes() -> anyhow::Result<
         staging_target_path: staging.display().to_string(),
     })
     .await?;
+
+    // An inline ephemeral volume (no `workers`: only a PersistentVolume may name them), in the
+    // pod's namespace by default, with a subPath: published twice, read, unpublished twice.
+    let target = root
+        .path()
+        .join("pods/p/volumes/kubernetes.io~csi/inline/mount");
+    std::fs::create_dir_all(target.parent().unwrap())?;
+    let req = csi::NodePublishVolumeRequest {
+        volume_id: "csi-0123456789abcdef".into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(mount_capability(Mode::SingleNodeWriter)),
+        readonly: true,
+        secrets: map(&[("token", TOKEN)]),
+        volume_context: map(&[
+            ("cacheNamespace", "imagenet"),
+            ("subPath", "train"),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+            ("csi.storage.k8s.io/pod.namespace", "ml"),
+            ("csi.storage.k8s.io/pod.name", "p"),
+        ]),
+        ..Default::default()
+    };
+    n.node_publish_volume(req.clone()).await?;
+    n.node_publish_volume(req.clone()).await?;
+    let t = target.join("shard-1.bin");
+    let got = tokio::task::spawn_blocking(move || std::fs::read(t)).await??;
+    ensure!(got == lake.files[1].1, "shard-1.bin differs");
+    ensure!(!target.join("val").exists(), "only the subPath shows");
+    for _ in 0..2 {
+        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: req.volume_id.clone(),
+            target_path: req.target_path.clone(),
+        })
+        .await?;
+    }
+    ensure!(!target.exists());
+    ensure!(
+        std::fs::read_dir(node.state.join("volumes"))?
+            .next()
+            .is_none(),
+        "the inline volume's state is gone"
+    );
     Ok(())
 }
