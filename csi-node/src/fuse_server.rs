@@ -33,8 +33,62 @@ fn members(workers: &[WorkerSpec]) -> Vec<Member> {
         .collect()
 }
 
-/// Asks the workers, in turn, for their block size until one answers or `timeout` passes.
-async fn first_answer(membership: &Membership, timeout: Duration) -> anyhow::Result<u64> {
+/// How often the FUSE server looks at its token file for a new token.
+pub const TOKEN_POLL: Duration = Duration::from_secs(1);
+
+/// The token in a token file, without surrounding whitespace (as workers read theirs). An empty
+/// file is refused: it must never mean "no authentication".
+pub fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the token file {} is empty: the stage (or publish) secret's \"token\" key must hold the data-plane token",
+        path.display()
+    );
+    Ok(token.to_string())
+}
+
+/// Follows the token file: a changed token replaces the one every worker call carries (the
+/// plugin rewrites the file when kubelet publishes the volume with a rotated token). A file
+/// that cannot be read, or is empty, keeps the current token and is logged (without it).
+fn follow_token_file(path: PathBuf, membership: Arc<Membership>, mut current: String) {
+    membership.expect_rotation();
+    tokio::spawn(async move {
+        // Bounded by the process's life; one read of a small file per poll.
+        loop {
+            tokio::time::sleep(TOKEN_POLL).await;
+            let p = path.clone();
+            let read = tokio::task::spawn_blocking(move || read_token_file(&p)).await;
+            match read {
+                Ok(Ok(t)) if t != current => match membership.set_token(&t) {
+                    Ok(_) => {
+                        tracing::info!(file = %path.display(), "the data-plane token changed; using the new one");
+                        current = t;
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), error = %e, "ignoring the new token")
+                    }
+                },
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "keeping the current token")
+                }
+                Err(e) => tracing::error!(error = %e, "reading the token file failed"),
+            }
+        }
+    });
+}
+
+/// Asks the workers, in turn, for their block size until one answers or `timeout` passes. For
+/// an inline volume (`inline`), errors name no address and carry no worker's message: a tenant
+/// reads them in its pod's events.
+async fn first_answer(
+    membership: &Membership,
+    timeout: Duration,
+    inline: bool,
+) -> anyhow::Result<u64> {
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no workers are published yet");
     // Bounded by the deadline; each pass asks every worker once.
@@ -51,6 +105,9 @@ async fn first_answer(membership: &Membership, timeout: Duration) -> anyhow::Res
                     conn.member.id,
                     s.message()
                 ),
+                Ok(Err(_)) | Err(_) if inline => {
+                    last = format!("worker {} did not answer", conn.member.id)
+                }
                 Ok(Err(s)) => {
                     last = format!(
                         "worker {} at {}: {}",
@@ -112,10 +169,17 @@ pub async fn run(
 }
 
 async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<ReaderMetrics>)> {
+    let token = match &cfg.token_file {
+        Some(path) => Some(read_token_file(path)?),
+        None => cfg.token.clone(),
+    };
     let membership = Arc::new(
-        Membership::new(cfg.token.as_deref(), Duration::from_secs(2))
+        Membership::new(token.as_deref(), Duration::from_secs(2))
             .context("the data-plane token")?,
     );
+    if let (Some(path), Some(token)) = (&cfg.token_file, token) {
+        follow_token_file(path.clone(), membership.clone(), token);
+    }
     match &cfg.workers {
         Some(w) => membership.set(members(w))?,
         None => crate::kube_members::follow(&cfg.namespace, &cfg.name, membership.clone())
@@ -127,7 +191,7 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<Reade
                 )
             })?,
     }
-    let block_size = first_answer(&membership, cfg.startup_timeout).await?;
+    let block_size = first_answer(&membership, cfg.startup_timeout, cfg.inline).await?;
     anyhow::ensure!(
         block_size.is_power_of_two(),
         "the workers reported block size {block_size}, which is not a power of two"
@@ -177,4 +241,23 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<Reade
         .await?
         .with_context(|| format!("mounting FUSE at {}", cfg.mount_path.display()))?;
     Ok((m, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_is_trimmed_and_an_empty_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        std::fs::write(&p, "s3cr3t\n").unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "s3cr3t");
+        for blank in ["", " \n"] {
+            std::fs::write(&p, blank).unwrap();
+            let e = format!("{:#}", read_token_file(&p).unwrap_err());
+            assert!(e.contains("is empty"), "{e}");
+        }
+        assert!(read_token_file(&dir.path().join("missing")).is_err());
+    }
 }

@@ -161,6 +161,16 @@ impl RunningPlugin {
 pub async fn start_plugin(opts: PluginOptions) -> anyhow::Result<RunningPlugin> {
     let state = state::StateDir::open(&opts.state_dir)
         .with_context(|| format!("opening the state directory {}", opts.state_dir.display()))?;
+    // Tokens and the mounter's socket must be the plugin's alone, whatever left them.
+    let fixed = state.enforce_modes().with_context(|| {
+        format!(
+            "making the state directory {} private",
+            opts.state_dir.display()
+        )
+    })?;
+    for path in fixed {
+        tracing::warn!(path = %path.display(), "was readable by others; made private");
+    }
     let plugin = Arc::new(node::Plugin::new(opts.plugin.clone(), state));
     let mut registry = Registry::with_prefix("lakecache_csi");
     plugin.metrics.register(&mut registry);

@@ -11,7 +11,7 @@ use lakecache_csi_node::mounter::{self, MounterConfig};
 use lakecache_csi_node::node::PluginConfig;
 use lakecache_csi_node::registrar::{self, RegistrarConfig};
 use lakecache_csi_node::state::StateDir;
-use lakecache_csi_node::volume::FuseServerConfig;
+use lakecache_csi_node::volume::{Caps, FuseServerConfig};
 use lakecache_csi_node::{PluginOptions, fuse_server, socket_path, start_plugin};
 
 #[derive(Debug, Parser)]
@@ -58,11 +58,12 @@ struct PluginArgs {
     /// This node's name (NodeGetInfo's node id).
     #[arg(long, env = "NODE_NAME")]
     node_id: String,
-    /// Where the plugin keeps its state; shared with the mounter.
+    /// Where the plugin keeps its state (every volume's token, the mounter's socket); shared
+    /// with the mounter and with no other container. Made mode 0700 at start.
     #[arg(
         long,
         env = "LAKECACHE_STATE_DIR",
-        default_value = "/var/lib/kubelet/plugins/csi.lakecache.io/state"
+        default_value = lakecache_csi_node::state::DEFAULT_ROOT
     )]
     state_dir: PathBuf,
     /// Address of /metrics, /livez and /readyz.
@@ -87,6 +88,25 @@ struct PluginArgs {
     /// How long a new mount waits for a first cache worker to answer.
     #[arg(long, env = "LAKECACHE_STARTUP_TIMEOUT", default_value = "30s")]
     startup_timeout: humantime::Duration,
+    /// The most read-ahead memory a volume may ask for (prefetchBudget); 0 for no cap.
+    #[arg(long, env = "LAKECACHE_MAX_PREFETCH_BUDGET", default_value = "1GiB")]
+    max_prefetch_budget: ByteSize,
+    /// The most node-local copies a volume may ask for (localCacheSize); 0 for no cap.
+    #[arg(long, env = "LAKECACHE_MAX_LOCAL_CACHE_SIZE", default_value = "16GiB")]
+    max_local_cache_size: ByteSize,
+    /// The mounter container's memory limit, which all FUSE servers share (the chart passes
+    /// the mounter's limits.memory through the downward API); a volume whose FUSE server would
+    /// not fit is refused. 0: unknown, no check.
+    #[arg(long, env = "LAKECACHE_MOUNTER_MEMORY_LIMIT", default_value = "0")]
+    mounter_memory_limit: ByteSize,
+    /// Memory of one FUSE server beyond its prefetch budget (read reserve, listings,
+    /// buffers), counted for every staged volume against the mounter's memory limit.
+    #[arg(long, env = "LAKECACHE_FUSE_SERVER_OVERHEAD", default_value = "128MiB")]
+    fuse_server_overhead: ByteSize,
+    /// How long a CSI call may wait on a filesystem call (a look into the cache mount, which
+    /// asks the workers; a bind mount) before it answers Unavailable.
+    #[arg(long, env = "LAKECACHE_FS_TIMEOUT", default_value = "20s")]
+    fs_timeout: humantime::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -95,7 +115,7 @@ struct MounterArgs {
     #[arg(
         long,
         env = "LAKECACHE_STATE_DIR",
-        default_value = "/var/lib/kubelet/plugins/csi.lakecache.io/state"
+        default_value = lakecache_csi_node::state::DEFAULT_ROOT
     )]
     state_dir: PathBuf,
     /// How long a FUSE server may take to mount.
@@ -185,11 +205,25 @@ async fn plugin(a: PluginArgs) -> anyhow::Result<()> {
             local_cache_size: a.local_cache_size.as_u64(),
             startup_timeout: *a.startup_timeout,
             mounter_timeout: *a.startup_timeout + Duration::from_secs(30),
+            caps: Caps {
+                max_prefetch_budget: a.max_prefetch_budget.as_u64(),
+                max_local_cache_size: a.max_local_cache_size.as_u64(),
+            },
+            mounter_memory: a.mounter_memory_limit.as_u64(),
+            fuse_server_overhead: a.fuse_server_overhead.as_u64(),
+            fs_timeout: *a.fs_timeout,
         },
     };
     anyhow::ensure!(
         !opts.plugin.node_id.is_empty(),
         "--node-id (or NODE_NAME) must not be empty"
+    );
+    let c = &opts.plugin;
+    anyhow::ensure!(
+        c.caps.max_prefetch_budget == 0 || c.prefetch_budget <= c.caps.max_prefetch_budget,
+        "--prefetch-budget ({}) is more than --max-prefetch-budget ({})",
+        a.prefetch_budget,
+        a.max_prefetch_budget
     );
     let running = start_plugin(opts).await?;
     lakecache_telemetry::shutdown_signal().await;

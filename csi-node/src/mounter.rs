@@ -367,6 +367,15 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let socket = cfg.state.mounter_socket();
     let listener = crate::bind_unix(&socket)?;
+    // It takes any command from whoever connects: only root, the plugin, may (the directory is
+    // 0700 as well).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            &socket,
+            std::fs::Permissions::from_mode(crate::state::SECRET_MODE),
+        )?;
+    }
     tracing::info!(socket = %socket.display(), "mounter listening");
     let svc = MounterService::new(cfg);
     tonic::transport::Server::builder()

@@ -19,7 +19,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::metrics::CsiMetrics;
 use crate::mounts::{self, Health};
 use crate::state::{StateDir, TargetRecord, VolumeRecord, write_atomic};
-use crate::volume::{FuseServerConfig, TOKEN_KEY, VolumeContext};
+use crate::volume::{Caps, FuseServerConfig, VolumeContext, token_from_secrets};
 use crate::{DRIVER_NAME, TOPOLOGY_KEY};
 
 /// Plugin settings.
@@ -37,6 +37,73 @@ pub struct PluginConfig {
     pub startup_timeout: Duration,
     /// How long a call to the mounter may take.
     pub mounter_timeout: Duration,
+    /// The most a volume may ask for (`prefetchBudget`, `localCacheSize`).
+    pub caps: Caps,
+    /// The mounter container's memory limit, which every FUSE server shares; 0 when unknown
+    /// (no check).
+    pub mounter_memory: u64,
+    /// Memory of one FUSE server beyond its prefetch budget (its read reserve, listings,
+    /// buffers), counted against `mounter_memory` for every staged volume.
+    pub fuse_server_overhead: u64,
+    /// How long a filesystem call of a CSI handler may take (a look at the mounted cache, a
+    /// bind mount): a mount whose workers hang must not hold the handler for minutes.
+    pub fs_timeout: Duration,
+}
+
+impl PluginConfig {
+    /// What one FUSE server with `budget` takes of the mounter's memory.
+    fn fuse_server_memory(&self, budget: u64) -> u64 {
+        budget.saturating_add(self.fuse_server_overhead)
+    }
+}
+
+/// Whether the mounter's memory limit holds one more FUSE server of `budget` beside `staged`
+/// (the budgets of the other staged volumes); the error says which value to raise.
+pub fn check_mounter_memory(
+    cfg: &PluginConfig,
+    volume_id: &str,
+    budget: u64,
+    staged: &[u64],
+) -> Result<(), String> {
+    if cfg.mounter_memory == 0 {
+        return Ok(());
+    }
+    let others: u64 = staged.iter().map(|b| cfg.fuse_server_memory(*b)).sum();
+    let need = others.saturating_add(cfg.fuse_server_memory(budget));
+    if need <= cfg.mounter_memory {
+        return Ok(());
+    }
+    let b = bytesize::ByteSize;
+    Err(format!(
+        "volume {volume_id} needs {} of the mounter's memory (prefetchBudget {} plus {} per FUSE \
+         server), and the {} volumes staged on this node already take {}: that is more than the \
+         mounter's memory limit {}. Raise csi.mounter.resources.limits.memory, lower the \
+         volume's prefetchBudget (or csi.prefetchBudget), or run the pod on another node",
+        b(cfg.fuse_server_memory(budget)),
+        b(budget),
+        b(cfg.fuse_server_overhead),
+        staged.len(),
+        b(others),
+        b(cfg.mounter_memory)
+    ))
+}
+
+/// Runs `f` on the blocking pool, for at most `deadline`; past it the call is `Unavailable`
+/// (the thread finishes on its own). Every file and mount call of a handler goes through here,
+/// so that none holds a thread of the gRPC runtime.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    deadline: Duration,
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::time::timeout(deadline, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(Status::internal(format!("{what}: {e}"))),
+        Err(_) => Err(Status::unavailable(format!(
+            "{what} did not finish within {}; the cache mount or its workers are slow, retry",
+            humantime::format_duration(deadline)
+        ))),
+    }
 }
 
 /// The plugin: CSI services over the state directory and the mounter.
@@ -45,6 +112,9 @@ pub struct Plugin {
     state: StateDir,
     mounter: MounterClient<Channel>,
     busy: parking_lot::Mutex<HashSet<String>>,
+    /// Held from the memory check of a new volume until its record is saved, so that two
+    /// volumes staged at once cannot both take the last share of the mounter's memory.
+    admission: tokio::sync::Mutex<()>,
     pub metrics: Arc<CsiMetrics>,
 }
 
@@ -121,6 +191,7 @@ impl Plugin {
             state,
             mounter,
             busy: Default::default(),
+            admission: Default::default(),
             metrics: Arc::new(CsiMetrics::default()),
         }
     }
@@ -137,16 +208,86 @@ impl Plugin {
         })
     }
 
-    fn load(&self, volume_id: &str) -> Result<Option<VolumeRecord>, Status> {
-        self.state
-            .load(volume_id)
-            .map_err(|e| Status::internal(format!("reading the state of volume {volume_id}: {e}")))
+    /// Runs `f` on the blocking pool within the filesystem deadline.
+    async fn fs<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        blocking(what, self.cfg.fs_timeout, f).await
     }
 
-    fn save(&self, rec: &VolumeRecord) -> Result<(), Status> {
-        self.state.save(rec).map_err(|e| {
-            Status::internal(format!("saving the state of volume {}: {e}", rec.volume_id))
+    async fn load(&self, volume_id: &str) -> Result<Option<VolumeRecord>, Status> {
+        let (state, id) = (self.state.clone(), volume_id.to_string());
+        self.fs("reading the volume's state", move || {
+            state
+                .load(&id)
+                .map_err(|e| Status::internal(format!("reading the state of volume {id}: {e}")))
         })
+        .await
+    }
+
+    async fn save(&self, rec: &VolumeRecord) -> Result<(), Status> {
+        let (state, rec) = (self.state.clone(), rec.clone());
+        self.fs("saving the volume's state", move || {
+            state.save(&rec).map_err(|e| {
+                Status::internal(format!("saving the state of volume {}: {e}", rec.volume_id))
+            })
+        })
+        .await
+    }
+
+    async fn forget(&self, volume_id: &str) -> Result<(), Status> {
+        let (state, id) = (self.state.clone(), volume_id.to_string());
+        self.fs("removing the volume's state", move || {
+            state
+                .remove(&id)
+                .map_err(|e| io_error(format!("removing the state of volume {id}"), e))
+        })
+        .await
+    }
+
+    /// Saves the record of a volume that is not staged yet, if the mounter's memory holds one
+    /// more FUSE server with its budget (`ResourceExhausted` if not).
+    async fn admit(&self, rec: &VolumeRecord, rpc: &str) -> Result<(), Status> {
+        let _turn = self.admission.lock().await;
+        let state = self.state.clone();
+        let id = rec.volume_id.clone();
+        let default = self.cfg.prefetch_budget;
+        let staged: Vec<u64> = self
+            .fs("reading the staged volumes", move || {
+                Ok(state
+                    .all()
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .filter(|r| r.volume_id != id)
+                    .map(|r| r.prefetch_budget.unwrap_or(default))
+                    .collect())
+            })
+            .await?;
+        let budget = rec.prefetch_budget.unwrap_or(default);
+        check_mounter_memory(&self.cfg, &rec.volume_id, budget, &staged)
+            .map_err(|m| Status::resource_exhausted(format!("{rpc}: {m}")))?;
+        self.save(rec).await
+    }
+
+    /// Writes a volume's token file (mode 0600) when `token` differs from what it holds.
+    /// Returns whether it wrote. The FUSE server reads the file again when it changes.
+    async fn write_token(&self, volume_id: &str, token: &str) -> Result<bool, Status> {
+        let path = self.state.token_path(volume_id);
+        let dir = self.state.volume_dir(volume_id);
+        let token = token.to_string();
+        self.fs("writing the volume's token", move || {
+            if std::fs::read(&path).is_ok_and(|old| old == token.as_bytes()) {
+                return Ok(false);
+            }
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| io_error("creating the volume's state directory".into(), e))?;
+            write_atomic(&path, token.as_bytes(), 0o600)
+                .map_err(|e| io_error(format!("writing {}", path.display()), e))?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Times and counts one call, and logs its outcome.
@@ -181,17 +322,28 @@ impl Plugin {
     async fn ensure_fuse(
         &self,
         rec: &VolumeRecord,
-        ctx: Option<(&VolumeContext, Option<&String>)>,
+        ctx: Option<(&VolumeContext, Option<&str>)>,
     ) -> Result<bool, Status> {
         let config_path = self.state.fuse_config_path(&rec.volume_id);
         if let Some((ctx, token)) = ctx {
+            // The token goes to a file of its own, which a publish with a rotated token
+            // rewrites and the FUSE server follows.
+            let token_file = match token {
+                Some(t) => {
+                    self.write_token(&rec.volume_id, t).await?;
+                    Some(self.state.token_path(&rec.volume_id))
+                }
+                None => None,
+            };
             let cfg = FuseServerConfig {
                 volume_id: rec.volume_id.clone(),
                 mount_path: rec.staging_path.clone(),
                 namespace: ctx.namespace.clone(),
                 name: ctx.name.clone(),
                 workers: ctx.workers.clone(),
-                token: token.cloned(),
+                token: None,
+                token_file,
+                inline: rec.ephemeral,
                 metadata_ttl: ctx.metadata_ttl,
                 prefetch_budget: ctx.prefetch_budget.unwrap_or(self.cfg.prefetch_budget),
                 fuse_threads: self.cfg.fuse_threads,
@@ -201,10 +353,15 @@ impl Plugin {
             };
             let json =
                 serde_json::to_vec_pretty(&cfg).map_err(|e| Status::internal(e.to_string()))?;
-            std::fs::create_dir_all(self.state.volume_dir(&rec.volume_id))
-                .map_err(|e| io_error("creating the volume's state directory".into(), e))?;
-            write_atomic(&config_path, &json, 0o600)
-                .map_err(|e| io_error(format!("writing {}", config_path.display()), e))?;
+            let dir = self.state.volume_dir(&rec.volume_id);
+            let path = config_path.clone();
+            self.fs("writing the FUSE server's configuration", move || {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| io_error("creating the volume's state directory".into(), e))?;
+                write_atomic(&path, &json, 0o600)
+                    .map_err(|e| io_error(format!("writing {}", path.display()), e))
+            })
+            .await?;
         }
         let mut client = self.mounter.clone();
         let call = client.mount(MountRequest {
@@ -225,13 +382,21 @@ impl Plugin {
     }
 
     /// Removes a volume's local copies once its FUSE server is gone.
-    fn drop_local_copies(&self, volume_id: &str) {
-        if let Some(dir) = self.local_cache_dir(volume_id)
-            && let Err(e) = std::fs::remove_dir_all(&dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(volume = volume_id, dir = %dir.display(), error = %e, "cannot remove the volume's local copies");
-        }
+    async fn drop_local_copies(&self, volume_id: &str) {
+        let Some(dir) = self.local_cache_dir(volume_id) else {
+            return;
+        };
+        let vid = volume_id.to_string();
+        let _ = self
+            .fs("removing the volume's local copies", move || {
+                if let Err(e) = std::fs::remove_dir_all(&dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(volume = %vid, dir = %dir.display(), error = %e, "cannot remove the volume's local copies");
+                }
+                Ok(())
+            })
+            .await;
     }
 
     /// The directory of a volume's local copies.
@@ -265,9 +430,12 @@ impl Plugin {
         let staging = required(&req.staging_target_path, "staging_target_path", RPC)?;
         check_capability(req.volume_capability.as_ref(), RPC)?;
         let ctx = VolumeContext::parse(&req.volume_context).map_err(|e| context_error(RPC, e))?;
+        ctx.check_caps(&self.cfg.caps)
+            .map_err(|e| context_error(RPC, e))?;
+        let token = token_from_secrets(&req.secrets).map_err(|e| context_error(RPC, e))?;
         let _busy = self.busy(volume_id, RPC)?;
         let staging = PathBuf::from(staging);
-        let existing = self.load(volume_id)?;
+        let existing = self.load(volume_id).await?;
         if let Some(rec) = &existing
             && rec.staging_path != staging
         {
@@ -276,23 +444,27 @@ impl Plugin {
                 rec.staging_path.display()
             )));
         }
-        let rec = existing.clone().unwrap_or(VolumeRecord {
-            volume_id: volume_id.to_string(),
-            staging_path: staging.clone(),
-            ephemeral: false,
-            namespace: ctx.namespace.clone(),
-            name: ctx.name.clone(),
-            targets: Default::default(),
-        });
-        self.save(&rec)?;
-        match self
-            .ensure_fuse(&rec, Some((&ctx, req.secrets.get(TOKEN_KEY))))
-            .await
-        {
+        let rec = match &existing {
+            Some(rec) => rec.clone(),
+            None => {
+                let rec = VolumeRecord {
+                    volume_id: volume_id.to_string(),
+                    staging_path: staging.clone(),
+                    ephemeral: false,
+                    namespace: ctx.namespace.clone(),
+                    name: ctx.name.clone(),
+                    targets: Default::default(),
+                    prefetch_budget: Some(ctx.prefetch_budget.unwrap_or(self.cfg.prefetch_budget)),
+                };
+                self.admit(&rec, RPC).await?;
+                rec
+            }
+        };
+        match self.ensure_fuse(&rec, Some((&ctx, token))).await {
             Ok(_) => Ok(csi::NodeStageVolumeResponse {}),
             Err(e) => {
                 if existing.is_none() {
-                    let _ = self.state.remove(volume_id);
+                    let _ = self.forget(volume_id).await;
                 }
                 Err(e)
             }
@@ -311,12 +483,16 @@ impl Plugin {
             RPC,
         )?);
         let _busy = self.busy(volume_id, RPC)?;
-        let Some(mut rec) = self.load(volume_id)? else {
+        let Some(mut rec) = self.load(volume_id).await? else {
             // Not ours (any more): make sure nothing of ours is left on the path.
-            if is_our_mount(&staging) {
-                mounts::unmount_all(&staging)
-                    .map_err(|e| io_error(format!("unmounting {}", staging.display()), e))?;
-            }
+            self.fs("unmounting the staging path", move || {
+                if is_our_mount(&staging) {
+                    mounts::unmount_all(&staging)
+                        .map_err(|e| io_error(format!("unmounting {}", staging.display()), e))?;
+                }
+                Ok(())
+            })
+            .await?;
             return Ok(csi::NodeUnstageVolumeResponse {});
         };
         if rec.staging_path != staging {
@@ -326,25 +502,31 @@ impl Plugin {
                 staging.display()
             )));
         }
-        rec.targets
-            .retain(|t, _| mounts::is_mount_point(t).unwrap_or(true));
+        let targets: Vec<PathBuf> = rec.targets.keys().cloned().collect();
+        let gone: Vec<PathBuf> = self
+            .fs("checking the published targets", move || {
+                Ok(targets
+                    .into_iter()
+                    .filter(|t| !mounts::is_mount_point(t).unwrap_or(true))
+                    .collect())
+            })
+            .await?;
+        rec.targets.retain(|t, _| !gone.contains(t));
         if !rec.targets.is_empty() {
             let list: Vec<_> = rec
                 .targets
                 .keys()
                 .map(|t| t.display().to_string())
                 .collect();
-            self.save(&rec)?;
+            self.save(&rec).await?;
             return Err(Status::failed_precondition(format!(
                 "{RPC}: volume {volume_id} is still published at {}; unpublish those first",
                 list.join(", ")
             )));
         }
         self.stop_fuse(&rec).await?;
-        self.drop_local_copies(volume_id);
-        self.state
-            .remove(volume_id)
-            .map_err(|e| io_error(format!("removing the state of volume {volume_id}"), e))?;
+        self.drop_local_copies(volume_id).await;
+        self.forget(volume_id).await?;
         Ok(csi::NodeUnstageVolumeResponse {})
     }
 
@@ -359,9 +541,12 @@ impl Plugin {
         let ctx = VolumeContext::parse(&req.volume_context).map_err(|e| context_error(RPC, e))?;
         ctx.check_pod_namespace()
             .map_err(|e| Status::permission_denied(format!("{RPC}: {e}")))?;
+        ctx.check_caps(&self.cfg.caps)
+            .map_err(|e| context_error(RPC, e))?;
+        let token = token_from_secrets(&req.secrets).map_err(|e| context_error(RPC, e))?;
         let _busy = self.busy(volume_id, RPC)?;
 
-        let mut rec = match self.load(volume_id)? {
+        let mut rec = match self.load(volume_id).await? {
             Some(rec) => rec,
             None if ctx.ephemeral => {
                 let rec = VolumeRecord {
@@ -371,13 +556,11 @@ impl Plugin {
                     namespace: ctx.namespace.clone(),
                     name: ctx.name.clone(),
                     targets: Default::default(),
+                    prefetch_budget: Some(ctx.prefetch_budget.unwrap_or(self.cfg.prefetch_budget)),
                 };
-                self.save(&rec)?;
-                if let Err(e) = self
-                    .ensure_fuse(&rec, Some((&ctx, req.secrets.get(TOKEN_KEY))))
-                    .await
-                {
-                    let _ = self.state.remove(volume_id);
+                self.admit(&rec, RPC).await?;
+                if let Err(e) = self.ensure_fuse(&rec, Some((&ctx, token))).await {
+                    let _ = self.forget(volume_id).await;
                     return Err(e);
                 }
                 rec
@@ -406,6 +589,17 @@ impl Plugin {
                 rec.namespace, rec.name, ctx.namespace, ctx.name
             )));
         }
+        // kubelet publishes again and again (`requiresRepublish`) with the current token of the
+        // publish secret: a rotated token replaces the one the FUSE server uses, which follows
+        // its token file without a restart.
+        if let Some(token) = token
+            && self.write_token(volume_id, token).await?
+        {
+            tracing::info!(
+                volume = volume_id,
+                "the data-plane token changed; the FUSE server takes the new one"
+            );
+        }
         if let Some(t) = rec.targets.get(&target)
             && t.sub_path != ctx.sub_path
         {
@@ -415,44 +609,55 @@ impl Plugin {
                 t.sub_path
             )));
         }
-        if mounts::health(&target) == Health::Healthy && rec.targets.contains_key(&target) {
+        let source = rec.staging_path.join(&ctx.sub_path);
+        let published = rec.targets.contains_key(&target);
+        let (t, src, sub) = (target.clone(), source.clone(), ctx.sub_path.clone());
+        let (ns, name, vid) = (
+            ctx.namespace.clone(),
+            ctx.name.clone(),
+            volume_id.to_string(),
+        );
+        // A look into the cache mount asks the workers (a listing): bounded by the deadline.
+        let done = self
+            .fs("looking at the cache mount", move || {
+                if published && mounts::health(&t) == Health::Healthy {
+                    return Ok(true);
+                }
+                match std::fs::metadata(&src) {
+                    Ok(m) if m.is_dir() => Ok(false),
+                    Ok(_) => Err(Status::invalid_argument(format!(
+                        "{RPC}: subPath {sub:?} of CacheNamespace {ns}/{name} is a file; name a directory"
+                    ))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Status::not_found(format!(
+                        "{RPC}: subPath {sub:?} does not exist in CacheNamespace {ns}/{name}; check volumeAttributes.subPath"
+                    ))),
+                    Err(e) => Err(Status::unavailable(format!(
+                        "{RPC}: the cache mount of volume {vid} does not answer ({e}); the plugin is repairing it, retry"
+                    ))),
+                }
+            })
+            .await?;
+        if done {
             return Ok(csi::NodePublishVolumeResponse {});
         }
-        let source = rec.staging_path.join(&ctx.sub_path);
-        match std::fs::metadata(&source) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "{RPC}: subPath {:?} of CacheNamespace {}/{} is a file; name a directory",
-                    ctx.sub_path, ctx.namespace, ctx.name
-                )));
+        let t = target.clone();
+        self.fs("binding the cache to the target", move || {
+            std::fs::create_dir_all(&t)
+                .map_err(|e| io_error(format!("{RPC}: creating {}", t.display()), e))?;
+            if mounts::is_mount_point(&t).unwrap_or(false) {
+                mounts::unmount_all(&t)
+                    .map_err(|e| io_error(format!("{RPC}: clearing {}", t.display()), e))?;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Status::not_found(format!(
-                    "{RPC}: subPath {:?} does not exist in CacheNamespace {}/{}; check volumeAttributes.subPath",
-                    ctx.sub_path, ctx.namespace, ctx.name
-                )));
-            }
-            Err(e) => {
-                return Err(Status::unavailable(format!(
-                    "{RPC}: the cache mount of volume {volume_id} does not answer ({e}); the plugin is repairing it, retry"
-                )));
-            }
-        }
-        std::fs::create_dir_all(&target)
-            .map_err(|e| io_error(format!("{RPC}: creating {}", target.display()), e))?;
-        if mounts::is_mount_point(&target).unwrap_or(false) {
-            mounts::unmount_all(&target)
-                .map_err(|e| io_error(format!("{RPC}: clearing {}", target.display()), e))?;
-        }
-        mounts::bind_read_only(&source, &target).map_err(|e| io_error(RPC.into(), e))?;
+            mounts::bind_read_only(&source, &t).map_err(|e| io_error(RPC.into(), e))
+        })
+        .await?;
         rec.targets.insert(
             target,
             TargetRecord {
                 sub_path: ctx.sub_path.clone(),
             },
         );
-        self.save(&rec)?;
+        self.save(&rec).await?;
         Ok(csi::NodePublishVolumeResponse {})
     }
 
@@ -464,29 +669,31 @@ impl Plugin {
         let volume_id = required(&req.volume_id, "volume_id", RPC)?;
         let target = PathBuf::from(required(&req.target_path, "target_path", RPC)?);
         let _busy = self.busy(volume_id, RPC)?;
-        let rec = self.load(volume_id)?;
+        let rec = self.load(volume_id).await?;
         let ours = rec
             .as_ref()
             .is_some_and(|r| r.targets.contains_key(&target));
-        if ours || is_our_mount(&target) {
-            mounts::unmount_all(&target)
-                .map_err(|e| io_error(format!("{RPC}: unmounting {}", target.display()), e))?;
-        }
-        match std::fs::remove_dir(&target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(format!("{RPC}: removing {}", target.display()), e)),
-        }
+        let t = target.clone();
+        self.fs("unmounting the target", move || {
+            if ours || is_our_mount(&t) {
+                mounts::unmount_all(&t)
+                    .map_err(|e| io_error(format!("{RPC}: unmounting {}", t.display()), e))?;
+            }
+            match std::fs::remove_dir(&t) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_error(format!("{RPC}: removing {}", t.display()), e)),
+            }
+        })
+        .await?;
         if let Some(mut rec) = rec {
             rec.targets.remove(&target);
             if rec.ephemeral && rec.targets.is_empty() {
                 self.stop_fuse(&rec).await?;
-                self.drop_local_copies(volume_id);
-                self.state.remove(volume_id).map_err(|e| {
-                    io_error(format!("removing the state of volume {volume_id}"), e)
-                })?;
+                self.drop_local_copies(volume_id).await;
+                self.forget(volume_id).await?;
             } else {
-                self.save(&rec)?;
+                self.save(&rec).await?;
             }
         }
         Ok(csi::NodeUnpublishVolumeResponse {})
@@ -499,7 +706,7 @@ impl Plugin {
         const RPC: &str = "NodeGetVolumeStats";
         let volume_id = required(&req.volume_id, "volume_id", RPC)?;
         let path = PathBuf::from(required(&req.volume_path, "volume_path", RPC)?);
-        let Some(rec) = self.load(volume_id)? else {
+        let Some(rec) = self.load(volume_id).await? else {
             return Err(Status::not_found(format!(
                 "{RPC}: volume {volume_id} is not staged or published on this node"
             )));
@@ -510,36 +717,42 @@ impl Plugin {
                 path.display()
             )));
         }
-        let (usage, condition) = match mounts::health(&path) {
-            Health::Healthy => match mounts::usage(&path) {
-                Ok(u) => (
-                    vec![
-                        csi::VolumeUsage {
-                            available: u.bytes_available as i64,
-                            total: u.bytes_total as i64,
-                            used: u.bytes_used as i64,
-                            unit: csi::volume_usage::Unit::Bytes as i32,
-                        },
-                        csi::VolumeUsage {
-                            available: u.inodes_free as i64,
-                            total: u.inodes_total as i64,
-                            used: u.inodes_used as i64,
-                            unit: csi::volume_usage::Unit::Inodes as i32,
-                        },
-                    ],
-                    csi::VolumeCondition {
-                        abnormal: false,
-                        message: "the cache mount answers".into(),
+        let (usage, condition) = self
+            .fs("looking at the mount", move || {
+                Ok(match mounts::health(&path) {
+                    Health::Healthy => match mounts::usage(&path) {
+                        Ok(u) => (
+                            vec![
+                                csi::VolumeUsage {
+                                    available: u.bytes_available as i64,
+                                    total: u.bytes_total as i64,
+                                    used: u.bytes_used as i64,
+                                    unit: csi::volume_usage::Unit::Bytes as i32,
+                                },
+                                csi::VolumeUsage {
+                                    available: u.inodes_free as i64,
+                                    total: u.inodes_total as i64,
+                                    used: u.inodes_used as i64,
+                                    unit: csi::volume_usage::Unit::Inodes as i32,
+                                },
+                            ],
+                            csi::VolumeCondition {
+                                abnormal: false,
+                                message: "the cache mount answers".into(),
+                            },
+                        ),
+                        Err(e) => (vec![], abnormal(format!("statfs failed: {e}"))),
                     },
-                ),
-                Err(e) => (vec![], abnormal(format!("statfs failed: {e}"))),
-            },
-            Health::NotMounted => (
-                vec![],
-                abnormal("not mounted; the plugin will mount it again".into()),
-            ),
-            Health::Broken(m) => (vec![], abnormal(format!("{m}; the plugin will repair it"))),
-        };
+                    Health::NotMounted => (
+                        vec![],
+                        abnormal("not mounted; the plugin will mount it again".into()),
+                    ),
+                    Health::Broken(m) => {
+                        (vec![], abnormal(format!("{m}; the plugin will repair it")))
+                    }
+                })
+            })
+            .await?;
         Ok(csi::NodeGetVolumeStatsResponse {
             usage,
             volume_condition: Some(condition),
@@ -574,7 +787,18 @@ impl Plugin {
     /// an unstaged volume again.
     pub async fn repair_all(&self) -> usize {
         let mut repaired = 0;
-        for rec in self.state.all() {
+        let state = self.state.clone();
+        let all = match self
+            .fs("listing the volumes", move || Ok(state.all()))
+            .await
+        {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(message = e.message(), "cannot list the volumes; will retry");
+                return 0;
+            }
+        };
+        for rec in all {
             let volume_id = match rec {
                 Ok(r) => r.volume_id,
                 Err(e) => {
@@ -585,14 +809,14 @@ impl Plugin {
             let Ok(_busy) = self.busy(&volume_id, "repair") else {
                 continue;
             };
-            let rec = match self.state.load(&volume_id) {
+            let rec = match self.load(&volume_id).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     tracing::debug!(volume = %volume_id, "unstaged during the repair pass");
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(volume = %volume_id, error = %e, "cannot read a volume's state; leaving it alone");
+                    tracing::warn!(volume = %volume_id, message = e.message(), "cannot read a volume's state; leaving it alone");
                     continue;
                 }
             };
@@ -607,7 +831,13 @@ impl Plugin {
     async fn repair(&self, mut rec: VolumeRecord) -> usize {
         let vid = rec.volume_id.clone();
         let mut repaired = 0;
-        let health = mounts::health(&rec.staging_path);
+        let path = rec.staging_path.clone();
+        let health = self
+            .fs("checking the cache mount", move || {
+                Ok(mounts::health(&path))
+            })
+            .await
+            .unwrap_or_else(|e| Health::Broken(e.message().to_string()));
         if health != Health::Healthy {
             tracing::warn!(volume = %vid, path = %rec.staging_path.display(), ?health, "the cache mount is broken; repairing");
         }
@@ -632,9 +862,22 @@ impl Plugin {
             .map(|(p, t)| (p.clone(), t.clone()))
             .collect();
         for (target, t) in targets {
-            match mounts::health(&target) {
+            let p = target.clone();
+            let looked = self
+                .fs("checking a target", move || {
+                    Ok((mounts::health(&p), p.exists()))
+                })
+                .await;
+            let (health, exists) = match looked {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(volume = %vid, target = %target.display(), message = e.message(), "cannot check a target; will retry");
+                    continue;
+                }
+            };
+            match health {
                 Health::Healthy => continue,
-                Health::NotMounted if !target.exists() => {
+                Health::NotMounted if !exists => {
                     tracing::info!(volume = %vid, target = %target.display(), "the target path is gone; forgetting it");
                     rec.targets.remove(&target);
                     changed = true;
@@ -652,11 +895,17 @@ impl Plugin {
             // new mount where no copy follows it (found on a real kubelet). Each repair stacks
             // one dead mount under the live one; unpublish unmounts the whole stack, and past
             // MAX_STACKED repairs of one target the stack is cleared first.
-            let r = if mounts::mount_count(&target).unwrap_or(0) >= MAX_STACKED {
-                mounts::unmount_all(&target).and_then(|_| mounts::bind_read_only(&source, &target))
-            } else {
-                mounts::bind_read_only(&source, &target)
-            };
+            let p = target.clone();
+            let r = self
+                .fs("binding a target again", move || {
+                    Ok(if mounts::mount_count(&p).unwrap_or(0) >= MAX_STACKED {
+                        mounts::unmount_all(&p).and_then(|_| mounts::bind_read_only(&source, &p))
+                    } else {
+                        mounts::bind_read_only(&source, &p)
+                    })
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.message().to_string())));
             match r {
                 Ok(()) => {
                     repaired += 1;
@@ -668,8 +917,8 @@ impl Plugin {
                 }
             }
         }
-        if changed && let Err(e) = self.state.save(&rec) {
-            tracing::warn!(volume = %vid, error = %e, "cannot save the volume's state");
+        if changed && let Err(e) = self.save(&rec).await {
+            tracing::warn!(volume = %vid, message = e.message(), "cannot save the volume's state");
         }
         repaired
     }
@@ -924,6 +1173,7 @@ mod tests {
                 namespace: "ml".into(),
                 name: "imagenet".into(),
                 targets: Default::default(),
+                prefetch_budget: None,
             };
             rec.targets.insert(
                 root.join(v).join("gone"),
@@ -953,8 +1203,68 @@ mod tests {
             local_cache_size: 0,
             startup_timeout: Duration::from_secs(1),
             mounter_timeout: Duration::from_secs(5),
+            caps: Caps::default(),
+            mounter_memory: 0,
+            fuse_server_overhead: 0,
+            fs_timeout: Duration::from_secs(5),
         };
         (Plugin::new(cfg, state.clone()), state, mounted)
+    }
+
+    fn config(mounter_memory: u64, overhead: u64) -> PluginConfig {
+        PluginConfig {
+            node_id: "n".into(),
+            prefetch_budget: 0,
+            fuse_threads: 1,
+            local_cache_dir: None,
+            local_cache_size: 0,
+            startup_timeout: Duration::from_secs(1),
+            mounter_timeout: Duration::from_secs(1),
+            caps: Caps::default(),
+            mounter_memory,
+            fuse_server_overhead: overhead,
+            fs_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_mounters_memory_holds_the_staged_budgets_and_an_overhead_each() {
+        const MIB: u64 = 1 << 20;
+        let cfg = config(100 * MIB, 10 * MIB);
+        check_mounter_memory(&cfg, "v", 90 * MIB, &[]).unwrap();
+        check_mounter_memory(&cfg, "v", 20 * MIB, &[60 * MIB]).unwrap();
+        let e = check_mounter_memory(&cfg, "v", 21 * MIB, &[60 * MIB]).unwrap_err();
+        assert!(e.contains("csi.mounter.resources.limits.memory"), "{e}");
+        assert!(e.contains("prefetchBudget"), "{e}");
+        // The overhead counts for every server, even with no budget.
+        let e = check_mounter_memory(&cfg, "v", 0, &[0; 10]).unwrap_err();
+        assert!(e.contains("10 volumes"), "{e}");
+        // Unknown limit: no check.
+        check_mounter_memory(&config(0, MIB), "v", u64::MAX / 2, &[u64::MAX / 2]).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_blocking_call_past_its_deadline_is_unavailable_and_frees_the_handler() {
+        let started = Instant::now();
+        let e = blocking(
+            "looking at the cache mount",
+            Duration::from_millis(100),
+            || {
+                std::thread::sleep(Duration::from_secs(2));
+                Ok(())
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("looking at the cache mount"), "{e:?}");
+        assert_eq!(
+            blocking("x", Duration::from_secs(1), || Ok(7))
+                .await
+                .unwrap(),
+            7
+        );
     }
 
     fn other(volume_id: &str) -> &'static str {

@@ -43,7 +43,21 @@ pub struct VolumeRecord {
     /// Published target paths.
     #[serde(default)]
     pub targets: BTreeMap<PathBuf, TargetRecord>,
+    /// The FUSE server's prefetch budget, counted against the mounter's memory (records
+    /// written before it count the plugin's default).
+    #[serde(default)]
+    pub prefetch_budget: Option<u64>,
 }
+
+/// The state directory on the node: beside kubelet's plugin directory, not in it, because that
+/// one is also mounted into the registrar container, and this one holds every volume's token
+/// and the mounter's socket (which takes any command from whoever can connect).
+pub const DEFAULT_ROOT: &str = "/var/lib/kubelet/plugins/csi.lakecache.io-state";
+
+/// Modes of what the state directory holds: only its owner (root in the CSI pod) may enter it,
+/// read a token or a FUSE server's configuration, or talk to the mounter.
+pub const DIR_MODE: u32 = 0o700;
+pub const SECRET_MODE: u32 = 0o600;
 
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -51,11 +65,45 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    /// Opens (or creates) the state directory, mode 0700.
     pub fn open(root: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(root.join("volumes"))?;
+        let mode = std::fs::metadata(root)?.permissions().mode() & 0o7777;
+        if mode != DIR_MODE {
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(DIR_MODE))?;
+        }
         Ok(Self {
             root: root.to_path_buf(),
         })
+    }
+
+    /// Makes every file that must be private private: the directory 0700, the mounter's socket,
+    /// tokens and FUSE server configurations 0600. Returns what was too open (and is no more).
+    pub fn enforce_modes(&self) -> std::io::Result<Vec<PathBuf>> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut fixed = Vec::new();
+        let mut fix = |path: PathBuf, want: u32| -> std::io::Result<()> {
+            let m = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if m.permissions().mode() & 0o7777 != want {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(want))?;
+                fixed.push(path);
+            }
+            Ok(())
+        };
+        fix(self.root.clone(), DIR_MODE)?;
+        fix(self.mounter_socket(), SECRET_MODE)?;
+        if let Ok(rd) = std::fs::read_dir(self.root.join("volumes")) {
+            for e in rd.flatten() {
+                fix(e.path().join("token"), SECRET_MODE)?;
+                fix(e.path().join("fuse.json"), SECRET_MODE)?;
+            }
+        }
+        Ok(fixed)
     }
 
     pub fn root(&self) -> &Path {
@@ -74,6 +122,11 @@ impl StateDir {
 
     pub fn fuse_config_path(&self, volume_id: &str) -> PathBuf {
         self.volume_dir(volume_id).join("fuse.json")
+    }
+
+    /// The volume's data-plane token, mode 0600.
+    pub fn token_path(&self, volume_id: &str) -> PathBuf {
+        self.volume_dir(volume_id).join("token")
     }
 
     pub fn load(&self, volume_id: &str) -> std::io::Result<Option<VolumeRecord>> {
@@ -180,6 +233,7 @@ mod tests {
             namespace: "ml".into(),
             name: "imagenet".into(),
             targets: BTreeMap::new(),
+            prefetch_budget: Some(1 << 20),
         };
         rec.targets.insert(
             "/pods/a/mount".into(),
@@ -194,6 +248,41 @@ mod tests {
         again.remove(&rec.volume_id).unwrap();
         assert_eq!(again.load(&rec.volume_id).unwrap(), None);
         again.remove(&rec.volume_id).unwrap();
+    }
+
+    #[test]
+    fn open_and_enforce_modes_make_tokens_and_the_socket_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = StateDir::open(&root).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        let vd = s.volume_dir("v");
+        std::fs::create_dir_all(&vd).unwrap();
+        for f in ["token", "fuse.json", "volume.json"] {
+            std::fs::write(vd.join(f), b"x").unwrap();
+            std::fs::set_permissions(vd.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        std::fs::write(s.mounter_socket(), b"").unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711)).unwrap();
+        let mut fixed = s.enforce_modes().unwrap();
+        fixed.sort();
+        let mut want = vec![
+            root.clone(),
+            s.mounter_socket(),
+            s.token_path("v"),
+            s.fuse_config_path("v"),
+        ];
+        want.sort();
+        assert_eq!(fixed, want);
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&s.token_path("v")), 0o600);
+        assert_eq!(mode(&s.fuse_config_path("v")), 0o600);
+        assert_eq!(mode(&vd.join("volume.json")), 0o644, "not a secret");
+        assert!(s.enforce_modes().unwrap().is_empty(), "nothing left to fix");
     }
 
     #[test]

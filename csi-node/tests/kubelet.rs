@@ -314,64 +314,396 @@ async fn kubelet_lifecycle_survives_restarts_and_repairs_mounts() {
     assert_eq!(e.code(), Code::NotFound);
 }
 
+/// What a tenant (who may create pods with inline volumes in its own namespace, and nothing
+/// else) or a careless volume must not get, each refused with a code and a message that says
+/// what to fix, before anything is mounted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn inline_ephemeral_volume_and_sub_path() {
+async fn tenant_and_oversized_requests_are_refused() {
     let lake = Lake::start(1).await;
     let root = tempfile::tempdir().unwrap();
     let mut node = NodeProcs::new(root.path());
+    node.plugin_args = [
+        "--max-prefetch-budget",
+        "64MiB",
+        "--max-local-cache-size",
+        "128MiB",
+        "--mounter-memory-limit",
+        "100MiB",
+        "--fuse-server-overhead",
+        "10MiB",
+    ]
+    .map(String::from)
+    .to_vec();
     node.start_mounter();
     node.start_plugin();
     let csi = node.connect().await;
     let mut n = csi.node();
     let workers = lake.workers_attr();
+    let addr = lake.workers[0].addr.to_string();
     let target = root
         .path()
         .join("pods/p/volumes/kubernetes.io~csi/inline/mount");
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-    let req = csi::NodePublishVolumeRequest {
+    let staging = root.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+
+    // Publishes: an inline volume naming workers (a port scanner's way in), a volume that
+    // resolves a CacheNamespace while kubelet names no pod namespace, a blank publish token.
+    let inline = |pairs: &[(&str, &str)], token: &str| csi::NodePublishVolumeRequest {
         volume_id: "csi-0123456789abcdef".into(),
         target_path: target.display().to_string(),
         volume_capability: Some(mount_capability(Mode::SingleNodeWriter)),
         readonly: true,
-        secrets: map(&[("token", TOKEN)]),
-        volume_context: map(&[
-            ("cacheNamespace", "imagenet"),
-            ("workers", &workers),
-            ("subPath", "train"),
-            ("csi.storage.k8s.io/ephemeral", "true"),
-            ("csi.storage.k8s.io/pod.namespace", "ml"),
-            ("csi.storage.k8s.io/pod.name", "p"),
-        ]),
+        secrets: map(&[("token", token)]),
+        volume_context: map(pairs),
         ..Default::default()
     };
-    n.node_publish_volume(req.clone()).await.unwrap();
-    n.node_publish_volume(req.clone()).await.unwrap();
-    let got = read(target.join("shard-1.bin")).await.unwrap();
-    assert!(got == lake.files[1].1);
-    assert!(!target.join("val").exists(), "only the subPath shows");
-    let pid = fuse_pid(&node.state);
-    for _ in 0..2 {
-        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: req.volume_id.clone(),
-            target_path: req.target_path.clone(),
+    let pod = [
+        ("csi.storage.k8s.io/ephemeral", "true"),
+        ("csi.storage.k8s.io/pod.namespace", "ml"),
+        ("csi.storage.k8s.io/pod.name", "p"),
+    ];
+    fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut v = vec![("cacheNamespace", "imagenet")];
+        v.extend_from_slice(extra);
+        v
+    }
+    let scan = format!("w0={addr}");
+    let mut scan_ctx = with(&pod);
+    scan_ctx.push(("workers", &scan));
+    let publishes: Vec<(csi::NodePublishVolumeRequest, Code, &str)> = vec![
+        (
+            inline(&scan_ctx, TOKEN),
+            Code::InvalidArgument,
+            "only on a PersistentVolume",
+        ),
+        (
+            inline(
+                &with(&[
+                    ("namespace", "ml"),
+                    ("csi.storage.k8s.io/ephemeral", "true"),
+                ]),
+                TOKEN,
+            ),
+            Code::PermissionDenied,
+            "podInfoOnMount",
+        ),
+        (
+            csi::NodePublishVolumeRequest {
+                staging_target_path: staging.display().to_string(),
+                ..inline(&with(&[("namespace", "ml")]), TOKEN)
+            },
+            Code::PermissionDenied,
+            "podInfoOnMount",
+        ),
+        (inline(&with(&pod), ""), Code::InvalidArgument, "empty"),
+        (
+            inline(&with(&[pod[0], pod[1], ("prefetchBudget", "1GiB")]), TOKEN),
+            Code::InvalidArgument,
+            "--max-prefetch-budget",
+        ),
+    ];
+    for (req, code, needle) in publishes {
+        let e = n.node_publish_volume(req.clone()).await.unwrap_err();
+        assert_eq!(e.code(), code, "{:?}: {e:?}", req.volume_context);
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} not in {:?}",
+            e.message()
+        );
+        assert!(
+            !e.message().contains(&addr),
+            "names the address: {}",
+            e.message()
+        );
+        assert!(
+            !e.message().contains(TOKEN),
+            "the token leaked: {}",
+            e.message()
+        );
+        assert!(!target.exists(), "a refused publish mounts nothing");
+    }
+
+    // Stages: sizes over the plugin's caps, blank tokens.
+    let stage = |id: &str, extra: &[(&str, &str)], token: &str| {
+        let mut vc = map(&[
+            ("cacheNamespace", "imagenet"),
+            ("namespace", "ml"),
+            ("workers", &workers),
+            ("localCacheSize", "0"),
+        ]);
+        vc.extend(map(extra));
+        csi::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: root.path().join(id).display().to_string(),
+            volume_capability: Some(mount_capability(Mode::MultiNodeReaderOnly)),
+            secrets: map(&[("token", token)]),
+            volume_context: vc,
+            ..Default::default()
+        }
+    };
+    let stages = vec![
+        (
+            stage("v1", &[("prefetchBudget", "65MiB")], TOKEN),
+            Code::InvalidArgument,
+            "--max-prefetch-budget",
+        ),
+        (
+            stage("v1", &[("localCacheSize", "1GiB")], TOKEN),
+            Code::InvalidArgument,
+            "--max-local-cache-size",
+        ),
+        (stage("v1", &[], ""), Code::InvalidArgument, "empty"),
+        (stage("v1", &[], " \n"), Code::InvalidArgument, "empty"),
+    ];
+    for (req, code, needle) in stages {
+        let e = n.node_stage_volume(req.clone()).await.unwrap_err();
+        assert_eq!(e.code(), code, "{:?}: {e:?}", req.volume_context);
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} not in {:?}",
+            e.message()
+        );
+        assert!(
+            !root.path().join("v1").exists()
+                || !mounts::is_mount_point(&root.path().join("v1")).unwrap()
+        );
+    }
+
+    // The mounter's memory (100 MiB) holds v1 (60 + 10 MiB), and not v2 (30 + 10 MiB) beside
+    // it; 20 MiB fit. v1 staged again is not counted twice.
+    for id in ["v1", "v2"] {
+        std::fs::create_dir_all(root.path().join(id)).unwrap();
+    }
+    n.node_stage_volume(stage("v1", &[("prefetchBudget", "60MiB")], TOKEN))
+        .await
+        .unwrap();
+    n.node_stage_volume(stage("v1", &[("prefetchBudget", "60MiB")], TOKEN))
+        .await
+        .unwrap();
+    let e = n
+        .node_stage_volume(stage("v2", &[("prefetchBudget", "30MiB")], TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("csi.mounter.resources.limits.memory"),
+        "{}",
+        e.message()
+    );
+    assert!(!mounts::is_mount_point(&root.path().join("v2")).unwrap());
+    n.node_stage_volume(stage("v2", &[("prefetchBudget", "20MiB")], TOKEN))
+        .await
+        .unwrap();
+
+    // Only the plugin may read the tokens or talk to the mounter; the configuration names the
+    // token's file, not the token.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    let state = node.state.clone();
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("mounter.sock")), 0o600);
+    let vols: Vec<_> = std::fs::read_dir(state.join("volumes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(vols.len(), 2);
+    for v in &vols {
+        assert_eq!(mode(&v.join("token")), 0o600);
+        assert_eq!(mode(&v.join("fuse.json")), 0o600);
+        assert_eq!(std::fs::read_to_string(v.join("token")).unwrap(), TOKEN);
+        let cfg = std::fs::read_to_string(v.join("fuse.json")).unwrap();
+        assert!(!cfg.contains(TOKEN), "{cfg}");
+    }
+    // A restarted plugin makes private again what someone opened up.
+    std::fs::set_permissions(
+        vols[0].join("token"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    node.kill_plugin();
+    node.start_plugin();
+    let mut n = node.connect().await.node();
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&vols[0].join("token")), 0o600);
+
+    for id in ["v1", "v2"] {
+        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: root.path().join(id).display().to_string(),
         })
         .await
         .unwrap();
     }
-    assert!(!target.exists());
-    eventually(
-        Duration::from_secs(15),
-        "the inline volume's FUSE server stops",
-        || (!alive(pid)).then_some(()),
-    )
-    .await;
-    assert!(
-        std::fs::read_dir(node.state.join("volumes"))
-            .unwrap()
-            .next()
-            .is_none(),
-        "its state is gone"
+}
+
+/// Reads every file under `root` again and again (each time from the FUSE server: the page
+/// cache of the file is dropped first) until `stop`; returns the passes, the failed reads and
+/// the slowest read.
+fn read_loop(
+    files: Vec<(String, Vec<u8>)>,
+    root: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    passes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> (Vec<String>, Duration) {
+    use std::io::Read;
+    let mut failed = Vec::new();
+    let mut slowest = Duration::ZERO;
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        for (p, want) in &files {
+            let started = std::time::Instant::now();
+            let got = std::fs::File::open(root.join(p)).and_then(|mut f| {
+                nix::fcntl::posix_fadvise(
+                    &f,
+                    0,
+                    0,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                )?;
+                let mut v = Vec::new();
+                f.read_to_end(&mut v)?;
+                Ok(v)
+            });
+            slowest = slowest.max(started.elapsed());
+            match got {
+                Ok(v) if v == *want => {}
+                Ok(_) => failed.push(format!("{p}: wrong bytes")),
+                Err(e) => failed.push(format!("{p}: {e}")),
+            }
+        }
+        passes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+    (failed, slowest)
+}
+
+/// The token rotation as kubelet drives it with `requiresRepublish`: the workers move to a new
+/// token, kubelet publishes the volume again with it, and the FUSE server takes it without a
+/// restart. Reads that every worker refuses meanwhile wait for the new token instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_token_reaches_the_fuse_server_without_a_failed_read() {
+    const NEW_TOKEN: &str = "the-rotated-data-plane-token";
+    let mut lake = Lake::start(2).await;
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcs::new(root.path());
+    node.start_mounter();
+    node.start_plugin();
+    let mut n = node.connect().await.node();
+    let staging = root.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = root
+        .path()
+        .join("pods/p1/volumes/kubernetes.io~csi/data/mount");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    // No local copies: every read goes to the workers.
+    let ctx = map(&[
+        ("cacheNamespace", "imagenet"),
+        ("namespace", "ml"),
+        ("workers", &lake.workers_attr()),
+        ("localCacheSize", "0"),
+    ]);
+    n.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: "v".into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(mount_capability(Mode::MultiNodeReaderOnly)),
+        secrets: map(&[("token", TOKEN)]),
+        volume_context: ctx.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let publish = |token: &str| {
+        let mut vc = ctx.clone();
+        vc.insert("csi.storage.k8s.io/pod.namespace".into(), "ml".into());
+        csi::NodePublishVolumeRequest {
+            volume_id: "v".into(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(mount_capability(Mode::MultiNodeReaderOnly)),
+            readonly: true,
+            secrets: map(&[("token", token)]),
+            volume_context: vc,
+            ..Default::default()
+        }
+    };
+    n.node_publish_volume(publish(TOKEN)).await.unwrap();
+    let pid = fuse_pid(&node.state);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let passes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader = std::thread::spawn({
+        let (files, t, stop, passes) = (
+            lake.files.clone(),
+            target.clone(),
+            stop.clone(),
+            passes.clone(),
+        );
+        move || read_loop(files, t, stop, passes)
+    });
+    let passed = |n: usize| {
+        let passes = passes.clone();
+        async move {
+            eventually(Duration::from_secs(30), "reads go on", || {
+                (passes.load(std::sync::atomic::Ordering::Acquire) >= n).then_some(())
+            })
+            .await
+        }
+    };
+    passed(2).await;
+
+    // The workers move to the new token one after the other; for a while none takes the old
+    // one (as long as kubelet takes to publish again).
+    lake.restart_worker(0, NEW_TOKEN).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lake.restart_worker(1, NEW_TOKEN).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let republished = std::time::Instant::now();
+    n.node_publish_volume(publish(NEW_TOKEN)).await.unwrap();
+    let before = passes.load(std::sync::atomic::Ordering::Acquire);
+    passed(before + 1).await;
+    let first_pass_after = republished.elapsed();
+    passed(before + 3).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (failed, slowest) = reader.join().unwrap();
+    eprintln!(
+        "token rotation: slowest read {slowest:?}; a whole pass done {first_pass_after:?} after the publish with the new token"
     );
+    assert!(failed.is_empty(), "failed reads: {failed:#?}");
+    assert!(
+        slowest >= Duration::from_secs(1),
+        "reads went to the workers during the rotation (and waited): slowest {slowest:?}"
+    );
+    assert_eq!(
+        fuse_pid(&node.state),
+        pid,
+        "the FUSE server was not restarted"
+    );
+
+    // Publishing again with the same token is idempotent; the token file holds the new token.
+    n.node_publish_volume(publish(NEW_TOKEN)).await.unwrap();
+    assert_eq!(mounts::mount_count(&target).unwrap(), 1);
+    let vol = std::fs::read_dir(node.state.join("volumes"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::read_to_string(vol.join("token")).unwrap(),
+        NEW_TOKEN
+    );
+    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: "v".into(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: "v".into(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -59,22 +59,7 @@ impl Lake {
         }
         let mut ws = Vec::new();
         for i in 0..workers {
-            let cfg = WorkerConfig {
-                id: format!("w{i}"),
-                source: lakecache_lake::SourceSpec::new(format!("file://{}", src.display())),
-                listen: "127.0.0.1:0".parse().unwrap(),
-                admin_listen: "127.0.0.1:0".parse().unwrap(),
-                block_size: ByteSize::mib(1),
-                tiers: vec![TierConfig {
-                    kind: TierKind::Disk,
-                    path: Some(dir.path().join(format!("tier-{i}"))),
-                    size: ByteSize::mib(64),
-                }],
-                metadata: MetadataPolicy::Immutable,
-                token_file: None,
-                token: Some(TOKEN.to_string()),
-                limits: Default::default(),
-            };
+            let cfg = worker_config(dir.path(), i, "127.0.0.1:0".parse().unwrap(), TOKEN);
             ws.push(Worker::start(cfg).await.unwrap());
         }
         Lake {
@@ -84,6 +69,16 @@ impl Lake {
         }
     }
 
+    /// Stops worker `i` and starts it again on the same address, with its Disk tier, requiring
+    /// `token` (a token rotation on the workers' side).
+    pub async fn restart_worker(&mut self, i: usize, token: &str) {
+        let old = self.workers.remove(i);
+        let addr = old.addr;
+        old.stop().await;
+        let cfg = worker_config(self.dir.path(), i, addr, token);
+        self.workers.insert(i, Worker::start(cfg).await.unwrap());
+    }
+
     /// The `workers` volume attribute.
     pub fn workers_attr(&self) -> String {
         self.workers
@@ -91,6 +86,32 @@ impl Lake {
             .map(|w| format!("{}={}", w.id, w.addr))
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+/// Worker `i` of a lake in `dir`, listening on `listen`, requiring `token`.
+pub fn worker_config(
+    dir: &Path,
+    i: usize,
+    listen: std::net::SocketAddr,
+    token: &str,
+) -> WorkerConfig {
+    WorkerConfig {
+        id: format!("w{i}"),
+        source: lakecache_lake::SourceSpec::new(format!("file://{}", dir.join("lake").display())),
+        listen,
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        block_size: ByteSize::mib(1),
+        tiers: vec![TierConfig {
+            kind: TierKind::Disk,
+            path: Some(dir.join(format!("tier-{i}"))),
+            size: ByteSize::mib(64),
+        }],
+        metadata: MetadataPolicy::Immutable,
+        token_file: None,
+        insecure_open_data_plane: false,
+        token: Some(token.to_string()),
+        limits: Default::default(),
     }
 }
 
@@ -114,6 +135,8 @@ pub struct NodeProcs {
     pub startup_timeout: &'static str,
     /// Extra environment of both processes (KUBECONFIG for the FUSE servers).
     pub env: Vec<(String, String)>,
+    /// Extra arguments of the plugin.
+    pub plugin_args: Vec<String>,
 }
 
 impl NodeProcs {
@@ -127,6 +150,7 @@ impl NodeProcs {
             mounter: None,
             startup_timeout: "3s",
             env: vec![],
+            plugin_args: vec![],
         }
     }
 
@@ -159,6 +183,7 @@ impl NodeProcs {
             .arg("--local-cache-dir")
             .arg(self.root.join("local-copies"))
             .args(["--local-cache-size", "64MiB"])
+            .args(&self.plugin_args)
             .stdin(Stdio::null())
             .spawn()
             .expect("starting the plugin");
