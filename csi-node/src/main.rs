@@ -242,6 +242,35 @@ mod tests {
     }
 
     #[test]
+    fn plugin_caps_and_the_mounters_memory_parse_as_the_chart_sets_them() {
+        let cli = Cli::try_parse_from([
+            "lakecache-csi-node",
+            "plugin",
+            "--node-id",
+            "n",
+            // The downward API gives limits.memory in bytes.
+            "--mounter-memory-limit",
+            "2147483648",
+            "--max-prefetch-budget",
+            "1GiB",
+            "--max-local-cache-size",
+            "16GiB",
+        ])
+        .unwrap();
+        let Command::Plugin(a) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(a.mounter_memory_limit.as_u64(), 2 << 30);
+        assert_eq!(a.max_prefetch_budget.as_u64(), 1 << 30);
+        assert_eq!(a.max_local_cache_size.as_u64(), 16 << 30);
+        assert_eq!(a.fuse_server_overhead.as_u64(), 128 << 20);
+        assert_eq!(
+            a.state_dir,
+            PathBuf::from("/var/lib/kubelet/plugins/csi.lakecache.io-state")
+        );
+    }
+
+    #[test]
     fn registrar_needs_the_host_path_of_the_plugin_socket() {
         let err = Cli::try_parse_from(["lakecache-csi-node", "registrar"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);

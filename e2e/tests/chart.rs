@@ -490,7 +490,11 @@ fn check_kubelet_dir(pod: &Value, dir: &str) -> anyhow::Result<()> {
         format!("{dir}/plugins_registry")
     );
     assert_eq!(host_path(pod, "kubelet-dir")?["path"], dir);
-    let state = json!(format!("{plugin_dir}/state"));
+    // The state directory (tokens, the mounter's socket) is not in the plugin directory, which
+    // the registrar mounts too.
+    let state = json!(format!("{dir}/plugins/csi.lakecache.io-state"));
+    let under_plugin_dir = format!("{plugin_dir}/");
+    assert!(!state.as_str().unwrap().starts_with(&under_plugin_dir));
     for name in ["csi-plugin", "mounter"] {
         let c = container(pod, name)?;
         let m = mount(c, "kubelet-dir")?;
@@ -502,6 +506,17 @@ fn check_kubelet_dir(pod: &Value, dir: &str) -> anyhow::Result<()> {
         // The plugin and the mounter meet on the mounter's socket in the state directory.
         assert_eq!(env_value(c, "LAKECACHE_STATE_DIR"), Some(&state), "{name}");
     }
+    // The plugin knows the mounter's memory limit, which every FUSE server shares.
+    let mounter = container(pod, "mounter")?;
+    assert_eq!(mounter["resources"]["limits"]["memory"], "2Gi");
+    let plugin = container(pod, "csi-plugin")?;
+    let limit = env_value(plugin, "LAKECACHE_MOUNTER_MEMORY_LIMIT");
+    let want = json!({"containerName": "mounter", "resource": "limits.memory", "divisor": "1"});
+    assert_eq!(limit.map(|v| &v["resourceFieldRef"]), Some(&want));
+    assert_eq!(
+        env_value(plugin, "LAKECACHE_MAX_PREFETCH_BUDGET"),
+        Some(&json!("1GiB"))
+    );
     Ok(())
 }
 

@@ -73,7 +73,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- trimSuffix "/" .Values.csi.kubeletDir }}
 {{- end }}
 
-{{/* The CSI plugin's state directory (shared by the plugin and the mounter). */}}
+{{/*
+The CSI plugin's state directory (every volume's token, the mounter's socket), shared by the
+plugin and the mounter only: beside the plugin directory, not in it, because that one is also
+mounted into the registrar container. It stays under kubelet's directory, which the plugin and
+the mounter mount with Bidirectional propagation, so that the FUSE mounts of inline volumes made
+there by the mounter reach the plugin (and the pods).
+*/}}
 {{- define "lakecache.csi.stateDir" -}}
-{{- printf "%s/state" (include "lakecache.csi.pluginDir" .) }}
+{{- printf "%s/plugins/csi.lakecache.io-state" (include "lakecache.csi.kubeletDir" .) }}
 {{- end }}
