@@ -70,6 +70,10 @@ pub async fn drive<K, R, Fut>(
         .run(
             reconcile,
             move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
+                if let Error::Waiting(what) = err {
+                    tracing::info!(controller = name, object = %key(&*obj), %what, "waiting");
+                    return Action::requeue(Duration::from_secs(2));
+                }
                 tracing::warn!(controller = name, object = %key(&*obj), reason = err.reason(), error = %err, "reconcile failed; retrying");
                 Action::requeue(Duration::from_secs(5))
             },
@@ -120,7 +124,9 @@ where
             })
         }
     };
-    if let Err(e) = &r {
+    if let Err(e) = &r
+        && !matches!(e, Error::Waiting(_))
+    {
         ctx.event(
             &*obj,
             EventType::Warning,

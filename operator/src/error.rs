@@ -20,6 +20,10 @@ pub enum Error {
     Spec(#[from] SpecError),
     #[error("{0} has no namespace")]
     NoNamespace(String),
+    /// Not a failure: a step waits for something that takes time (worker pods stopping, node
+    /// directories being removed) and is tried again; no Warning Event.
+    #[error("waiting: {0}")]
+    Waiting(String),
 }
 
 impl Error {
@@ -36,6 +40,7 @@ impl Error {
             Error::Finalizer(_) => "FinalizerFailed",
             Error::Spec(_) => "InvalidSpec",
             Error::NoNamespace(_) => "NoNamespace",
+            Error::Waiting(_) => "Waiting",
         }
     }
 }

@@ -37,6 +37,9 @@ pub use error::Error;
 /// The field manager of every server-side apply, and the `managed-by` label value.
 pub const MANAGER: &str = "lakecache-operator";
 
+/// The node directory a host-path Disk tier may use when the admin says nothing else.
+pub const DEFAULT_HOST_PATH_ROOT: &str = "/var/lib/lakecache";
+
 /// Settings of the operator process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -50,6 +53,31 @@ pub struct Config {
     pub worker_timeout: Duration,
     /// How often a running preload's status is written.
     pub preload_status_interval: Duration,
+    /// The image of the init container that hands a host-path Disk tier to the worker's user:
+    /// the operator's own image, never a CacheNamespace's (that one runs as root).
+    pub worker_init_image: String,
+    /// The node directories a Disk tier's `path` may name (normalized, absolute). Empty: no
+    /// host-path Disk tier is allowed.
+    pub allowed_host_path_roots: Vec<String>,
+    /// A NetworkPolicy per CacheNamespace that lets only these pods reach the workers' data
+    /// port; `None`: no NetworkPolicy.
+    pub network_policy: Option<NetworkPolicyPeers>,
+    /// The operator's own namespace: where the pods that remove a deleted CacheNamespace's node
+    /// directories run, out of tenants' reach.
+    pub own_namespace: String,
+    /// How long such a pod may take before its node is given up (a Warning names it).
+    pub disk_cleanup_timeout: Duration,
+}
+
+/// The pods that may reach the workers' data port: the chart's CSI node plugin and operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPolicyPeers {
+    /// Their namespace (the chart's release namespace).
+    pub namespace: String,
+    /// Labels every one of them carries (`app.kubernetes.io/name`, `…/instance`).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Their `app.kubernetes.io/component` values (`csi-node`, `operator`).
+    pub components: Vec<String>,
 }
 
 impl Default for Config {
@@ -60,6 +88,11 @@ impl Default for Config {
             source_scan_interval: Duration::from_secs(600),
             worker_timeout: Duration::from_secs(5),
             preload_status_interval: Duration::from_secs(1),
+            worker_init_image: "ghcr.io/lakecache/lakecache:latest".into(),
+            allowed_host_path_roots: vec![DEFAULT_HOST_PATH_ROOT.into()],
+            network_policy: None,
+            own_namespace: "default".into(),
+            disk_cleanup_timeout: Duration::from_secs(300),
         }
     }
 }

@@ -22,6 +22,46 @@ struct Cli {
         default_value = "ghcr.io/lakecache/lakecache:latest"
     )]
     worker_image: String,
+    /// The image of the root init container that hands a host-path Disk tier to the worker's
+    /// user (default: --worker-image). It must have `chown`; a CacheNamespace cannot change it.
+    #[arg(long, env = "LAKECACHE_WORKER_INIT_IMAGE")]
+    worker_init_image: Option<String>,
+    /// Node directories a Disk tier's `path` may name, comma-separated; each CacheNamespace gets
+    /// `ROOT/NAMESPACE/NAME` below its root. Empty: no host-path Disk tiers.
+    #[arg(
+        long,
+        env = "LAKECACHE_ALLOWED_HOST_PATH_ROOTS",
+        value_delimiter = ',',
+        default_value = lakecache_operator::DEFAULT_HOST_PATH_ROOT
+    )]
+    allowed_host_path_roots: Vec<String>,
+    /// Make a NetworkPolicy per CacheNamespace that lets only the CSI node plugin and operator
+    /// pods (below) reach the workers' data port. Effective only where the CNI enforces them.
+    #[arg(long, env = "LAKECACHE_NETWORK_POLICY")]
+    network_policy: bool,
+    /// The namespace of the pods the NetworkPolicy lets in (default: the operator's).
+    #[arg(long, env = "LAKECACHE_NETWORK_POLICY_NAMESPACE")]
+    network_policy_namespace: Option<String>,
+    /// Labels (`k=v,k=v`) every pod the NetworkPolicy lets in carries.
+    #[arg(
+        long,
+        env = "LAKECACHE_NETWORK_POLICY_PEER_LABELS",
+        value_delimiter = ',',
+        default_value = "app.kubernetes.io/name=lakecache"
+    )]
+    network_policy_peer_labels: Vec<String>,
+    /// The `app.kubernetes.io/component` values of the pods the NetworkPolicy lets in.
+    #[arg(
+        long,
+        env = "LAKECACHE_NETWORK_POLICY_PEER_COMPONENTS",
+        value_delimiter = ',',
+        default_value = "csi-node,operator"
+    )]
+    network_policy_peer_components: Vec<String>,
+    /// How long the pod that removes a deleted CacheNamespace's Disk tier directory from a node
+    /// may take before that node is given up (a Warning Event names the directory left).
+    #[arg(long, env = "LAKECACHE_DISK_CLEANUP_TIMEOUT", default_value = "5m")]
+    disk_cleanup_timeout: humantime::Duration,
     /// Address of /metrics, /livez and /readyz.
     #[arg(long, env = "LAKECACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9820")]
     admin_listen: SocketAddr,
@@ -70,7 +110,60 @@ async fn main() -> anyhow::Result<()> {
             std::process::id()
         )
     });
+    let mut roots = vec![];
+    for r in cli
+        .allowed_host_path_roots
+        .iter()
+        .filter(|r| !r.trim().is_empty())
+    {
+        let n = lakecache_operator::cache_namespace::build::normalize_path(r.trim()).with_context(
+            || format!("--allowed-host-path-roots: {r:?} is not an absolute path without '..'"),
+        )?;
+        roots.push(n);
+    }
+    let network_policy = if cli.network_policy {
+        let mut labels = std::collections::BTreeMap::new();
+        for kv in cli
+            .network_policy_peer_labels
+            .iter()
+            .filter(|l| !l.is_empty())
+        {
+            let (k, v) = kv.split_once('=').with_context(|| {
+                format!("--network-policy-peer-labels: {kv:?} is not key=value")
+            })?;
+            labels.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        let namespace = cli
+            .network_policy_namespace
+            .clone()
+            .or_else(|| cli.lease_namespace.clone())
+            .context("--network-policy needs --network-policy-namespace (or POD_NAMESPACE)")?;
+        Some(lakecache_operator::NetworkPolicyPeers {
+            namespace,
+            labels,
+            components: cli
+                .network_policy_peer_components
+                .iter()
+                .filter(|c| !c.is_empty())
+                .cloned()
+                .collect(),
+        })
+    } else {
+        None
+    };
+    tracing::info!(allowed_host_path_roots = ?roots, network_policy = network_policy.is_some(), "settings");
     let cfg = Config {
+        worker_init_image: cli
+            .worker_init_image
+            .clone()
+            .unwrap_or_else(|| cli.worker_image.clone()),
+        allowed_host_path_roots: roots,
+        own_namespace: cli
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        disk_cleanup_timeout: *cli.disk_cleanup_timeout,
+        network_policy,
         worker_image: cli.worker_image.clone(),
         resync: *cli.resync,
         source_scan_interval: *cli.source_scan_interval,

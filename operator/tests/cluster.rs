@@ -376,10 +376,16 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
     // The operator runs as the chart's ServiceAccount, with the chart's least rights, and
     // elects itself leader through a Lease in its namespace.
     let kubeconfig = operator_account(&cluster).await?;
+    // The Disk tier's directory is the one node directory the operator allows.
     let operator = Operator::start(
         &kubeconfig,
         cluster.dir(),
-        &["--lease-namespace", "lakecache-system"],
+        &[
+            "--lease-namespace",
+            "lakecache-system",
+            "--allowed-host-path-roots",
+            disk.path().to_str().unwrap(),
+        ],
     )?;
     let diagnostics = Diagnostics::new(&cluster, NS, &operator);
     let cns: Api<CacheNamespace> = Api::namespaced(client.clone(), NS);
@@ -454,8 +460,8 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
     })
     .await?;
     ensure!(owned(pvc.owner_references()));
-    ensure!(pvc.spec.as_ref().unwrap().volume_name.as_deref() == Some("lakecache-ml-imagenet"));
-    let pv = pvs.get("lakecache-ml-imagenet").await?;
+    ensure!(pvc.spec.as_ref().unwrap().volume_name.as_deref() == Some("lakecache-ml.imagenet"));
+    let pv = pvs.get("lakecache-ml.imagenet").await?;
     let pv_spec = pv.spec.as_ref().unwrap();
     ensure!(pv_spec.access_modes.as_deref() == Some(&["ReadOnlyMany".to_string()][..]));
     let csi = pv_spec.csi.as_ref().unwrap();
@@ -834,12 +840,32 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
                 .await?
                 .is_some(),
             pvcs.get_opt("imagenet").await?.is_some(),
-            pvs.get_opt("lakecache-ml-imagenet").await?.is_some(),
+            pvs.get_opt("lakecache-ml.imagenet").await?.is_some(),
             cns.get_opt("imagenet").await?.is_some(),
         ];
         Ok((!left.iter().any(|l| *l)).then_some(()))
     })
     .await?;
+    // And the Disk tier's directory on the node: removed by a pod in the operator's namespace,
+    // which is gone too.
+    let node_dir = disk.path().join(NS).join("imagenet");
+    ensure!(
+        !node_dir.exists(),
+        "{} is left on the node",
+        node_dir.display()
+    );
+    let cleaners = Api::<Pod>::namespaced(client.clone(), "lakecache-system")
+        .list(&ListParams::default().labels("app.kubernetes.io/component=disk-cleanup"))
+        .await?;
+    ensure!(
+        cleaners.items.is_empty(),
+        "cleanup pods are left: {:?}",
+        cleaners
+            .items
+            .iter()
+            .map(|p| p.name_any())
+            .collect::<Vec<_>>()
+    );
     diagnostics.passed();
     drop(operator);
     drop(cluster);
@@ -1019,7 +1045,11 @@ async fn deleting_a_running_preload_cancels_it_on_the_workers() -> anyhow::Resul
     let operator = Operator::start(
         cluster.kubeconfig_path(),
         cluster.dir(),
-        &["--no-leader-election"],
+        &[
+            "--no-leader-election",
+            "--allowed-host-path-roots",
+            disk.path().to_str().unwrap(),
+        ],
     )?;
     let diagnostics = Diagnostics::new(&cluster, NS, &operator);
     let cns: Api<CacheNamespace> = Api::namespaced(client.clone(), NS);

@@ -6,6 +6,14 @@
 //! its pod IP, so workers that share a network (pods with `hostNetwork`) never collide.
 //! Tiers become volumes: Memory a RAM-backed emptyDir sized to the tier, Disk a per-worker
 //! subdirectory of a host path (kept across restarts on the node) or a volume claim template.
+//!
+//! A CacheNamespace is written by a tenant, who may create nothing but CacheNamespaces and pods
+//! in their own namespace; what is built from it must not reach further. So a host path is only
+//! ever `ROOT/NAMESPACE/NAME` below a root the admin allows (checked before the build, see
+//! [`host_path_root`]), the root init container that chowns it runs the operator's image and not
+//! the tenant's, the PersistentVolume's name keeps namespace and name apart (`.` cannot occur in
+//! a namespace), and an optional NetworkPolicy lets only the chart's CSI plugin and operator
+//! reach the workers' data port.
 
 use std::collections::BTreeMap;
 
@@ -22,12 +30,20 @@ use k8s_openapi::api::core::v1::{
     SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use lakecache_api::{CSI_DRIVER, CacheNamespace, DiskLocation, ValidSpec};
+
+use crate::NetworkPolicyPeers;
 
 /// Where things are inside a worker container.
 pub const CONFIG_DIR: &str = "/etc/lakecache/config";
@@ -40,6 +56,13 @@ pub const DISK_DIR: &str = "/cache/disk";
 pub const TOKEN_KEY: &str = "token";
 /// The pod-template annotation that changes when the configuration does, to roll the workers.
 pub const CONFIG_HASH_ANNOTATION: &str = "lakecache.io/config-hash";
+/// The pod-template annotation that changes when the data-plane token does (a hash prefix, never
+/// the token), so that the workers roll when the token Secret is replaced.
+pub const TOKEN_HASH_ANNOTATION: &str = "lakecache.io/token-hash";
+/// The PersistentVolume's labels and annotation that name its CacheNamespace: a PV is
+/// cluster-scoped and cannot have an owner reference, so these say whose it is.
+pub const NAMESPACE_LABEL: &str = "lakecache.io/namespace";
+pub const OWNER_UID_ANNOTATION: &str = "lakecache.io/cache-namespace-uid";
 /// The unprivileged user of the lakecache image (see the Dockerfile).
 pub const WORKER_UID: i64 = 65532;
 /// Labels.
@@ -58,17 +81,15 @@ pub struct Names {
     pub pdb: String,
     pub pvc: String,
     pub pv: String,
+    pub network_policy: String,
 }
 
 impl Names {
     pub fn of(namespace: &str, name: &str) -> Self {
-        let pv = format!("lakecache-{namespace}-{name}");
-        let pv = if pv.len() <= 253 {
-            pv
-        } else {
-            let h = blake3::hash(format!("{namespace}/{name}").as_bytes()).to_hex();
-            format!("lakecache-{}", &h.as_str()[..32])
-        };
+        // A namespace is a DNS label (no `.`), a CacheNamespace name at most 45 characters: the
+        // first `.` separates them, so no two CacheNamespaces share a PV name (with `-`,
+        // `a`/`b-c` and `a-b`/`c` did), and the name stays within 253 characters.
+        let pv = format!("lakecache-{namespace}.{name}");
         Self {
             statefulset: format!("{name}-worker"),
             service: format!("{name}-workers"),
@@ -77,6 +98,7 @@ impl Names {
             pdb: format!("{name}-workers"),
             pvc: name.to_string(),
             pv,
+            network_policy: format!("{name}-workers"),
         }
     }
 }
@@ -91,6 +113,8 @@ pub struct Children {
     pub pdb: PodDisruptionBudget,
     pub pvc: PersistentVolumeClaim,
     pub pv: PersistentVolume,
+    /// When the operator makes NetworkPolicies.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// What the build needs besides the object.
@@ -100,6 +124,48 @@ pub struct BuildInputs<'a> {
     /// The data-plane token (kept from the existing Secret, or new).
     pub token: &'a str,
     pub default_image: &'a str,
+    /// The image of the root init container of a host-path Disk tier (the operator's own).
+    pub init_image: &'a str,
+    /// Who may reach the workers' data port, if the operator makes NetworkPolicies.
+    pub network_policy: Option<&'a NetworkPolicyPeers>,
+}
+
+/// The allowed root that a Disk tier's `path` names, normalized, or `None` if it names none.
+///
+/// The path must be one of the roots itself, compared by normalized components (`//`, `.` and a
+/// trailing `/` do not matter; a relative path or one with `..` names nothing), not a directory
+/// below one: below a root lie the CacheNamespaces' own directories, and a path into one of them
+/// (or through a symlink a worker made there, which a hostPath follows) would reach another
+/// CacheNamespace's cache or out of the root. Prefixes do not count: `/var/lib/lakecache-evil`
+/// is not `/var/lib/lakecache`.
+pub fn host_path_root<'a>(path: &str, roots: &'a [String]) -> Option<&'a str> {
+    let p = normalize_path(path)?;
+    roots
+        .iter()
+        .find(|r| normalize_path(r).as_deref() == Some(p.as_str()))
+        .map(String::as_str)
+}
+
+/// An absolute path with `//`, `.` and a trailing `/` removed; `None` for a relative path, an
+/// empty one, or one with a `..` component.
+pub fn normalize_path(path: &str) -> Option<String> {
+    if !path.starts_with('/') {
+        return None;
+    }
+    let mut parts = vec![];
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return None,
+            c => parts.push(c),
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+/// The node directory of a CacheNamespace's host-path Disk tier: its own, below the root.
+pub fn host_dir(root: &str, namespace: &str, name: &str) -> String {
+    format!("{}/{namespace}/{name}", root.trim_end_matches('/'))
 }
 
 /// The labels every child carries.
@@ -227,6 +293,7 @@ pub fn children(cn: &CacheNamespace, inp: &BuildInputs<'_>) -> Children {
     let v = inp.spec;
     let config = worker_config(cn, v);
     let config_hash = blake3::hash(config.as_bytes()).to_hex()[..16].to_string();
+    let token_hash = blake3::hash(inp.token.as_bytes()).to_hex()[..16].to_string();
 
     let config_map = ConfigMap {
         metadata: meta(cn, &names.config_map, &owner),
@@ -270,7 +337,10 @@ pub fn children(cn: &CacheNamespace, inp: &BuildInputs<'_>) -> Children {
         ..Default::default()
     };
 
-    let statefulset = statefulset(cn, &names, &owner, v, inp, &config_hash);
+    let statefulset = statefulset(cn, &names, &owner, v, inp, &config_hash, &token_hash);
+    let network_policy = inp
+        .network_policy
+        .map(|peers| network_policy(cn, &names, &owner, v, peers));
 
     let pdb = PodDisruptionBudget {
         metadata: meta(cn, &names.pdb, &owner),
@@ -308,9 +378,13 @@ pub fn children(cn: &CacheNamespace, inp: &BuildInputs<'_>) -> Children {
             name: Some(names.pv.clone()),
             labels: Some({
                 let mut l = labels(&name);
-                l.insert("lakecache.io/namespace".into(), ns.clone());
+                l.insert(NAMESPACE_LABEL.into(), ns.clone());
                 l
             }),
+            annotations: Some(BTreeMap::from([(
+                OWNER_UID_ANNOTATION.into(),
+                owner.uid.clone(),
+            )])),
             ..Default::default()
         },
         spec: Some(PersistentVolumeSpec {
@@ -338,6 +412,12 @@ pub fn children(cn: &CacheNamespace, inp: &BuildInputs<'_>) -> Children {
                     name: Some(names.token_secret.clone()),
                     namespace: Some(ns.clone()),
                 }),
+                // kubelet sends it again on every periodic NodePublishVolume (the CSIDriver's
+                // requiresRepublish), so a replaced token reaches mounted volumes.
+                node_publish_secret_ref: Some(SecretReference {
+                    name: Some(names.token_secret.clone()),
+                    namespace: Some(ns.clone()),
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -353,6 +433,64 @@ pub fn children(cn: &CacheNamespace, inp: &BuildInputs<'_>) -> Children {
         pdb,
         pvc,
         pv,
+        network_policy,
+    }
+}
+
+/// Ingress to the worker pods: the data port only from the chart's CSI plugin and operator pods
+/// (in their namespace), the admin port (probes, /metrics; no data) from anywhere.
+fn network_policy(
+    cn: &CacheNamespace,
+    names: &Names,
+    owner: &OwnerReference,
+    v: &ValidSpec,
+    peers: &NetworkPolicyPeers,
+) -> NetworkPolicy {
+    let port = |p: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(p)),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let peer = NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".into(),
+                peers.namespace.clone(),
+            )])),
+            ..Default::default()
+        }),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(peers.labels.clone()),
+            match_expressions: (!peers.components.is_empty()).then(|| {
+                vec![LabelSelectorRequirement {
+                    key: "app.kubernetes.io/component".into(),
+                    operator: "In".into(),
+                    values: Some(peers.components.clone()),
+                }]
+            }),
+        }),
+        ..Default::default()
+    };
+    NetworkPolicy {
+        metadata: meta(cn, &names.network_policy, owner),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&cn.name_any())),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![peer]),
+                    ports: Some(vec![port(v.port)]),
+                },
+                NetworkPolicyIngressRule {
+                    from: None,
+                    ports: Some(vec![port(v.port + 1)]),
+                },
+            ]),
+            ..Default::default()
+        }),
     }
 }
 
@@ -363,6 +501,7 @@ fn statefulset(
     v: &ValidSpec,
     inp: &BuildInputs<'_>,
     config_hash: &str,
+    token_hash: &str,
 ) -> StatefulSet {
     let name = cn.name_any();
     let ns = cn.namespace().unwrap_or_default();
@@ -424,7 +563,7 @@ fn statefulset(
                 volumes.push(Volume {
                     name: "disk".into(),
                     host_path: Some(HostPathVolumeSource {
-                        path: format!("{}/{ns}/{name}", p.trim_end_matches('/')),
+                        path: host_dir(p, &ns, &name),
                         type_: Some("DirectoryOrCreate".into()),
                     }),
                     ..Default::default()
@@ -437,11 +576,11 @@ fn statefulset(
                     ..Default::default()
                 };
                 // fsGroup does not reach a host path: hand the directory to the worker's user,
-                // with nothing but the right to change owners.
+                // with nothing but the right to change owners. It runs as root, so it runs the
+                // operator's image, never the one the CacheNamespace names.
                 init_containers.push(Container {
                     name: "prepare-disk".into(),
-                    image: Some(w.image.clone().unwrap_or_else(|| inp.default_image.into())),
-                    image_pull_policy: w.image_pull_policy.clone(),
+                    image: Some(inp.init_image.into()),
                     command: Some(vec![
                         "chown".into(),
                         format!("{WORKER_UID}:{WORKER_UID}"),
@@ -592,10 +731,10 @@ fn statefulset(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(
-                        CONFIG_HASH_ANNOTATION.into(),
-                        config_hash.into(),
-                    )])),
+                    annotations: Some(BTreeMap::from([
+                        (CONFIG_HASH_ANNOTATION.into(), config_hash.into()),
+                        (TOKEN_HASH_ANNOTATION.into(), token_hash.into()),
+                    ])),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -677,15 +816,36 @@ mod tests {
     }
 
     fn build(cn: &CacheNamespace) -> Children {
+        build_with(cn, "t0ken", None)
+    }
+
+    fn build_with(cn: &CacheNamespace, token: &str, np: Option<&NetworkPolicyPeers>) -> Children {
         let v = cn.spec.validate().unwrap();
         children(
             cn,
             &BuildInputs {
                 spec: &v,
-                token: "t0ken",
+                token,
                 default_image: "lakecache:test",
+                init_image: "lakecache-operator:test",
+                network_policy: np,
             },
         )
+    }
+
+    fn template_annotation(c: &Children, key: &str) -> String {
+        c.statefulset
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[key]
+            .clone()
     }
 
     #[test]
@@ -779,7 +939,30 @@ mod tests {
             .as_ref()
             .unwrap();
         assert_eq!(caps.add.as_deref(), Some(&["CHOWN".to_string()][..]));
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
         assert_eq!(ctr.image.as_deref(), Some("lakecache:test"));
+        // The root init container runs the operator's image, whatever the spec names.
+        assert_eq!(init.image.as_deref(), Some("lakecache-operator:test"));
+        let mut theirs = cn.clone();
+        theirs.spec.workers.image = Some("tenant/anything:latest".into());
+        let c2 = build(&theirs);
+        let pod2 = c2
+            .statefulset
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            pod2.init_containers.as_ref().unwrap()[0].image.as_deref(),
+            Some("lakecache-operator:test")
+        );
+        assert_eq!(
+            pod2.containers[0].image.as_deref(),
+            Some("tenant/anything:latest")
+        );
         // The service selects exactly the pods the StatefulSet makes.
         let pod_labels = sts
             .template
@@ -805,6 +988,15 @@ mod tests {
             csi.node_stage_secret_ref.as_ref().unwrap().name.as_deref(),
             Some(names.token_secret.as_str())
         );
+        assert_eq!(csi.node_publish_secret_ref, csi.node_stage_secret_ref);
+        let pv_labels = c.pv.metadata.labels.as_ref().unwrap();
+        assert_eq!(pv_labels[NAMESPACE_LABEL], "ml");
+        assert_eq!(pv_labels[CACHE_NAMESPACE_LABEL], "imagenet");
+        assert_eq!(
+            c.pv.metadata.annotations.as_ref().unwrap()[OWNER_UID_ANNOTATION],
+            "uid-1"
+        );
+        assert!(c.network_policy.is_none());
         assert_eq!(
             csi.volume_attributes.as_ref().unwrap()["cacheNamespace"],
             "imagenet"
@@ -890,9 +1082,136 @@ mod tests {
     }
 
     #[test]
+    fn a_new_token_rolls_the_workers_and_its_hash_hides_it() {
+        let cn = cn(vec![tier(TierKind::Memory, "1Gi", None, None)]);
+        let a = template_annotation(&build_with(&cn, "token-a", None), TOKEN_HASH_ANNOTATION);
+        let b = template_annotation(&build_with(&cn, "token-b", None), TOKEN_HASH_ANNOTATION);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 16);
+        assert!(!a.contains("token"));
+        assert_eq!(
+            template_annotation(&build_with(&cn, "token-a", None), CONFIG_HASH_ANNOTATION),
+            template_annotation(&build_with(&cn, "token-b", None), CONFIG_HASH_ANNOTATION),
+        );
+    }
+
+    #[test]
+    fn pv_names_keep_namespace_and_name_apart() {
+        let ab = Names::of("a", "b-c");
+        let ba = Names::of("a-b", "c");
+        assert_ne!(ab.pv, ba.pv);
+        assert_eq!(ab.pv, "lakecache-a.b-c");
+        // And the labels say which is which.
+        let mut x = cn(vec![tier(TierKind::Memory, "1Gi", None, None)]);
+        x.metadata.namespace = Some("a".into());
+        x.metadata.name = Some("b-c".into());
+        let mut y = x.clone();
+        y.metadata.namespace = Some("a-b".into());
+        y.metadata.name = Some("c".into());
+        let (px, py) = (build(&x).pv, build(&y).pv);
+        assert_ne!(px.metadata.name, py.metadata.name);
+        let l = |p: &PersistentVolume, k: &str| p.metadata.labels.as_ref().unwrap()[k].clone();
+        assert_eq!(
+            (l(&px, NAMESPACE_LABEL), l(&px, CACHE_NAMESPACE_LABEL)),
+            ("a".into(), "b-c".into())
+        );
+        assert_eq!(
+            (l(&py, NAMESPACE_LABEL), l(&py, CACHE_NAMESPACE_LABEL)),
+            ("a-b".into(), "c".into())
+        );
+    }
+
+    #[test]
+    fn host_paths_must_be_an_allowed_root() {
+        let roots = vec!["/var/lib/lakecache".to_string(), "/mnt/nvme/".to_string()];
+        for ok in [
+            "/var/lib/lakecache",
+            "/var/lib/lakecache/",
+            "//var/lib//lakecache/.",
+            "/mnt/nvme",
+        ] {
+            assert!(host_path_root(ok, &roots).is_some(), "{ok}");
+        }
+        for bad in [
+            "/var/lib/lakecache-evil",
+            "/var/lib/lakecach",
+            "/var/lib",
+            "/",
+            "/etc",
+            "/var/lib/lakecache/../../../etc",
+            "/var/lib/lakecache/..",
+            "/var/lib/lakecache/ns/other",
+            "var/lib/lakecache",
+            "./var/lib/lakecache",
+            "",
+        ] {
+            assert!(host_path_root(bad, &roots).is_none(), "{bad}");
+        }
+        assert!(host_path_root("/var/lib/lakecache", &[]).is_none());
+        assert_eq!(host_dir("/", "ns", "n"), "/ns/n");
+        assert_eq!(
+            host_dir("/var/lib/lakecache", "ns", "n"),
+            "/var/lib/lakecache/ns/n"
+        );
+    }
+
+    #[test]
+    fn the_network_policy_lets_only_the_chart_pods_reach_the_data_port() {
+        let cn = cn(vec![tier(TierKind::Memory, "1Gi", None, None)]);
+        let peers = NetworkPolicyPeers {
+            namespace: "lakecache-system".into(),
+            labels: BTreeMap::from([("app.kubernetes.io/name".into(), "lakecache".into())]),
+            components: vec!["csi-node".into(), "operator".into()],
+        };
+        let c = build_with(&cn, "t", Some(&peers));
+        let np = c.network_policy.unwrap();
+        assert_eq!(
+            np.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-1"
+        );
+        let spec = np.spec.unwrap();
+        assert_eq!(
+            spec.pod_selector.unwrap().match_labels.unwrap(),
+            selector_labels("imagenet")
+        );
+        let rules = spec.ingress.unwrap();
+        let data = &rules[0];
+        assert_eq!(
+            data.ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::Int(7700))
+        );
+        let from = &data.from.as_ref().unwrap()[0];
+        assert_eq!(
+            from.namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["kubernetes.io/metadata.name"],
+            "lakecache-system"
+        );
+        let ps = from.pod_selector.as_ref().unwrap();
+        assert_eq!(
+            ps.match_labels.as_ref().unwrap()["app.kubernetes.io/name"],
+            "lakecache"
+        );
+        assert_eq!(
+            ps.match_expressions.as_ref().unwrap()[0].values.as_deref(),
+            Some(&["csi-node".to_string(), "operator".to_string()][..])
+        );
+        // The admin port (probes, metrics) is open; no other rule lets anyone in.
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            rules[1].ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::Int(7701))
+        );
+    }
+
+    #[test]
     fn long_names_stay_valid() {
         let n = Names::of(&"n".repeat(63), &"c".repeat(45));
         assert!(n.pv.len() <= 253);
+        assert!(n.pv.len() <= 63 + 45 + 11);
         assert!(n.statefulset.len() <= 52);
     }
 }

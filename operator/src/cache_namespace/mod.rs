@@ -5,6 +5,11 @@
 //! ([`build`], no I/O) → apply them with server-side apply → observe the StatefulSet, the worker
 //! pods and what each ready worker says → compute the status ([`status`], no I/O) → write it.
 //!
+//! A child's name may already be taken by an object this CacheNamespace does not control (made
+//! by an admin, another tool, or another CacheNamespace): then nothing is applied or deleted,
+//! since server-side apply with `force` would take the object over and a tenant could thereby
+//! rewrite or delete what is not theirs. The status says NameConflict and names the object.
+//!
 //! A problem with the object (an invalid spec, a missing Secret) changes nothing that runs: the
 //! children stay as they were, the workers keep serving what they cached, and the status says
 //! Failed with a condition and a Warning Event that name what to fix. The object is looked at
@@ -14,6 +19,7 @@
 //! on one ready worker, run in the background every `source_scan_interval`.
 
 pub mod build;
+pub mod node_dirs;
 pub mod status;
 
 use std::sync::Arc;
@@ -24,15 +30,20 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{
+    DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy,
+};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
-use lakecache_api::{CacheNamespace, CacheNamespacePhase, DEFAULT_WORKER_PORT, ValidSpec};
+use lakecache_api::{
+    CacheNamespace, CacheNamespacePhase, DEFAULT_WORKER_PORT, DiskLocation, ValidSpec,
+};
 use lakecache_proto::lakecache::v1 as pb;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -95,12 +106,18 @@ pub async fn run(
     .owns(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         owned.clone(),
-    )
-    .watches(Api::<Pod>::all(client.clone()), owned, |pod: Pod| {
-        let cn = pod.labels().get(build::CACHE_NAMESPACE_LABEL)?.clone();
-        Some(ObjectRef::<CacheNamespace>::new(&cn).within(&pod.namespace()?))
-    })
-    .graceful_shutdown_on(shutdown);
+    );
+    let controller = if ctx.cfg.network_policy.is_some() {
+        controller.owns(Api::<NetworkPolicy>::all(client.clone()), owned.clone())
+    } else {
+        controller
+    };
+    let controller = controller
+        .watches(Api::<Pod>::all(client.clone()), owned, |pod: Pod| {
+            let cn = pod.labels().get(build::CACHE_NAMESPACE_LABEL)?.clone();
+            Some(ObjectRef::<CacheNamespace>::new(&cn).within(&pod.namespace()?))
+        })
+        .graceful_shutdown_on(shutdown);
     crate::controller::drive(controller, CONTROLLER, ctx, synced, reconcile).await;
 }
 
@@ -195,19 +212,152 @@ fn new_token() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn check(cn: &CacheNamespace, inputs: &Inputs) -> Result<ValidSpec, Problem> {
+fn check(cn: &CacheNamespace, inputs: &Inputs, cfg: &crate::Config) -> Result<ValidSpec, Problem> {
     if let Some(p) = &inputs.problem {
         return Err(p.clone());
     }
-    cn.spec.validate().map_err(|e| Problem {
+    let mut v = cn.spec.validate().map_err(|e| Problem {
         reason: "InvalidSpec",
         message: e.to_string(),
+    })?;
+    if let Some(d) = &mut v.disk
+        && let DiskLocation::HostPath(path) = &mut d.location
+    {
+        let roots = &cfg.allowed_host_path_roots;
+        let i = cn
+            .spec
+            .tiers
+            .iter()
+            .position(|t| t.path.is_some())
+            .unwrap_or(0);
+        match build::host_path_root(path, roots) {
+            Some(root) => *path = root.to_string(),
+            None if roots.is_empty() => {
+                return Err(Problem {
+                    reason: "HostPathNotAllowed",
+                    message: format!(
+                        "spec.tiers[{i}].path: this cluster allows no Disk tier on a node \
+                         directory (the operator's allowed host path roots are empty): use \
+                         storageClassName for a volume per worker instead, or ask the cluster \
+                         admin to allow a directory (the chart's workers.allowedHostPathRoots)"
+                    ),
+                });
+            }
+            None => {
+                return Err(Problem {
+                    reason: "HostPathNotAllowed",
+                    message: format!(
+                        "spec.tiers[{i}].path: {path:?} is not a node directory the cluster \
+                         admin allows for Disk tiers; set it to one of {} (the CacheNamespace \
+                         gets its own subdirectory there), or use storageClassName for a \
+                         volume per worker; admins allow directories with the chart's \
+                         workers.allowedHostPathRoots",
+                        roots.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// Whether the object `name` exists and whose it is.
+enum Holder {
+    Nobody,
+    Us,
+    Other,
+}
+
+async fn holder<K>(api: &Api<K>, name: &str, uid: &str) -> Result<Holder, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    Ok(match api.get_opt(name).await? {
+        None => Holder::Nobody,
+        Some(o)
+            if o.meta()
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|r| r.controller == Some(true) && r.uid == uid) =>
+        {
+            Holder::Us
+        }
+        Some(_) => Holder::Other,
     })
 }
 
+/// The first child whose name is taken by an object this CacheNamespace does not control, as a
+/// problem; the PersistentVolume (cluster-scoped, without owner) is ours when its labels and
+/// annotation name this CacheNamespace's namespace, name and uid.
+async fn name_conflict(cn: &CacheNamespace, ctx: &Context) -> Result<Option<Problem>, Error> {
+    let ns = cn.namespace().unwrap_or_default();
+    let name = cn.name_any();
+    let uid = cn.uid().unwrap_or_default();
+    let names = Names::of(&ns, &name);
+    let client = ctx.client.clone();
+    let mut taken: Option<(&str, String)> = None;
+    macro_rules! check_ns {
+        ($ty:ty, $kind:expr, $name:expr) => {
+            if taken.is_none() {
+                let api: Api<$ty> = Api::namespaced(client.clone(), &ns);
+                let h = holder(&api, &$name, &uid)
+                    .await
+                    .map_err(kerr(format!("reading {} {ns}/{}", $kind, $name)))?;
+                if let Holder::Other = h {
+                    taken = Some(($kind, format!("{ns}/{}", $name)));
+                }
+            }
+        };
+    }
+    check_ns!(ConfigMap, "ConfigMap", names.config_map);
+    check_ns!(Service, "Service", names.service);
+    check_ns!(PodDisruptionBudget, "PodDisruptionBudget", names.pdb);
+    check_ns!(StatefulSet, "StatefulSet", names.statefulset);
+    check_ns!(PersistentVolumeClaim, "PersistentVolumeClaim", names.pvc);
+    if ctx.cfg.network_policy.is_some() {
+        check_ns!(NetworkPolicy, "NetworkPolicy", names.network_policy);
+    }
+    if taken.is_none() {
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        if let Some(pv) = pvs
+            .get_opt(&names.pv)
+            .await
+            .map_err(kerr(format!("reading PersistentVolume {}", names.pv)))?
+            && !pv_is_ours(&pv, &ns, &name, &uid)
+        {
+            taken = Some(("PersistentVolume", names.pv.clone()));
+        }
+    }
+    Ok(taken.map(|(kind, obj)| Problem {
+        reason: "NameConflict",
+        message: format!(
+            "{kind} {obj} exists and does not belong to this CacheNamespace, so nothing was \
+             applied: rename the CacheNamespace, or have the {kind} removed if it is left over"
+        ),
+    }))
+}
+
+/// Whether a PersistentVolume is the one this operator made for CacheNamespace `ns/name`.
+fn pv_is_ours(pv: &PersistentVolume, ns: &str, name: &str, uid: &str) -> bool {
+    pv.labels()
+        .get(build::CACHE_NAMESPACE_LABEL)
+        .map(String::as_str)
+        == Some(name)
+        && pv.labels().get(build::NAMESPACE_LABEL).map(String::as_str) == Some(ns)
+        && pv
+            .annotations()
+            .get(build::OWNER_UID_ANNOTATION)
+            .map(String::as_str)
+            == Some(uid)
+}
+
 async fn apply(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let inputs = fetch(&cn, &ctx).await?;
-    let checked = check(&cn, &inputs);
+    let mut inputs = fetch(&cn, &ctx).await?;
+    if inputs.problem.is_none() {
+        inputs.problem = name_conflict(&cn, &ctx).await?;
+    }
+    let checked = check(&cn, &inputs, &ctx.cfg);
     let port = checked
         .as_ref()
         .map(|v| v.port)
@@ -221,6 +371,8 @@ async fn apply(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Err
                     spec: v,
                     token: &token,
                     default_image: &ctx.cfg.worker_image,
+                    init_image: &ctx.cfg.worker_init_image,
+                    network_policy: ctx.cfg.network_policy.as_ref(),
                 },
             );
             apply_children(&cn, &children, &ctx).await?;
@@ -242,6 +394,13 @@ async fn apply(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Err
     };
     if checked.is_ok() {
         obs.scan = scan(&cn, &obs, &token, port, &ctx);
+    }
+    if host_root(&cn, &ctx.cfg).is_some() {
+        let nodes = obs
+            .pods
+            .iter()
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone());
+        remember_disk_nodes(&cn, nodes, &ctx).await?;
     }
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let new = status::compute(&cn, port, checked.as_ref().err(), &obs, &now);
@@ -311,6 +470,9 @@ async fn apply_children(cn: &CacheNamespace, c: &Children, ctx: &Context) -> Res
     apply_ns!(Secret, c.token_secret, names.token_secret);
     apply_ns!(Service, c.service, names.service);
     apply_ns!(PodDisruptionBudget, c.pdb, names.pdb);
+    if let Some(np) = &c.network_policy {
+        apply_ns!(NetworkPolicy, np, names.network_policy);
+    }
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     match ssa(&sts, &names.statefulset, &c.statefulset).await {
         Ok(_) => {}
@@ -329,8 +491,34 @@ async fn apply_children(cn: &CacheNamespace, c: &Children, ctx: &Context) -> Res
                 ),
             )
             .await;
+            // Only the StatefulSet checked to be ours: a uid precondition, so that one made in
+            // its place since then is not deleted.
+            let uid = sts
+                .get_opt(&names.statefulset)
+                .await
+                .map_err(kerr(format!(
+                    "reading StatefulSet {ns}/{}",
+                    names.statefulset
+                )))?
+                .filter(|o| {
+                    o.owner_references()
+                        .iter()
+                        .any(|r| r.controller == Some(true) && Some(&r.uid) == cn.uid().as_ref())
+                })
+                .and_then(|o| o.uid());
+            let Some(uid) = uid else {
+                // Gone, or no longer ours: the next reconcile looks again.
+                return Err(Error::Kube {
+                    action: format!("replacing StatefulSet {ns}/{}", names.statefulset),
+                    source: kube::Error::Api(s),
+                });
+            };
             let dp = DeleteParams {
                 propagation_policy: Some(PropagationPolicy::Orphan),
+                preconditions: Some(Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
                 ..Default::default()
             };
             sts.delete(&names.statefulset, &dp)
@@ -370,10 +558,20 @@ async fn observe(
     let name = cn.name_any();
     let names = Names::of(&ns, &name);
     let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
-    let statefulset = sts.get_opt(&names.statefulset).await.map_err(kerr(format!(
-        "reading StatefulSet {ns}/{}",
-        names.statefulset
-    )))?;
+    let uid = cn.uid();
+    // Only ours: a foreign StatefulSet of the same name says nothing about this one's workers.
+    let statefulset = sts
+        .get_opt(&names.statefulset)
+        .await
+        .map_err(kerr(format!(
+            "reading StatefulSet {ns}/{}",
+            names.statefulset
+        )))?
+        .filter(|o| {
+            o.owner_references()
+                .iter()
+                .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
+        });
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pods = pods
         .list(&ListParams::default().labels(&build::selector_string(&name)))
@@ -518,20 +716,203 @@ async fn run_scan(ctx: &Context, w: &WorkerRef, uid: &str) -> Result<ScanResult,
     })
 }
 
+/// The allowed root of `cn`'s host-path Disk tier, if it has one that the operator allows (only
+/// then were node directories made).
+fn host_root(cn: &CacheNamespace, cfg: &crate::Config) -> Option<String> {
+    let v = cn.spec.validate().ok()?;
+    match v.disk?.location {
+        DiskLocation::HostPath(p) => {
+            build::host_path_root(&p, &cfg.allowed_host_path_roots).map(String::from)
+        }
+        DiskLocation::StorageClass(_) => None,
+    }
+}
+
+/// Adds `nodes` to the CacheNamespace's list of nodes that hold its Disk tier directory.
+async fn remember_disk_nodes(
+    cn: &CacheNamespace,
+    nodes: impl Iterator<Item = String>,
+    ctx: &Context,
+) -> Result<std::collections::BTreeSet<String>, Error> {
+    let known = node_dirs::parse_nodes(cn.annotations().get(node_dirs::DISK_NODES_ANNOTATION));
+    let mut all = known.clone();
+    all.extend(nodes);
+    if all != known {
+        let api: Api<CacheNamespace> =
+            Api::namespaced(ctx.client.clone(), &cn.namespace().unwrap_or_default());
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            node_dirs::DISK_NODES_ANNOTATION: node_dirs::format_nodes(&all),
+        }}});
+        api.patch(
+            &cn.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .map_err(kerr(format!(
+            "recording the Disk tier's nodes on CacheNamespace {}",
+            key(cn)
+        )))?;
+    }
+    Ok(all)
+}
+
+/// Removes the Disk tier's directory from every node that held one (see [`node_dirs`]): the
+/// workers stop first, then a pod per node removes it. `Err(Waiting)` until done.
+async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context, root: &str) -> Result<(), Error> {
+    let ns = cn.namespace().unwrap_or_default();
+    let name = cn.name_any();
+    let uid = cn.uid().unwrap_or_default();
+    let names = Names::of(&ns, &name);
+    let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Holder::Us = holder(&sts, &names.statefulset, &uid)
+        .await
+        .map_err(kerr(format!(
+            "reading StatefulSet {ns}/{}",
+            names.statefulset
+        )))?
+    {
+        match sts
+            .delete(&names.statefulset, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(kerr(format!(
+                    "deleting StatefulSet {ns}/{}",
+                    names.statefulset
+                ))(e));
+            }
+        }
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let prefix = format!("{}-", names.statefulset);
+    let workers: Vec<Pod> = pods
+        .list(&ListParams::default().labels(&build::selector_string(&name)))
+        .await
+        .map_err(kerr(format!("listing the worker pods of {ns}/{name}")))?
+        .items
+        .into_iter()
+        .filter(|p| p.name_any().starts_with(&prefix))
+        .collect();
+    let nodes = remember_disk_nodes(
+        cn,
+        workers
+            .iter()
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone()),
+        ctx,
+    )
+    .await?;
+    if !workers.is_empty() {
+        return Err(Error::Waiting(format!(
+            "{} worker pods of {ns}/{name} to stop before their node directories are removed",
+            workers.len()
+        )));
+    }
+    let own = &ctx.cfg.own_namespace;
+    let cleaners: Api<Pod> = Api::namespaced(ctx.client.clone(), own);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let (mut pending, mut finished, mut given_up) = (vec![], vec![], vec![]);
+    for node in &nodes {
+        let pod_name = node_dirs::pod_name(&uid, node);
+        let existing = cleaners
+            .get_opt(&pod_name)
+            .await
+            .map_err(kerr(format!("reading Pod {own}/{pod_name}")))?;
+        match existing {
+            None => {
+                let pod = node_dirs::cleanup_pod(&node_dirs::CleanupInputs {
+                    uid: &uid,
+                    namespace: &ns,
+                    name: &name,
+                    root,
+                    node,
+                    pod_namespace: own,
+                    image: &ctx.cfg.worker_init_image,
+                });
+                match cleaners.create(&PostParams::default(), &pod).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => return Err(kerr(format!("creating Pod {own}/{pod_name}"))(e)),
+                }
+                pending.push(node.clone());
+            }
+            Some(p) => {
+                let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+                let age = p
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| now.as_second() - t.0.as_second())
+                    .unwrap_or(0);
+                if phase.as_deref() == Some("Succeeded") {
+                    finished.push(pod_name);
+                } else if age >= ctx.cfg.disk_cleanup_timeout.as_secs() as i64 {
+                    given_up.push((node.clone(), pod_name));
+                } else {
+                    pending.push(node.clone());
+                }
+            }
+        }
+    }
+    if !pending.is_empty() {
+        return Err(Error::Waiting(format!(
+            "removing the Disk tier directory {} on nodes {}",
+            build::host_dir(root, &ns, &name),
+            pending.join(", ")
+        )));
+    }
+    for (node, _) in &given_up {
+        ctx.event(
+            cn,
+            EventType::Warning,
+            "NodeDirectoryLeft",
+            "Delete",
+            format!(
+                "the Disk tier directory {} on node {node} was not removed within {}s (the node                  may be gone or not ready): remove it by hand if the node comes back",
+                build::host_dir(root, &ns, &name),
+                ctx.cfg.disk_cleanup_timeout.as_secs()
+            ),
+        )
+        .await;
+    }
+    for pod_name in finished.iter().chain(given_up.iter().map(|(_, p)| p)) {
+        match cleaners.delete(pod_name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kerr(format!("deleting Pod {own}/{pod_name}"))(e)),
+        }
+    }
+    if !finished.is_empty() {
+        tracing::info!(cache_namespace = %key(cn), nodes = finished.len(), "node directories removed");
+    }
+    Ok(())
+}
+
 async fn cleanup(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = cn.namespace().unwrap_or_default();
     let names = Names::of(&ns, &cn.name_any());
+    if let Some(root) = host_root(&cn, &ctx.cfg) {
+        remove_node_dirs(&cn, &ctx, &root).await?;
+    }
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     if let Some(pv) = pvs
         .get_opt(&names.pv)
         .await
         .map_err(kerr(format!("reading PersistentVolume {}", names.pv)))?
     {
-        // Only a PV we made: its claim is this CacheNamespace's claim.
-        let ours = pv.labels().get(build::CACHE_NAMESPACE_LABEL) == Some(&cn.name_any())
-            && pv.labels().get("lakecache.io/namespace") == Some(&ns);
+        // Only a PV we made for this very CacheNamespace (its uid), and only that one.
+        let ours = pv_is_ours(&pv, &ns, &cn.name_any(), &cn.uid().unwrap_or_default());
         if ours {
-            match pvs.delete(&names.pv, &DeleteParams::default()).await {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: pv.uid(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match pvs.delete(&names.pv, &dp).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(kerr(format!("deleting PersistentVolume {}", names.pv))(e)),
