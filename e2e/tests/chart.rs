@@ -6,8 +6,11 @@
 //! - The rendered chart (CRDs included) is accepted by `kubectl apply --server-side`; the
 //!   operator Deployment, the CSI node DaemonSet (three containers, Bidirectional propagation of
 //!   kubelet's directory), the CSIDriver and the RBAC objects are there as the code expects them;
-//!   changed values (another kubelet directory, more replicas, an image tag, the metrics Service)
-//!   change what the server stores.
+//!   changed values (another kubelet directory, more replicas, an image tag, the metrics Service,
+//!   the allowed host path roots, no NetworkPolicies) change what the server stores. The
+//!   operator is told to make NetworkPolicies whose peers are exactly the chart's CSI node and
+//!   operator pods, the init image it runs as root is the chart's image, and the CSIDriver asks
+//!   kubelet to republish volumes (so a new token reaches mounted ones).
 //! - RBAC is least privilege: the operator's ServiceAccount can do what the operator does (apply
 //!   children, create PersistentVolumes, read Secrets by name, hold its Lease) and nothing like
 //!   listing Secrets or deleting Nodes; the CSI ServiceAccount can follow CacheNamespaces exactly
@@ -178,6 +181,8 @@ fn chart_lints_with_default_and_changed_values() -> anyhow::Result<()> {
             "csi.kubeletDir=/data/kubelet,operator.replicas=1,operator.metrics.service.enabled=true",
             "--set",
             "operator.logLevel=debug,csi.logLevel=debug,image.tag=dev",
+            "--set",
+            "networkPolicy.enabled=false,workers.allowedHostPathRoots={},workers.initImage=x/y:1",
         ][..],
     ] {
         let mut args = vec!["lint", "--strict", chart.as_str()];
@@ -276,6 +281,33 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
         assert!(env_value(op, var).is_some(), "operator env lacks {var}");
     }
     assert_eq!(env_value(op, "LAKECACHE_LOG_FORMAT"), Some(&json!("json")));
+    // The root init container of a host-path Disk tier runs the chart's image; host paths only
+    // under the default root; NetworkPolicies on, admitting the release's own pods.
+    assert_eq!(
+        env_value(op, "LAKECACHE_WORKER_INIT_IMAGE"),
+        Some(&json!("ghcr.io/lakecache/lakecache:0.1.0"))
+    );
+    assert_eq!(
+        env_value(op, "LAKECACHE_ALLOWED_HOST_PATH_ROOTS"),
+        Some(&json!("/var/lib/lakecache"))
+    );
+    assert_eq!(
+        env_value(op, "LAKECACHE_NETWORK_POLICY"),
+        Some(&json!("true"))
+    );
+    assert_eq!(
+        env_value(op, "LAKECACHE_NETWORK_POLICY_NAMESPACE"),
+        Some(&json!(NS))
+    );
+    let peer_labels = env_value(op, "LAKECACHE_NETWORK_POLICY_PEER_LABELS")
+        .and_then(Value::as_str)
+        .context("no LAKECACHE_NETWORK_POLICY_PEER_LABELS")?
+        .to_string();
+    let peer_components = env_value(op, "LAKECACHE_NETWORK_POLICY_PEER_COMPONENTS")
+        .and_then(Value::as_str)
+        .context("no LAKECACHE_NETWORK_POLICY_PEER_COMPONENTS")?
+        .to_string();
+    let operator_pod_labels = deploy["spec"]["template"]["metadata"]["labels"].clone();
     assert_eq!(
         op["ports"],
         json!([{"name": "metrics", "containerPort": 9820, "protocol": "TCP"}])
@@ -340,6 +372,24 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
     assert_eq!(host_path(pod, "plugin-dir")?["type"], "DirectoryOrCreate");
     assert_eq!(host_path(pod, "kubelet-dir")?["type"], "Directory");
 
+    // The NetworkPolicy the operator makes per CacheNamespace admits pods with these labels and
+    // components in the release namespace: exactly the CSI node and operator pods, so their
+    // FUSE servers and status calls reach the workers.
+    let csi_pod_labels = &ds["spec"]["template"]["metadata"]["labels"];
+    for labels in [&operator_pod_labels, csi_pod_labels] {
+        for kv in peer_labels.split(',') {
+            let (k, v) = kv.split_once('=').context("peer label k=v")?;
+            assert_eq!(labels[k], json!(v), "{k} in {labels}");
+        }
+        let component = labels["app.kubernetes.io/component"]
+            .as_str()
+            .context("component label")?;
+        assert!(
+            peer_components.split(',').any(|c| c == component),
+            "{component} not among {peer_components}"
+        );
+    }
+
     // The CSIDriver, as kubelet will read it.
     let driver = get(&cluster, "csidriver", "csi.lakecache.io", None)?;
     let spec = &driver["spec"];
@@ -350,7 +400,7 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
         json!(["Persistent", "Ephemeral"])
     );
     assert_eq!(spec["fsGroupPolicy"], "None");
-    assert_eq!(spec["requiresRepublish"], false);
+    assert_eq!(spec["requiresRepublish"], true);
 
     // The RBAC objects and the accounts they bind.
     for (kind, name, ns) in [
@@ -364,6 +414,8 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
             "lakecache-operator-leader-election",
             Some(NS),
         ),
+        ("role", "lakecache-operator-disk-cleanup", Some(NS)),
+        ("rolebinding", "lakecache-operator-disk-cleanup", Some(NS)),
         ("serviceaccount", OPERATOR_SA, Some(NS)),
         ("serviceaccount", CSI_SA, Some(NS)),
     ] {
@@ -579,6 +631,14 @@ async fn check_rbac(cluster: &Cluster) -> anyhow::Result<()> {
             OPERATOR_SA,
             "patch leases.coordination.k8s.io -n lakecache-system",
         ),
+        (
+            OPERATOR_SA,
+            "create networkpolicies.networking.k8s.io -n ml",
+        ),
+        (OPERATOR_SA, "patch networkpolicies.networking.k8s.io -n ml"),
+        (OPERATOR_SA, "watch networkpolicies.networking.k8s.io -A"),
+        (OPERATOR_SA, "create pods -n lakecache-system"),
+        (OPERATOR_SA, "delete pods -n lakecache-system"),
         (CSI_SA, "get cachenamespaces.lakecache.io -n ml"),
         (CSI_SA, "list cachenamespaces.lakecache.io -A"),
         (CSI_SA, "watch cachenamespaces.lakecache.io -A"),
@@ -595,6 +655,14 @@ async fn check_rbac(cluster: &Cluster) -> anyhow::Result<()> {
         (OPERATOR_SA, "create leases.coordination.k8s.io -n ml"),
         (OPERATOR_SA, "create clusterroles.rbac.authorization.k8s.io"),
         (OPERATOR_SA, "create deployments.apps -n ml"),
+        (
+            OPERATOR_SA,
+            "delete networkpolicies.networking.k8s.io -n ml",
+        ),
+        (
+            OPERATOR_SA,
+            "create pods --subresource=exec -n lakecache-system",
+        ),
         (CSI_SA, "get secrets -n ml"),
         (CSI_SA, "list secrets -A"),
         (CSI_SA, "patch cachenamespaces.lakecache.io -n ml"),
@@ -722,6 +790,8 @@ fn check_values_change_what_is_stored(cluster: &Cluster, home: &Path) -> anyhow:
             "csi.kubeletDir=/data/kubelet/,operator.replicas=3,operator.metrics.service.enabled=true",
             "--set",
             "image.repository=registry.example/lakecache,image.tag=v9,csi.prefetchBudget=1GiB",
+            "--set",
+            "networkPolicy.enabled=false,workers.allowedHostPathRoots={/mnt/nvme0,/mnt/nvme1}",
         ],
     )?;
     let objs = dry_run(
@@ -748,6 +818,25 @@ fn check_values_change_what_is_stored(cluster: &Cluster, home: &Path) -> anyhow:
     assert_eq!(
         env_value(op, "LAKECACHE_WORKER_IMAGE"),
         Some(&json!("registry.example/lakecache:v9"))
+    );
+    assert_eq!(
+        env_value(op, "LAKECACHE_WORKER_INIT_IMAGE"),
+        Some(&json!("registry.example/lakecache:v9"))
+    );
+    assert_eq!(
+        env_value(op, "LAKECACHE_ALLOWED_HOST_PATH_ROOTS"),
+        Some(&json!("/mnt/nvme0,/mnt/nvme1"))
+    );
+    assert_eq!(
+        env_value(op, "LAKECACHE_NETWORK_POLICY"),
+        Some(&json!("false"))
+    );
+    assert!(env_value(op, "LAKECACHE_NETWORK_POLICY_PEER_LABELS").is_none());
+    // No NetworkPolicies, no right to make them.
+    let role = find(&objs, "ClusterRole", OPERATOR_SA)?;
+    assert!(
+        !role.to_string().contains("networkpolicies"),
+        "networkPolicy.enabled=false still grants NetworkPolicies: {role}"
     );
     let svc = find(&objs, "Service", "lakecache-operator-metrics")?;
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");
