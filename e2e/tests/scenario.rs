@@ -235,6 +235,13 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         "csi.repairInterval=1s",
         "--set",
         "image.pullPolicy=Never",
+        // The CacheNamespace's Disk tier lives in the test's directory: the one the operator
+        // allows.
+        "--set",
+        &format!(
+            "workers.allowedHostPathRoots={{{}}}",
+            env.root.path().join("node-cache").display()
+        ),
     ]);
     ensure!(
         out.status.success(),
