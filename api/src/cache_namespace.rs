@@ -498,11 +498,7 @@ impl CacheNamespaceSpec {
                 ),
             ));
         }
-        if let Some(k) = src
-            .options
-            .keys()
-            .find(|k| is_secret_option(k))
-        {
+        if let Some(k) = src.options.keys().find(|k| is_secret_option(k)) {
             return Err(SpecError::new(
                 format!("spec.source.options.{k}"),
                 "credentials must not be in the spec: put them in the Secret named by source.credentialsSecretRef",
@@ -698,10 +694,12 @@ mod tests {
 
     #[test]
     fn secret_option_keys_are_refused_in_any_case_and_others_pass() {
-        let secret = SECRET_OPTION_KEYS
-            .iter()
-            .copied()
-            .chain(["MyApiKey", "db_password", "Secret_Access_Key", " credential"]);
+        let secret = SECRET_OPTION_KEYS.iter().copied().chain([
+            "MyApiKey",
+            "db_password",
+            "Secret_Access_Key",
+            " credential",
+        ]);
         for k in secret {
             assert!(is_secret_option(k), "{k}");
             let mut s = spec();
@@ -709,7 +707,12 @@ mod tests {
             let e = s.validate().unwrap_err();
             assert_eq!(e.field, format!("spec.source.options.{k}"), "{e}");
         }
-        for k in ["region", "endpoint", "enable_virtual_host_style", "disable_ec2_metadata"] {
+        for k in [
+            "region",
+            "endpoint",
+            "enable_virtual_host_style",
+            "disable_ec2_metadata",
+        ] {
             assert!(!is_secret_option(k), "{k}");
             let mut s = spec();
             s.source.options.insert(k.into(), "x".into());
@@ -729,8 +732,8 @@ mod tests {
                 "{p} missing from {rule}"
             );
         }
-        let crd = serde_json::to_string(&<CacheNamespace as kube::CustomResourceExt>::crd())
-            .unwrap();
+        let crd =
+            serde_json::to_string(&<CacheNamespace as kube::CustomResourceExt>::crd()).unwrap();
         assert!(crd.contains("lowerAscii().contains('password')"));
     }
 }
