@@ -892,3 +892,101 @@ async fn bad_requests_get_codes_that_say_what_to_fix() {
         "{m}"
     );
 }
+
+/// A publish looks into the cache mount (a lookup of its subPath, which lists a directory on the
+/// workers). With a worker that starts every listing and never ends it (the FUSE server waits
+/// a minute per attempt), two such publishes at once must not take the plugin's runtime
+/// threads: other calls are answered at once, and the publishes answer Unavailable at the
+/// plugin's filesystem deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_cache_mount_makes_publish_unavailable_and_blocks_no_other_call() {
+    let workers = StalledLister::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcs::new(root.path());
+    node.plugin_args = ["--fs-timeout", "2s"].map(String::from).to_vec();
+    node.start_mounter();
+    node.start_plugin();
+    let csi = node.connect().await;
+    let mut n = csi.node();
+    let ctx = map(&[
+        ("cacheNamespace", "imagenet"),
+        ("namespace", "ml"),
+        ("workers", &workers),
+    ]);
+    let staging = |v: &str| root.path().join(v).join("globalmount");
+    for v in ["a", "b"] {
+        std::fs::create_dir_all(staging(v)).unwrap();
+        n.node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: v.into(),
+            staging_target_path: staging(v).display().to_string(),
+            volume_capability: Some(mount_capability(Mode::MultiNodeReaderOnly)),
+            secrets: map(&[("token", TOKEN)]),
+            volume_context: ctx.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let publish = |v: &str, sub: &str| {
+        let mut vc = ctx.clone();
+        vc.insert("subPath".into(), sub.into());
+        vc.insert("csi.storage.k8s.io/pod.namespace".into(), "ml".into());
+        csi::NodePublishVolumeRequest {
+            volume_id: v.into(),
+            staging_target_path: staging(v).display().to_string(),
+            target_path: root.path().join(v).join("pod/mount").display().to_string(),
+            volume_capability: Some(mount_capability(Mode::MultiNodeReaderOnly)),
+            readonly: true,
+            volume_context: vc,
+            ..Default::default()
+        }
+    };
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = [("a", "train"), ("b", "val")]
+        .into_iter()
+        .map(|(v, sub)| {
+            let mut n = n.clone();
+            let req = publish(v, sub);
+            tokio::spawn(async move { n.node_publish_volume(req).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let asked = std::time::Instant::now();
+        n.node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+            .await
+            .unwrap();
+        csi.identity().probe(csi::ProbeRequest {}).await.unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "other calls waited {:?} behind the hung publishes",
+            asked.elapsed()
+        );
+    }
+    for c in calls {
+        let e = c.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(
+            e.message().contains("did not finish within 2s")
+                || e.message().contains("does not answer"),
+            "{}",
+            e.message()
+        );
+    }
+    let took = started.elapsed();
+    eprintln!("hung publishes answered Unavailable after {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The plugin's thread that looks into the mount waits until the FUSE server answers (a
+    // minute) or is gone; without this, killing the plugin would wait for it.
+    node.kill_mounter();
+    for e in std::fs::read_dir(node.state.join("volumes"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(b) = std::fs::read(e.path().join("fuse.pid")) {
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            let pid = nix::unistd::Pid::from_raw(v["pid"].as_i64().unwrap() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}

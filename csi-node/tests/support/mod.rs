@@ -330,3 +330,93 @@ pub async fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() ->
     }
     panic!("{what}: not within {timeout:?}");
 }
+
+/// A fake cache worker whose listings never end: it sends the first (empty) page of every
+/// listing at once, as a worker does while it asks its lake, and then nothing. A reader waits
+/// on it for its whole worker timeout. Everything else but `Info` is unimplemented.
+pub struct StalledLister;
+
+type Stream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl lakecache_proto::lakecache::v1::cache_worker_server::CacheWorker for StalledLister {
+    type ReadBlockStream = Stream<lakecache_proto::lakecache::v1::Chunk>;
+    type ListPagesStream = Stream<lakecache_proto::lakecache::v1::ListResponse>;
+    type WatchPreloadStream = Stream<lakecache_proto::lakecache::v1::PreloadStatus>;
+
+    async fn read_block(
+        &self,
+        _: tonic::Request<lakecache_proto::lakecache::v1::ReadBlockRequest>,
+    ) -> Result<tonic::Response<Self::ReadBlockStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("stalled lister"))
+    }
+    async fn stat(
+        &self,
+        _: tonic::Request<lakecache_proto::lakecache::v1::StatRequest>,
+    ) -> Result<tonic::Response<lakecache_proto::lakecache::v1::StatResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("stalled lister"))
+    }
+    async fn list(
+        &self,
+        _: tonic::Request<lakecache_proto::lakecache::v1::ListRequest>,
+    ) -> Result<tonic::Response<lakecache_proto::lakecache::v1::ListResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("stalled lister"))
+    }
+    async fn list_pages(
+        &self,
+        _: tonic::Request<lakecache_proto::lakecache::v1::ListRequest>,
+    ) -> Result<tonic::Response<Self::ListPagesStream>, tonic::Status> {
+        use futures::StreamExt;
+        let first = futures::stream::iter([Ok(Default::default())]);
+        Ok(tonic::Response::new(Box::pin(
+            first.chain(futures::stream::pending()),
+        )))
+    }
+    async fn start_preload(
+        &self,
+        _: tonic::Request<lakecache_proto::lakecache::v1::StartPreloadRequest>,
+    ) -> Result<tonic::Response<lakecache_proto::lakecache::v1::PreloadStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("stalled lister"))
+    }
+    async fn watch_preload(
+        &self,
+        _: tonic::Request<lakecache_proto::lakecache::v1::WatchPreloadRequest>,
+    ) -> Result<tonic::Response<Self::WatchPreloadStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("stalled lister"))
+    }
+    async fn cancel_preload(
+        &self,
+        _: tonic::Request<lakecache_proto::lakecache::v1::CancelPreloadRequest>,
+    ) -> Result<tonic::Response<lakecache_proto::lakecache::v1::PreloadStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("stalled lister"))
+    }
+    async fn info(
+        &self,
+        _: tonic::Request<lakecache_proto::lakecache::v1::InfoRequest>,
+    ) -> Result<tonic::Response<lakecache_proto::lakecache::v1::WorkerInfo>, tonic::Status> {
+        Ok(tonic::Response::new(
+            lakecache_proto::lakecache::v1::WorkerInfo {
+                block_size: 1 << 20,
+                ..Default::default()
+            },
+        ))
+    }
+}
+
+impl StalledLister {
+    /// Serves it on a loopback port; returns the `workers` attribute naming it.
+    pub async fn start() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    lakecache_proto::lakecache::v1::cache_worker_server::CacheWorkerServer::new(
+                        StalledLister,
+                    ),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("w0={addr}")
+    }
+}
