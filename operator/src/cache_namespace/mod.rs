@@ -935,3 +935,72 @@ async fn cleanup(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, E
     .await;
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lakecache_api::{CacheNamespaceSpec, SourceSpec, TierKind, TierSpec};
+
+    fn with_disk(path: &str) -> CacheNamespace {
+        let mut cn = CacheNamespace::new(
+            "imagenet",
+            CacheNamespaceSpec {
+                source: SourceSpec {
+                    uri: "s3://datasets/imagenet".into(),
+                    ..Default::default()
+                },
+                workers: Default::default(),
+                tiers: vec![TierSpec {
+                    kind: TierKind::Disk,
+                    size: "1Gi".into(),
+                    path: Some(path.into()),
+                    storage_class_name: None,
+                }],
+                block_size: None,
+                metadata: Default::default(),
+            },
+        );
+        cn.metadata.namespace = Some("ml".into());
+        cn
+    }
+
+    fn checked(path: &str, roots: &[&str]) -> Result<ValidSpec, Problem> {
+        let cfg = crate::Config {
+            allowed_host_path_roots: roots.iter().map(|r| r.to_string()).collect(),
+            ..Default::default()
+        };
+        let inputs = Inputs {
+            token: None,
+            problem: None,
+        };
+        check(&with_disk(path), &inputs, &cfg)
+    }
+
+    #[test]
+    fn a_disk_path_must_name_an_allowed_root() {
+        let v = checked("/var/lib/lakecache/", &["/var/lib/lakecache"]).unwrap();
+        assert_eq!(
+            v.disk.unwrap().location,
+            DiskLocation::HostPath("/var/lib/lakecache".into())
+        );
+        for bad in [
+            "/etc",
+            "/var/lib/lakecache-evil",
+            "/var/lib/lakecache/other",
+        ] {
+            let p = checked(bad, &["/var/lib/lakecache"]).unwrap_err();
+            assert_eq!(p.reason, "HostPathNotAllowed", "{bad}");
+            assert!(p.message.contains("spec.tiers[0].path"), "{}", p.message);
+            assert!(p.message.contains("/var/lib/lakecache"), "{}", p.message);
+            assert!(p.message.contains("storageClassName"), "{}", p.message);
+        }
+        let p = checked("/var/lib/lakecache", &[]).unwrap_err();
+        assert_eq!(p.reason, "HostPathNotAllowed");
+        assert!(
+            p.message
+                .contains("allows no Disk tier on a node directory")
+        );
+        assert!(host_root(&with_disk("/var/lib/lakecache"), &crate::Config::default()).is_some());
+        assert!(host_root(&with_disk("/etc"), &crate::Config::default()).is_none());
+    }
+}
