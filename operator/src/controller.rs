@@ -136,7 +136,12 @@ where
         )
         .await;
     }
-    ctx.metrics
-        .reconciled(name, start.elapsed(), r.as_ref().err().map(|e| e.reason()));
+    // Waiting is progress, not a failure: it counts as a good reconcile.
+    let failed = r
+        .as_ref()
+        .err()
+        .filter(|e| !matches!(e, Error::Waiting(_)))
+        .map(|e| e.reason());
+    ctx.metrics.reconciled(name, start.elapsed(), failed);
     r
 }
