@@ -77,6 +77,9 @@ const MARKER_TEXT: &str = "lakecache local file cache, format 1\n";
 const STALE_PARTIAL: Duration = Duration::from_secs(120);
 /// Blocks waiting to be written.
 const QUEUE: usize = 64;
+/// Bytes of blocks waiting to be written, at most: a block offered past it is not kept (it is a
+/// cache), so the queue adds at most this much to a mount's memory whatever the block size.
+pub const QUEUE_BYTES: u64 = 32 << 20;
 
 /// Why the cache cannot be opened. Nothing in the directory is deleted when opening fails.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +154,8 @@ pub struct LocalFileCache {
     queue: SyncSender<Write>,
     /// Blocks queued and not yet written.
     pending: AtomicU64,
+    /// Their bytes.
+    pending_bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for LocalFileCache {
@@ -377,6 +382,7 @@ impl LocalFileCache {
             inner,
             queue: tx,
             pending: AtomicU64::new(0),
+            pending_bytes: AtomicU64::new(0),
         });
         let writer = Arc::downgrade(&this);
         std::thread::Builder::new()
@@ -385,9 +391,11 @@ impl LocalFileCache {
                 // Ends when the cache is dropped (its sender goes with it).
                 while let Ok(w) = rx.recv() {
                     let Some(cache) = writer.upgrade() else { break };
+                    let len = w.data.len() as u64;
                     if let Err(e) = cache.write(w) {
                         tracing::debug!(error = %e, "local cache write failed");
                     }
+                    cache.pending_bytes.fetch_sub(len, Ordering::AcqRel);
                     cache.pending.fetch_sub(1, Ordering::AcqRel);
                 }
             })
@@ -489,6 +497,12 @@ impl LocalFileCache {
         if meta.size == 0 || meta.size > self.capacity / 2 || meta.version.is_empty() {
             return;
         }
+        let len = data.len() as u64;
+        if self.pending_bytes.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES {
+            self.pending_bytes.fetch_sub(len, Ordering::AcqRel);
+            tracing::trace!("local cache queue full (bytes); block not kept");
+            return;
+        }
         let w = Write {
             key: key(path, &meta.version),
             size: meta.size,
@@ -498,6 +512,7 @@ impl LocalFileCache {
         };
         self.pending.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.queue.try_send(w) {
+            self.pending_bytes.fetch_sub(len, Ordering::AcqRel);
             self.pending.fetch_sub(1, Ordering::AcqRel);
             if let TrySendError::Full(_) = e {
                 tracing::trace!("local cache queue full; block not kept");

@@ -20,7 +20,8 @@
 //! most its budget plus [`READ_RESERVE`] (a read larger than the whole reserve takes it all and
 //! overruns it by the rest, which FUSE's reads, at most 1 MiB, never do with blocks of 1 MiB or
 //! more), plus one block per worker call still receiving (see `Reader`: a call never holds more
-//! than a block).
+//! than a block), plus, with node-local copies, [`crate::local_cache::QUEUE_BYTES`] of blocks
+//! waiting to be written there.
 //!
 //! A file no larger than one block is one block: it is fetched whole on its first read, which is
 //! how shuffled small files (images) are served.
