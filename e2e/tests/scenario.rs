@@ -452,10 +452,12 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         files.len()
     ));
 
+    // One stage; publish at least once (the CSIDriver's requiresRepublish has kubelet publish
+    // again periodically, with the current token).
     let calls = csi_calls(env).await?;
     ensure!(
         calls.get("NodeStageVolume/Ok") == Some(&1)
-            && calls.get("NodePublishVolume/Ok") == Some(&1),
+            && calls.get("NodePublishVolume/Ok").copied().unwrap_or(0) >= 1,
         "{calls:?}"
     );
 
