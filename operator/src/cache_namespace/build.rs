@@ -128,6 +128,10 @@ pub struct BuildInputs<'a> {
     pub init_image: &'a str,
     /// Who may reach the workers' data port, if the operator makes NetworkPolicies.
     pub network_policy: Option<&'a NetworkPolicyPeers>,
+    /// The PersistentVolume's name when it is not [`Names::of`]'s: the one this CacheNamespace's
+    /// claim is already bound to (an older operator named PVs `lakecache-NAMESPACE-NAME`, and a
+    /// claim's volumeName cannot change).
+    pub pv_name: Option<&'a str>,
 }
 
 /// The allowed root that a Disk tier's `path` names, normalized, or `None` if it names none.
@@ -286,7 +290,10 @@ pub fn worker_config(cn: &CacheNamespace, v: &ValidSpec) -> String {
 pub fn children(cn: &CacheNamespace, inp: &BuildInputs<'_>) -> Children {
     let name = cn.name_any();
     let ns = cn.namespace().unwrap_or_default();
-    let names = Names::of(&ns, &name);
+    let mut names = Names::of(&ns, &name);
+    if let Some(pv) = inp.pv_name {
+        names.pv = pv.to_string();
+    }
     let owner = cn
         .controller_owner_ref(&())
         .expect("a CacheNamespace from the API server has a name and uid");
@@ -829,6 +836,7 @@ mod tests {
                 default_image: "lakecache:test",
                 init_image: "lakecache-operator:test",
                 network_policy: np,
+                pv_name: None,
             },
         )
     }

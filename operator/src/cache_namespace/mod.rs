@@ -290,11 +290,16 @@ where
 /// The first child whose name is taken by an object this CacheNamespace does not control, as a
 /// problem; the PersistentVolume (cluster-scoped, without owner) is ours when its labels and
 /// annotation name this CacheNamespace's namespace, name and uid.
-async fn name_conflict(cn: &CacheNamespace, ctx: &Context) -> Result<Option<Problem>, Error> {
+async fn name_conflict(
+    cn: &CacheNamespace,
+    ctx: &Context,
+    pv_name: &str,
+) -> Result<Option<Problem>, Error> {
     let ns = cn.namespace().unwrap_or_default();
     let name = cn.name_any();
     let uid = cn.uid().unwrap_or_default();
     let names = Names::of(&ns, &name);
+    let legacy = pv_name != names.pv;
     let client = ctx.client.clone();
     let mut taken: Option<(&str, String)> = None;
     macro_rules! check_ns {
@@ -321,12 +326,12 @@ async fn name_conflict(cn: &CacheNamespace, ctx: &Context) -> Result<Option<Prob
     if taken.is_none() {
         let pvs: Api<PersistentVolume> = Api::all(client.clone());
         if let Some(pv) = pvs
-            .get_opt(&names.pv)
+            .get_opt(pv_name)
             .await
-            .map_err(kerr(format!("reading PersistentVolume {}", names.pv)))?
-            && !pv_is_ours(&pv, &ns, &name, &uid)
+            .map_err(kerr(format!("reading PersistentVolume {pv_name}")))?
+            && !pv_is_ours(&pv, &ns, &name, &uid, legacy)
         {
-            taken = Some(("PersistentVolume", names.pv.clone()));
+            taken = Some(("PersistentVolume", pv_name.to_string()));
         }
     }
     Ok(taken.map(|(kind, obj)| Problem {
@@ -338,24 +343,51 @@ async fn name_conflict(cn: &CacheNamespace, ctx: &Context) -> Result<Option<Prob
     }))
 }
 
-/// Whether a PersistentVolume is the one this operator made for CacheNamespace `ns/name`.
-fn pv_is_ours(pv: &PersistentVolume, ns: &str, name: &str, uid: &str) -> bool {
+/// Whether a PersistentVolume is the one this operator made for CacheNamespace `ns/name` (uid
+/// `uid`). A `legacy` PV (the one an older operator made and bound this CacheNamespace's own
+/// claim to) may lack the uid annotation; the next apply adds it.
+fn pv_is_ours(pv: &PersistentVolume, ns: &str, name: &str, uid: &str, legacy: bool) -> bool {
+    let annotated = pv
+        .annotations()
+        .get(build::OWNER_UID_ANNOTATION)
+        .map(String::as_str);
     pv.labels()
         .get(build::CACHE_NAMESPACE_LABEL)
         .map(String::as_str)
         == Some(name)
         && pv.labels().get(build::NAMESPACE_LABEL).map(String::as_str) == Some(ns)
-        && pv
-            .annotations()
-            .get(build::OWNER_UID_ANNOTATION)
-            .map(String::as_str)
-            == Some(uid)
+        && (annotated == Some(uid) || (legacy && annotated.is_none()))
+}
+
+/// The name of this CacheNamespace's PersistentVolume: [`Names::of`]'s, unless its own claim
+/// (controlled by it) is already bound to another, which a claim cannot change.
+async fn pv_name(cn: &CacheNamespace, ctx: &Context) -> Result<String, Error> {
+    let ns = cn.namespace().unwrap_or_default();
+    let names = Names::of(&ns, &cn.name_any());
+    let uid = cn.uid().unwrap_or_default();
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let bound = pvcs
+        .get_opt(&names.pvc)
+        .await
+        .map_err(kerr(format!(
+            "reading PersistentVolumeClaim {ns}/{}",
+            names.pvc
+        )))?
+        .filter(|c| {
+            c.owner_references()
+                .iter()
+                .any(|r| r.controller == Some(true) && r.uid == uid)
+        })
+        .and_then(|c| c.spec?.volume_name)
+        .filter(|v| !v.is_empty());
+    Ok(bound.unwrap_or(names.pv))
 }
 
 async fn apply(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Error> {
     let mut inputs = fetch(&cn, &ctx).await?;
+    let pv = pv_name(&cn, &ctx).await?;
     if inputs.problem.is_none() {
-        inputs.problem = name_conflict(&cn, &ctx).await?;
+        inputs.problem = name_conflict(&cn, &ctx, &pv).await?;
     }
     let checked = check(&cn, &inputs, &ctx.cfg);
     let port = checked
@@ -373,6 +405,7 @@ async fn apply(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Err
                     default_image: &ctx.cfg.worker_image,
                     init_image: &ctx.cfg.worker_init_image,
                     network_policy: ctx.cfg.network_policy.as_ref(),
+                    pv_name: Some(&pv),
                 },
             );
             apply_children(&cn, &children, &ctx).await?;
@@ -541,9 +574,10 @@ async fn apply_children(cn: &CacheNamespace, c: &Children, ctx: &Context) -> Res
         }
     }
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    ssa(&pvs, &names.pv, &c.pv)
+    let pv_name = c.pv.name_any();
+    ssa(&pvs, &pv_name, &c.pv)
         .await
-        .map_err(kerr(format!("applying PersistentVolume {}", names.pv)))?;
+        .map_err(kerr(format!("applying PersistentVolume {pv_name}")))?;
     apply_ns!(PersistentVolumeClaim, c.pvc, names.pvc);
     Ok(())
 }
@@ -896,14 +930,22 @@ async fn cleanup(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, E
     if let Some(root) = host_root(&cn, &ctx.cfg) {
         remove_node_dirs(&cn, &ctx, &root).await?;
     }
+    let pv_name = pv_name(&cn, &ctx).await?;
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     if let Some(pv) = pvs
-        .get_opt(&names.pv)
+        .get_opt(&pv_name)
         .await
-        .map_err(kerr(format!("reading PersistentVolume {}", names.pv)))?
+        .map_err(kerr(format!("reading PersistentVolume {pv_name}")))?
     {
         // Only a PV we made for this very CacheNamespace (its uid), and only that one.
-        let ours = pv_is_ours(&pv, &ns, &cn.name_any(), &cn.uid().unwrap_or_default());
+        let legacy = pv_name != names.pv;
+        let ours = pv_is_ours(
+            &pv,
+            &ns,
+            &cn.name_any(),
+            &cn.uid().unwrap_or_default(),
+            legacy,
+        );
         if ours {
             let dp = DeleteParams {
                 preconditions: Some(Preconditions {
@@ -912,10 +954,10 @@ async fn cleanup(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, E
                 }),
                 ..Default::default()
             };
-            match pvs.delete(&names.pv, &dp).await {
+            match pvs.delete(&pv_name, &dp).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(kerr(format!("deleting PersistentVolume {}", names.pv))(e)),
+                Err(e) => return Err(kerr(format!("deleting PersistentVolume {pv_name}"))(e)),
             }
         }
     }
@@ -928,8 +970,7 @@ async fn cleanup(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, E
         "CleanedUp",
         "Delete",
         format!(
-            "deleted PersistentVolume {}; the other children go with the CacheNamespace",
-            names.pv
+            "deleted PersistentVolume {pv_name}; the other children go with the CacheNamespace"
         ),
     )
     .await;
@@ -1002,5 +1043,63 @@ mod tests {
         );
         assert!(host_root(&with_disk("/var/lib/lakecache"), &crate::Config::default()).is_some());
         assert!(host_root(&with_disk("/etc"), &crate::Config::default()).is_none());
+    }
+
+    #[test]
+    fn a_pv_is_ours_only_when_it_names_our_namespace_name_and_uid() {
+        let pv = |ns: &str, name: &str, uid: Option<&str>| {
+            let mut p = PersistentVolume::default();
+            p.metadata.labels = Some(
+                [
+                    (build::NAMESPACE_LABEL.to_string(), ns.to_string()),
+                    (build::CACHE_NAMESPACE_LABEL.to_string(), name.to_string()),
+                ]
+                .into(),
+            );
+            p.metadata.annotations =
+                uid.map(|u| [(build::OWNER_UID_ANNOTATION.to_string(), u.to_string())].into());
+            p
+        };
+        assert!(pv_is_ours(
+            &pv("a", "b-c", Some("u1")),
+            "a",
+            "b-c",
+            "u1",
+            false
+        ));
+        // Another CacheNamespace's (the old name scheme made a/b-c and a-b/c share one).
+        assert!(!pv_is_ours(
+            &pv("a-b", "c", Some("u2")),
+            "a",
+            "b-c",
+            "u1",
+            false
+        ));
+        // An earlier CacheNamespace of the same name.
+        assert!(!pv_is_ours(
+            &pv("a", "b-c", Some("u0")),
+            "a",
+            "b-c",
+            "u1",
+            false
+        ));
+        assert!(!pv_is_ours(
+            &pv("a", "b-c", Some("u0")),
+            "a",
+            "b-c",
+            "u1",
+            true
+        ));
+        // An older operator's PV, which our own claim is bound to: ours until annotated.
+        assert!(pv_is_ours(&pv("a", "b-c", None), "a", "b-c", "u1", true));
+        assert!(!pv_is_ours(&pv("a", "b-c", None), "a", "b-c", "u1", false));
+        // Anyone's PV without our labels.
+        assert!(!pv_is_ours(
+            &PersistentVolume::default(),
+            "a",
+            "b-c",
+            "u1",
+            true
+        ));
     }
 }
