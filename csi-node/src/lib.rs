@@ -127,6 +127,8 @@ pub fn mounter_client(socket: &Path) -> MounterClient<Channel> {
 pub struct PluginOptions {
     pub endpoint: PathBuf,
     pub state_dir: PathBuf,
+    /// The state directory of earlier versions, whose volumes are moved to `state_dir`.
+    pub legacy_state_dir: Option<PathBuf>,
     pub admin_listen: std::net::SocketAddr,
     pub repair_interval: Duration,
     pub plugin: node::PluginConfig,
@@ -161,6 +163,19 @@ impl RunningPlugin {
 pub async fn start_plugin(opts: PluginOptions) -> anyhow::Result<RunningPlugin> {
     let state = state::StateDir::open(&opts.state_dir)
         .with_context(|| format!("opening the state directory {}", opts.state_dir.display()))?;
+    // Volumes staged before the state directory moved are repaired and unstaged from here.
+    if let Some(legacy) = &opts.legacy_state_dir {
+        let moved = state.adopt_legacy(legacy).with_context(|| {
+            format!(
+                "moving the volumes staged in {} to {}",
+                legacy.display(),
+                opts.state_dir.display()
+            )
+        })?;
+        for volume in moved {
+            tracing::warn!(%volume, from = %legacy.display(), "took over a volume staged in the old state directory");
+        }
+    }
     // Tokens and the mounter's socket must be the plugin's alone, whatever left them.
     let fixed = state.enforce_modes().with_context(|| {
         format!(

@@ -66,6 +66,14 @@ struct PluginArgs {
         default_value = lakecache_csi_node::state::DEFAULT_ROOT
     )]
     state_dir: PathBuf,
+    /// The state directory of earlier versions (inside kubelet's plugin directory): volumes
+    /// staged there are moved to --state-dir at start. Empty: none.
+    #[arg(
+        long,
+        env = "LAKECACHE_LEGACY_STATE_DIR",
+        default_value = lakecache_csi_node::state::LEGACY_ROOT
+    )]
+    legacy_state_dir: PathBuf,
     /// Address of /metrics, /livez and /readyz.
     #[arg(long, env = "LAKECACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9810")]
     admin_listen: std::net::SocketAddr,
@@ -195,6 +203,7 @@ async fn plugin(a: PluginArgs) -> anyhow::Result<()> {
     let opts = PluginOptions {
         endpoint: socket_path(&a.endpoint)?,
         state_dir: a.state_dir,
+        legacy_state_dir: Some(a.legacy_state_dir).filter(|p| !p.as_os_str().is_empty()),
         admin_listen: a.admin_listen,
         repair_interval: *a.repair_interval,
         plugin: PluginConfig {

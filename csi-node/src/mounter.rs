@@ -58,6 +58,27 @@ impl Proc {
     }
 }
 
+/// The FUSE server a pid file names, if it still runs.
+fn adoptable(path: &Path) -> Option<(String, Proc)> {
+    let b = std::fs::read(path).ok()?;
+    let Ok(pf) = serde_json::from_slice::<PidFile>(&b) else {
+        tracing::warn!(file = %path.display(), "ignoring an unreadable pid file");
+        return None;
+    };
+    if !is_fuse_server(pf.pid) {
+        tracing::info!(volume = %pf.volume_id, pid = pf.pid, "FUSE server is gone; the plugin will repair its mount");
+        return None;
+    }
+    tracing::info!(volume = %pf.volume_id, pid = pf.pid, path = %pf.mount_path.display(), "adopted a running FUSE server");
+    let p = Proc {
+        pid: pf.pid,
+        mount_path: pf.mount_path,
+        alive: Arc::new(AtomicBool::new(true)),
+        adopted: true,
+    };
+    Some((pf.volume_id, p))
+}
+
 /// Whether `pid` is alive and is one of our FUSE servers (not a reused pid).
 fn is_fuse_server(pid: u32) -> bool {
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
@@ -107,27 +128,8 @@ impl MounterService {
             return;
         };
         for e in rd.flatten() {
-            let path = e.path().join("fuse.pid");
-            let Ok(b) = std::fs::read(&path) else {
-                continue;
-            };
-            let Ok(pf) = serde_json::from_slice::<PidFile>(&b) else {
-                tracing::warn!(file = %path.display(), "ignoring an unreadable pid file");
-                continue;
-            };
-            if is_fuse_server(pf.pid) {
-                tracing::info!(volume = %pf.volume_id, pid = pf.pid, path = %pf.mount_path.display(), "adopted a running FUSE server");
-                self.procs.lock().insert(
-                    pf.volume_id,
-                    Proc {
-                        pid: pf.pid,
-                        mount_path: pf.mount_path,
-                        alive: Arc::new(AtomicBool::new(true)),
-                        adopted: true,
-                    },
-                );
-            } else {
-                tracing::info!(volume = %pf.volume_id, pid = pf.pid, "FUSE server is gone; the plugin will repair its mount");
+            if let Some((volume_id, p)) = adoptable(&e.path().join("fuse.pid")) {
+                self.procs.lock().insert(volume_id, p);
             }
         }
     }
@@ -270,7 +272,13 @@ impl Mounter for MounterService {
         let lock = self.lock_for(volume_id);
         let _guard = lock.lock().await;
 
-        let existing = self.procs.lock().remove(volume_id);
+        // A server this mounter did not start nor find at its start (its pid file came with a
+        // volume the plugin moved here from an older state directory) is adopted now.
+        let existing = self.procs.lock().remove(volume_id).or_else(|| {
+            adoptable(&config.with_file_name("fuse.pid"))
+                .filter(|(id, _)| id == volume_id)
+                .map(|(_, p)| p)
+        });
         if let Some(p) = existing {
             let health = mounts::health(&mount_path);
             if p.is_alive() && p.mount_path == mount_path && health == Health::Healthy {

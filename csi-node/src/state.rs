@@ -54,6 +54,10 @@ pub struct VolumeRecord {
 /// and the mounter's socket (which takes any command from whoever can connect).
 pub const DEFAULT_ROOT: &str = "/var/lib/kubelet/plugins/csi.lakecache.io-state";
 
+/// Where the state directory was before it moved out of kubelet's plugin directory (which the
+/// registrar container mounts too); a plugin finds the volumes staged there at start.
+pub const LEGACY_ROOT: &str = "/var/lib/kubelet/plugins/csi.lakecache.io/state";
+
 /// Modes of what the state directory holds: only its owner (root in the CSI pod) may enter it,
 /// read a token or a FUSE server's configuration, or talk to the mounter.
 pub const DIR_MODE: u32 = 0o700;
@@ -153,6 +157,56 @@ impl StateDir {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+
+    /// Moves the records of volumes staged by an earlier plugin in `legacy` (its state directory
+    /// before it moved) here, so that they are repaired and unstaged as usual: each volume's
+    /// record, FUSE server configuration (mode 0600) and pid file are copied, then the secrets
+    /// are removed from `legacy`. What is mounted there (an inline volume's FUSE mount) stays,
+    /// and the records keep naming it. A volume already here is left alone. Returns the volume
+    /// ids moved.
+    pub fn adopt_legacy(&self, legacy: &Path) -> std::io::Result<Vec<String>> {
+        let mut moved = Vec::new();
+        if legacy == self.root {
+            return Ok(moved);
+        }
+        let Ok(rd) = std::fs::read_dir(legacy.join("volumes")) else {
+            return Ok(moved);
+        };
+        for e in rd.flatten() {
+            let old = e.path();
+            let Ok(b) = std::fs::read(old.join("volume.json")) else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_slice::<VolumeRecord>(&b) else {
+                continue;
+            };
+            let new = self.volume_dir(&rec.volume_id);
+            if !new.join("volume.json").exists() {
+                std::fs::create_dir_all(&new)?;
+                for (name, mode) in [
+                    ("fuse.json", SECRET_MODE),
+                    ("token", SECRET_MODE),
+                    ("fuse.pid", 0o644),
+                ] {
+                    match std::fs::read(old.join(name)) {
+                        Ok(data) => write_atomic(&new.join(name), &data, mode)?,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                // The record last: a volume is here once its record is.
+                write_atomic(&new.join("volume.json"), &b, 0o644)?;
+                moved.push(rec.volume_id);
+            }
+            for name in ["fuse.json", "token", "fuse.pid", "volume.json"] {
+                match std::fs::remove_file(old.join(name)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+        Ok(moved)
     }
 
     /// Every volume record. A record that cannot be read is reported, not dropped.
@@ -283,6 +337,46 @@ mod tests {
         assert_eq!(mode(&s.fuse_config_path("v")), 0o600);
         assert_eq!(mode(&vd.join("volume.json")), 0o644, "not a secret");
         assert!(s.enforce_modes().unwrap().is_empty(), "nothing left to fix");
+    }
+
+    #[test]
+    fn volumes_staged_in_the_old_state_directory_move_here_and_leave_no_secret_there() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = StateDir::open(&dir.path().join("old")).unwrap();
+        let rec = VolumeRecord {
+            volume_id: "v".into(),
+            staging_path: legacy.volume_dir("v").join("mnt"),
+            ephemeral: true,
+            namespace: "ml".into(),
+            name: "imagenet".into(),
+            targets: BTreeMap::new(),
+            prefetch_budget: None,
+        };
+        legacy.save(&rec).unwrap();
+        write_atomic(&legacy.fuse_config_path("v"), b"{\"token\":\"t\"}", 0o600).unwrap();
+        std::fs::create_dir_all(rec.staging_path.clone()).unwrap();
+        let s = StateDir::open(&dir.path().join("new")).unwrap();
+        assert_eq!(
+            s.adopt_legacy(legacy.root()).unwrap(),
+            vec!["v".to_string()]
+        );
+        assert_eq!(s.load("v").unwrap(), Some(rec.clone()));
+        let cfg = s.fuse_config_path("v");
+        assert_eq!(std::fs::read(&cfg).unwrap(), b"{\"token\":\"t\"}");
+        assert_eq!(
+            std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            !legacy.fuse_config_path("v").exists(),
+            "the token is gone from the old place"
+        );
+        assert_eq!(legacy.load("v").unwrap(), None);
+        assert!(rec.staging_path.exists(), "what is mounted there stays");
+        assert!(s.adopt_legacy(legacy.root()).unwrap().is_empty());
+        assert!(s.adopt_legacy(&dir.path().join("none")).unwrap().is_empty());
+        assert!(s.adopt_legacy(s.root()).unwrap().is_empty());
     }
 
     #[test]

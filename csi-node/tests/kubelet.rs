@@ -990,3 +990,69 @@ async fn a_hung_cache_mount_makes_publish_unavailable_and_blocks_no_other_call()
         }
     }
 }
+
+/// An upgrade from a plugin that kept its state in the plugin directory (which the registrar
+/// mounts too): the new plugin moves the staged volume's record to its own state directory,
+/// the new mounter adopts the running FUSE server, reads go on, no token is left in the old
+/// place, and the volume unstages as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn volumes_staged_in_the_old_state_directory_are_taken_over() {
+    let lake = Lake::start(1).await;
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcs::new(root.path());
+    let old = root.path().join("csi/state");
+    node.state = old.clone();
+    node.start_mounter();
+    node.start_plugin();
+    let mut n = node.connect().await.node();
+    let staging = root.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let unstage = csi::NodeUnstageVolumeRequest {
+        volume_id: "v".into(),
+        staging_target_path: staging.display().to_string(),
+    };
+    n.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: "v".into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(mount_capability(Mode::MultiNodeReaderOnly)),
+        secrets: map(&[("token", TOKEN)]),
+        volume_context: map(&[
+            ("cacheNamespace", "imagenet"),
+            ("namespace", "ml"),
+            ("workers", &lake.workers_attr()),
+        ]),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let pid = fuse_pid(&old);
+
+    // The upgrade: a new plugin and mounter on the new state directory.
+    node.kill_plugin();
+    node.kill_mounter();
+    node.state = root.path().join("state");
+    node.legacy_state = old.clone();
+    node.start_mounter();
+    node.start_plugin();
+    let mut n = node.connect().await.node();
+    check_reads(&lake, &staging).await;
+    eventually(Duration::from_secs(10), "the volume's record moved", || {
+        (fuse_pid(&node.state) == pid).then_some(())
+    })
+    .await;
+    let left: Vec<_> = std::fs::read_dir(old.join("volumes"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|f| f.path())
+        // The adopted server still writes its metrics snapshot there; no secret.
+        .filter(|p| !p.ends_with("fuse.prom"))
+        .collect();
+    assert!(left.is_empty(), "left in the old place: {left:?}");
+    n.node_unstage_volume(unstage).await.unwrap();
+    assert!(!mounts::is_mount_point(&staging).unwrap());
+    eventually(Duration::from_secs(15), "the FUSE server stops", || {
+        (!alive(pid)).then_some(())
+    })
+    .await;
+}

@@ -137,6 +137,8 @@ pub struct NodeProcs {
     pub env: Vec<(String, String)>,
     /// Extra arguments of the plugin.
     pub plugin_args: Vec<String>,
+    /// The plugin's `--legacy-state-dir`.
+    pub legacy_state: PathBuf,
 }
 
 impl NodeProcs {
@@ -151,6 +153,7 @@ impl NodeProcs {
             startup_timeout: "3s",
             env: vec![],
             plugin_args: vec![],
+            legacy_state: root.join("legacy-state"),
         }
     }
 
@@ -175,6 +178,8 @@ impl NodeProcs {
             .args(["--node-id", "node-1"])
             .arg("--state-dir")
             .arg(&self.state)
+            .arg("--legacy-state-dir")
+            .arg(&self.legacy_state)
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{}", self.admin_port))
             .args(["--repair-interval", "500ms"])
