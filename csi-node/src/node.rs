@@ -1,4 +1,21 @@
 //! The CSI Identity and Node services, and the repair loop.
+//!
+//! What a request may ask is checked before anything is touched: the volume context's rules
+//! ([`VolumeContext`]: an inline volume, the tenant's own text, may not name workers; a volume
+//! that resolves a CacheNamespace needs the pod's namespace), the plugin's caps on a volume's
+//! sizes, and, for a volume not staged yet, room in the mounter's memory for one more FUSE
+//! server (its prefetch budget plus a fixed overhead, against the mounter's limit).
+//!
+//! Handlers never wait on the filesystem on a runtime thread: every file and mount call runs
+//! on the blocking pool under a deadline ([`PluginConfig::fs_timeout`]). A look into a cache
+//! mount asks the workers, and a worker that starts a listing and never ends it would
+//! otherwise hold the thread (and, with two such calls on two cores, every other call) for as
+//! long as the FUSE server waits on it.
+//!
+//! The data-plane token is a file of its own in the volume's state (mode 0600). kubelet
+//! publishes a volume again and again (`requiresRepublish`) with the current token of its
+//! publish secret; a new one replaces the file, which the FUSE server follows without a
+//! restart.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
