@@ -12,7 +12,8 @@
 //! - a CacheNamespace named so that a child's name is an admin's StatefulSet, ConfigMap,
 //!   Service or PersistentVolume: Failed with NameConflict, the object untouched (same
 //!   resourceVersion), and still there after the CacheNamespace is deleted;
-//! - and, as the admin: `a`/`b-c` and `a-b`/`c` get PersistentVolumes of their own.
+//! - and, as the admin: `a`/`b-c` and `a-b`/`c` get PersistentVolumes of their own, and the PV
+//!   an older operator named `lakecache-NAMESPACE-NAME` is kept for the claim bound to it.
 
 mod support;
 
@@ -144,6 +145,9 @@ async fn a_tenant_reaches_only_what_is_theirs() -> anyhow::Result<()> {
     install_crds(&cluster)?;
     let admin = cluster.client().await?;
     create_namespace(&admin, TENANT_NS).await?;
+    // Before the operator starts: what an older operator left, a PV named the old way
+    // (`lakecache-NAMESPACE-NAME`) that the CacheNamespace's own claim is bound to.
+    legacy_objects(&admin).await?;
     let kubeconfig = operator_account(&cluster).await?;
     let operator = Operator::start(
         &kubeconfig,
@@ -500,6 +504,96 @@ async fn a_tenant_reaches_only_what_is_theirs() -> anyhow::Result<()> {
         ensure!(claim.namespace.as_deref() == Some(ns) && claim.name.as_deref() == Some(name));
     }
     eprintln!("a/b-c and a-b/c: two PersistentVolumes");
+
+    // The older operator's PV is kept (its claim cannot move), not duplicated, and goes with
+    // its CacheNamespace; Kubernetes refuses to add the publish secret to it, which a Warning
+    // says.
+    let old: Api<CacheNamespace> = Api::namespaced(admin.clone(), LEGACY_NS);
+    let note = warning(&admin, LEGACY_NS, "legacy", "PersistentVolumeKept").await?;
+    ensure!(note.contains("lakecache-old-legacy"), "{note}");
+    wait("legacy's status written", || async {
+        let cn = old.get("legacy").await?;
+        Ok(cn.status.and_then(|s| s.phase))
+    })
+    .await?;
+    ensure!(pvs.get_opt("lakecache-old.legacy").await?.is_none());
+    ensure!(pvs.get_opt("lakecache-old-legacy").await?.is_some());
+    old.delete("legacy", &DeleteParams::default()).await?;
+    wait(
+        "the older operator's PV gone with its CacheNamespace",
+        || async {
+            Ok(pvs
+                .get_opt("lakecache-old-legacy")
+                .await?
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .await?;
+    eprintln!("an older operator's PV: kept, with a Warning, and deleted with its CacheNamespace");
     drop(operator);
+    Ok(())
+}
+
+const LEGACY_NS: &str = "old";
+
+/// A CacheNamespace `old/legacy` with the claim and PV an older operator made for it.
+async fn legacy_objects(admin: &Client) -> anyhow::Result<()> {
+    create_namespace(admin, LEGACY_NS).await?;
+    let cn = Api::<CacheNamespace>::namespaced(admin.clone(), LEGACY_NS)
+        .create(
+            &PostParams::default(),
+            &object(cache_namespace("legacy", LEGACY_NS, json!({}), memory())),
+        )
+        .await?;
+    let uid = cn.meta().uid.clone().context("no uid")?;
+    let labels = json!({
+        "app.kubernetes.io/managed-by": "lakecache-operator",
+        "lakecache.io/cache-namespace": "legacy",
+        "lakecache.io/namespace": LEGACY_NS,
+    });
+    Api::<PersistentVolume>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &object(json!({
+                "metadata": {"name": "lakecache-old-legacy", "labels": labels},
+                "spec": {
+                    "accessModes": ["ReadOnlyMany"],
+                    "capacity": {"storage": "1Pi"},
+                    "storageClassName": "",
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "volumeMode": "Filesystem",
+                    "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "legacy", "namespace": LEGACY_NS},
+                    "csi": {
+                        "driver": "csi.lakecache.io",
+                        "volumeHandle": "lakecache-old-legacy",
+                        "readOnly": true,
+                        "volumeAttributes": {"cacheNamespace": "legacy", "namespace": LEGACY_NS},
+                        "nodeStageSecretRef": {"name": "legacy-token", "namespace": LEGACY_NS},
+                    },
+                },
+            })),
+        )
+        .await?;
+    Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(admin.clone(), LEGACY_NS)
+        .create(
+            &PostParams::default(),
+            &object(json!({
+                "metadata": {
+                    "name": "legacy", "namespace": LEGACY_NS, "labels": labels,
+                    "ownerReferences": [{
+                        "apiVersion": "lakecache.io/v1alpha1", "kind": "CacheNamespace",
+                        "name": "legacy", "uid": uid, "controller": true,
+                    }],
+                },
+                "spec": {
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "",
+                    "volumeName": "lakecache-old-legacy",
+                    "resources": {"requests": {"storage": "1Pi"}},
+                },
+            })),
+        )
+        .await?;
     Ok(())
 }

@@ -575,9 +575,30 @@ async fn apply_children(cn: &CacheNamespace, c: &Children, ctx: &Context) -> Res
     }
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let pv_name = c.pv.name_any();
-    ssa(&pvs, &pv_name, &c.pv)
-        .await
-        .map_err(kerr(format!("applying PersistentVolume {pv_name}")))?;
+    match ssa(&pvs, &pv_name, &c.pv).await {
+        Ok(_) => {}
+        // A PV's source cannot change after creation: one an older operator made (without the
+        // publish secret) stays as it is and keeps serving; only token rotation for volumes
+        // mounted from it waits until the CacheNamespace is made again.
+        Err(kube::Error::Api(s)) if s.code == 422 && pv_name != names.pv => {
+            ctx.event(
+                cn,
+                EventType::Warning,
+                "PersistentVolumeKept",
+                "Apply",
+                format!(
+                    "PersistentVolume {pv_name} was made by an older operator and Kubernetes does \
+                     not change a PV's source ({}); it keeps serving, but without its \
+                     nodePublishSecretRef kubelet cannot hand a replaced data-plane token to \
+                     volumes already mounted from it: delete and create the CacheNamespace again \
+                     to get a PV that has one",
+                    s.message
+                ),
+            )
+            .await;
+        }
+        Err(e) => return Err(kerr(format!("applying PersistentVolume {pv_name}"))(e)),
+    }
     apply_ns!(PersistentVolumeClaim, c.pvc, names.pvc);
     Ok(())
 }
