@@ -641,6 +641,13 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     ));
     drop(dropper);
 
+    // 7b. A tenant attacks through the node: a ServiceAccount of another namespace that may only
+    // create pods and CacheNamespaces there. Each attack is refused, and says why.
+    let refused = tenant_attacks(env, &client).await?;
+    step(&format!(
+        "tenant attacks through the node refused: {refused}"
+    ));
+
     // 8. The pods go (their mounts are unpublished, the volume unstaged); deleting the
     // CacheNamespace removes everything it made.
     for p in ["trainer-0", "trainer-1", "reader"] {
@@ -724,6 +731,169 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     }
     eprintln!("  {total:6.1} s  in all");
     Ok(())
+}
+
+const TENANT_NS: &str = "team-b";
+
+/// The `FailedMount` messages kubelet recorded for a pod (`kubectl get events`), joined.
+fn mount_failures(cluster: &Cluster, pod: &str) -> anyhow::Result<String> {
+    let out = kubectl(
+        cluster,
+        &[
+            "-n",
+            TENANT_NS,
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={pod},reason=FailedMount"),
+            "-o",
+            "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+        ],
+        None,
+    )?;
+    Ok(out)
+}
+
+/// A tenant, as an attacker: a ServiceAccount of namespace `team-b` whose Role lets it create
+/// pods and CacheNamespaces there and nothing else, tries what it must not be able to do
+/// through the CSI driver and the API. Returns a summary of what each attempt got.
+async fn tenant_attacks(env: &Env, admin: &kube::Client) -> anyhow::Result<String> {
+    let cluster = &env.cluster;
+    kubectl(cluster, &["create", "namespace", TENANT_NS], None)?;
+    let rbac = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "tenant", "namespace": TENANT_NS}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "tenant", "namespace": TENANT_NS},
+         "rules": [
+            {"apiGroups": [""], "resources": ["pods", "secrets"],
+             "verbs": ["create", "get", "list", "watch", "delete"]},
+            {"apiGroups": ["lakecache.io"], "resources": ["cachenamespaces"],
+             "verbs": ["create", "get", "list", "watch", "delete"]},
+         ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "tenant", "namespace": TENANT_NS},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tenant"},
+         "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": TENANT_NS}]},
+    ]});
+    kubectl(cluster, &["apply", "-f", "-"], Some(&rbac.to_string()))?;
+    let tenant = lakecache_e2e::cluster::client_from_kubeconfig(
+        &cluster
+            .kubeconfig_for_service_account(TENANT_NS, "tenant")
+            .await?,
+    )
+    .await?;
+    let mut got = vec![];
+
+    // Through the API: the other namespace's token, its cache, a PersistentVolume of the driver.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(tenant.clone(), NS);
+    ensure!(
+        is_forbidden(&secrets.get("imagenet-token").await),
+        "the tenant read another namespace's data-plane token"
+    );
+    let other: Api<lakecache_api::CacheNamespace> = Api::namespaced(tenant.clone(), NS);
+    ensure!(is_forbidden(&other.list(&ListParams::default()).await));
+    let pvs: Api<PersistentVolume> = Api::all(tenant.clone());
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": "tenant-steals-imagenet"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                 "csi": {"driver": "csi.lakecache.io", "volumeHandle": "x",
+                         "volumeAttributes": {"cacheNamespace": "imagenet", "namespace": NS}}},
+    }))?;
+    ensure!(is_forbidden(&pvs.create(&PostParams::default(), &pv).await));
+    got.push("API: token Secret, CacheNamespaces of ml, a PV → Forbidden".to_string());
+
+    // Through the node: pods with CSI inline volumes, each refused by the plugin. Each carries
+    // a token of the tenant's own as its publish secret, so a missing token is not the reason.
+    let own: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(tenant.clone(), TENANT_NS);
+    own.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "guess"}, "stringData": {"token": "a-guessed-token"},
+        }))?,
+    )
+    .await?;
+    let servers_before = fuse_server_pids().len();
+    let image = lakecache_e2e::image::chart_image()?;
+    let pods: Api<Pod> = Api::namespaced(tenant.clone(), TENANT_NS);
+    let attacks: [(&str, Value, &[&str]); 4] = [
+        (
+            // A port scanner: the FUSE server would connect anywhere from the node's network.
+            "scan",
+            json!({"cacheNamespace": "x", "workers": "w=198.18.0.1:22"}),
+            &["InvalidArgument", "workers"],
+        ),
+        (
+            // Another namespace's cache.
+            "steal",
+            json!({"cacheNamespace": "imagenet", "namespace": NS}),
+            &["PermissionDenied", NS],
+        ),
+        (
+            // All the node's memory for one mount's read-ahead.
+            "hog-memory",
+            json!({"cacheNamespace": "x", "prefetchBudget": "1Ti"}),
+            &["InvalidArgument", "prefetchBudget"],
+        ),
+        (
+            // All the node's local-copy disk.
+            "hog-disk",
+            json!({"cacheNamespace": "x", "localCacheSize": "1Ti"}),
+            &["InvalidArgument", "localCacheSize"],
+        ),
+    ];
+    for (name, attributes, _) in &attacks {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": TENANT_NS},
+            "spec": {
+                "containers": [{"name": "c", "image": image, "imagePullPolicy": "Never",
+                                "command": ["sleep", "3600"],
+                                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                "volumes": [{"name": "data", "csi": {"driver": "csi.lakecache.io",
+                             "readOnly": true, "volumeAttributes": attributes,
+                             "nodePublishSecretRef": {"name": "guess"}}}],
+            },
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    let admin_pods: Api<Pod> = Api::namespaced(admin.clone(), TENANT_NS);
+    for (name, _, want) in &attacks {
+        let message = wait(&format!("the {name} pod's mount refused"), || async {
+            let m = mount_failures(cluster, name)?;
+            Ok((!m.trim().is_empty()).then_some(m))
+        })
+        .await?;
+        for w in *want {
+            ensure!(message.contains(w), "{name}: expected {w:?} in {message}");
+        }
+        ensure!(
+            !message.contains("198.18.0.1") || !message.to_lowercase().contains("connect"),
+            "{name}: the refusal tells a scanner about the address: {message}"
+        );
+        let p = admin_pods.get(name).await?;
+        ensure!(phase(&p) == "Pending", "{name}: {}", phase(&p));
+        let first = message.lines().next().unwrap_or_default();
+        got.push(format!(
+            "{name} → {}",
+            first.split("desc = ").nth(1).unwrap_or(first)
+        ));
+    }
+    ensure!(
+        fuse_server_pids().len() == servers_before,
+        "a refused mount started a FUSE server"
+    );
+    for (name, _, _) in &attacks {
+        pods.delete(name, &DeleteParams::default().grace_period(0))
+            .await?;
+    }
+    for g in &got {
+        eprintln!("  tenant: {g}");
+    }
+    Ok(format!("{} attempts", got.len()))
+}
+
+fn is_forbidden<T: std::fmt::Debug>(result: &kube::Result<T>) -> bool {
+    matches!(result, Err(kube::Error::Api(e)) if e.code == 403)
 }
 
 fn now() -> f64 {
