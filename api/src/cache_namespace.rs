@@ -406,6 +406,25 @@ pub struct CacheNamespaceStatus {
     /// The PersistentVolumeClaim that pods name to mount the cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_name: Option<String>,
+
+    /// The node directories of a host-path Disk tier that this CacheNamespace's workers have
+    /// used, each with its node: the operator removes every one when the CacheNamespace is
+    /// deleted, even after `path` or the allowed roots changed. Written only by the operator
+    /// (the status subresource), from the pods of its own StatefulSet; at most 1000 entries,
+    /// the oldest kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub disk_directories: Vec<NodeDirectory>,
+}
+
+/// A directory on a node that the operator removes when its CacheNamespace is deleted.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDirectory {
+    /// The Node's name.
+    pub node: String,
+    /// The directory on it, as the worker pod mounted it (`ROOT/NAMESPACE/NAME`).
+    pub path: String,
 }
 
 /// The phase of a CacheNamespace.
