@@ -1,6 +1,8 @@
 //! Who the workers are, and a client for each.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lakecache_proto::lakecache::v1::cache_worker_client::CacheWorkerClient;
@@ -22,12 +24,27 @@ pub struct Member {
 
 type Header = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
 
-/// Adds the data-plane token to every call. The token sits in a cell shared by every clone
-/// (every worker's client), so that a new token reaches every connection at once, without new
-/// channels: the next call carries it.
+/// Adds the data-plane token to every call that carries none yet. The token sits in a cell
+/// shared by every clone (every worker's client), so that a new token reaches every connection
+/// at once, without new channels: the next call carries it. The token it replaced is kept
+/// beside it for [`Membership::call`], which sends it to workers that still take only it.
 #[derive(Clone)]
 pub struct Auth {
-    header: Arc<RwLock<Option<Header>>>,
+    header: Arc<RwLock<Tokens>>,
+}
+
+#[derive(Default)]
+struct Tokens {
+    current: Option<Header>,
+    /// The token before the last rotation.
+    previous: Option<Header>,
+}
+
+/// Which of the tokens a call carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Current,
+    Previous,
 }
 
 /// `Bearer <token>`, the token without surrounding whitespace (as workers read their token
@@ -46,21 +63,27 @@ impl Auth {
     /// Sends `authorization: Bearer <token>`.
     pub fn bearer(token: &str) -> Result<Self, MembershipError> {
         Ok(Self {
-            header: Arc::new(RwLock::new(Some(bearer_header(token)?))),
+            header: Arc::new(RwLock::new(Tokens {
+                current: Some(bearer_header(token)?),
+                previous: None,
+            })),
         })
     }
 
     /// Sends no token.
     pub fn none() -> Self {
         Self {
-            header: Arc::new(RwLock::new(None)),
+            header: Default::default(),
         }
     }
 }
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(h) = &*self.header.read() {
+        // A call that already carries a token (see `Membership::call`) keeps it.
+        if !req.metadata().contains_key("authorization")
+            && let Some(h) = &self.header.read().current
+        {
             req.metadata_mut().insert("authorization", h.clone());
         }
         Ok(req)
@@ -73,6 +96,11 @@ pub type WorkerClient = CacheWorkerClient<InterceptedService<Channel, Auth>>;
 pub struct Conn {
     pub member: Member,
     pub client: WorkerClient,
+    /// 1 + the token generation in which this worker took the previous token and refused the
+    /// current one (0: it took the current one, or was never asked with the previous one). Its
+    /// calls then carry the previous token first, until the worker moves on or the token
+    /// changes again.
+    previous_ok: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +124,8 @@ pub struct Membership {
     connect_timeout: Duration,
     /// Bumped by every token change; see [`Membership::token_changes`].
     token_generation: tokio::sync::watch::Sender<u64>,
+    /// Bumped by every change of the member list; see [`Membership::member_changes`].
+    member_generation: tokio::sync::watch::Sender<u64>,
     rotates: std::sync::atomic::AtomicBool,
 }
 
@@ -110,19 +140,23 @@ impl Membership {
             auth,
             connect_timeout,
             token_generation: tokio::sync::watch::Sender::new(0),
+            member_generation: tokio::sync::watch::Sender::new(0),
             rotates: Default::default(),
         })
     }
 
-    /// Replaces the data-plane token of every worker's client (a rotation). Returns whether it
+    /// Replaces the data-plane token of every worker's client (a rotation), and keeps the one
+    /// it replaces as the previous token (see [`Membership::call`]). Returns whether it
     /// changed. A blank token is refused and the current one kept.
     pub fn set_token(&self, token: &str) -> Result<bool, MembershipError> {
         let header = bearer_header(token)?;
         let mut cur = self.auth.header.write();
-        if cur.as_ref() == Some(&header) {
+        if cur.current.as_ref() == Some(&header) {
             return Ok(false);
         }
-        *cur = Some(header);
+        let old = cur.current.replace(header);
+        // Back to the previous token (a rotation undone): the other one is now the previous.
+        cur.previous = old;
         drop(cur);
         self.token_generation.send_modify(|g| *g += 1);
         tracing::info!("data-plane token replaced");
@@ -145,6 +179,84 @@ impl Membership {
     /// A receiver that sees every token change.
     pub fn token_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.token_generation.subscribe()
+    }
+
+    /// A receiver that sees every change of the member list.
+    pub fn member_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.member_generation.subscribe()
+    }
+
+    /// Whether a token from before the last rotation is kept.
+    pub fn has_previous_token(&self) -> bool {
+        self.auth.header.read().previous.is_some()
+    }
+
+    /// Calls worker `conn` with `msg` through `call` (which makes the gRPC call on a clone of
+    /// `conn.client`, and may read the first message of a stream). During a rotation the
+    /// workers and this reader change tokens at different moments, so when the worker refuses
+    /// the token (`Unauthenticated`, not an error of its source) and a previous token is kept,
+    /// the call is made once more with the other token. A worker that took the previous one
+    /// gets it first from then on, until the token changes again or it refuses it.
+    pub async fn call<Req, T, F, Fut>(
+        &self,
+        conn: &Conn,
+        msg: Req,
+        mut call: F,
+    ) -> Result<T, tonic::Status>
+    where
+        Req: Clone,
+        F: FnMut(tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let generation = *self.token_generation.borrow();
+        let (current, previous) = {
+            let tokens = self.auth.header.read();
+            (tokens.current.clone(), tokens.previous.clone())
+        };
+        let Some(previous) = previous else {
+            // No rotation yet: the interceptor adds the only token.
+            return call(tonic::Request::new(msg)).await;
+        };
+        let (first, second) = {
+            let prefer_previous = conn.previous_ok.load(Ordering::Acquire) == generation + 1;
+            let current = (Which::Current, current);
+            let previous = (Which::Previous, Some(previous));
+            if prefer_previous {
+                (previous, current)
+            } else {
+                (current, previous)
+            }
+        };
+        let stamped = |header: &Option<Header>| {
+            let mut req = tonic::Request::new(msg.clone());
+            if let Some(h) = header {
+                req.metadata_mut().insert("authorization", h.clone());
+            }
+            req
+        };
+        let took = |which: Which| {
+            let v = match which {
+                Which::Previous => generation + 1,
+                Which::Current => 0,
+            };
+            conn.previous_ok.store(v, Ordering::Release);
+        };
+        match call(stamped(&first.1)).await {
+            Err(s) if refused_token(&s) => {}
+            r => {
+                if r.is_ok() {
+                    took(first.0);
+                }
+                return r;
+            }
+        }
+        tracing::debug!(worker = %conn.member.id, tried = ?first.0,
+            "the worker refused the token; trying the other one");
+        let r = call(stamped(&second.1)).await;
+        if r.is_ok() {
+            took(second.0);
+        }
+        r
     }
 
     /// Replaces the member list.
@@ -176,11 +288,16 @@ impl Membership {
                 .connect_lazy();
             let client = CacheWorkerClient::with_interceptor(channel, self.auth.clone())
                 .max_decoding_message_size(16 << 20);
-            next.push(Arc::new(Conn { member: m, client }));
+            next.push(Arc::new(Conn {
+                member: m,
+                client,
+                previous_ok: AtomicU64::new(0),
+            }));
         }
         tracing::info!(members = ?next.iter().map(|c| c.member.id.as_str()).collect::<Vec<_>>(),
             "membership updated");
         *self.conns.write() = Arc::new(next);
+        self.member_generation.send_modify(|g| *g += 1);
         Ok(())
     }
 
@@ -198,6 +315,14 @@ impl Membership {
             .map(|i| conns[i].clone())
             .collect()
     }
+}
+
+/// Whether a worker refused the token itself (not its source refusing the worker).
+fn refused_token(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unauthenticated
+        && s.metadata()
+            .get(lakecache_proto::lakecache::v1::SOURCE_ERROR_KEY)
+            .is_none()
 }
 
 #[cfg(test)]
@@ -226,6 +351,91 @@ mod tests {
             !m.set_token(" new ").unwrap(),
             "the same token is no change"
         );
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_tried_again_with_the_other_one_during_a_rotation() {
+        let m = Membership::new(Some("old"), Duration::from_secs(1)).unwrap();
+        m.set(vec![Member {
+            id: "w0".into(),
+            endpoint: "http://127.0.0.1:1".into(),
+        }])
+        .unwrap();
+        let conn = m.snapshot()[0].clone();
+        // What the worker takes, and the tokens the calls carried (None: the interceptor's).
+        let takes = parking_lot::Mutex::new("Bearer old");
+        let seen = parking_lot::Mutex::new(Vec::<Option<String>>::new());
+        let ask = || {
+            seen.lock().clear();
+            let (m, takes, seen) = (&m, &takes, &seen);
+            let conn = conn.clone();
+            async move {
+                m.call(&conn, (), |req: tonic::Request<()>| {
+                    let h = req
+                        .metadata()
+                        .get("authorization")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    seen.lock().push(h.clone());
+                    let ok = h.as_deref().is_none_or(|h| h == *takes.lock());
+                    async move {
+                        if ok {
+                            Ok(())
+                        } else {
+                            Err(tonic::Status::unauthenticated("wrong token"))
+                        }
+                    }
+                })
+                .await
+            }
+        };
+        let tried = |seen: &parking_lot::Mutex<Vec<Option<String>>>| {
+            seen.lock()
+                .iter()
+                .map(|h| {
+                    h.as_deref()
+                        .unwrap_or("-")
+                        .trim_start_matches("Bearer ")
+                        .to_string()
+                })
+                .collect::<Vec<_>>()
+        };
+        // No rotation yet: one call, with the interceptor's token.
+        ask().await.unwrap();
+        assert_eq!(tried(&seen), ["-"]);
+        // The reader has the new token, the worker still the old one: the old one after a
+        // refusal, then the old one first.
+        m.set_token("new").unwrap();
+        ask().await.unwrap();
+        assert_eq!(tried(&seen), ["new", "old"]);
+        ask().await.unwrap();
+        assert_eq!(tried(&seen), ["old"]);
+        // The worker restarts with the new token.
+        *takes.lock() = "Bearer new";
+        ask().await.unwrap();
+        assert_eq!(tried(&seen), ["old", "new"]);
+        ask().await.unwrap();
+        assert_eq!(tried(&seen), ["new"]);
+        // The workers rolled to a token the reader has not got yet: both are refused.
+        *takes.lock() = "Bearer newer";
+        let e = ask().await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert_eq!(tried(&seen), ["new", "old"]);
+        m.set_token("newer").unwrap();
+        ask().await.unwrap();
+        assert_eq!(tried(&seen), ["newer"]);
+        // A source that refused the worker is not a refused token: asked once.
+        let e = m
+            .call(&conn, (), |_| async {
+                let mut s = tonic::Status::unauthenticated("the lake refused the worker");
+                s.metadata_mut().insert(
+                    lakecache_proto::lakecache::v1::SOURCE_ERROR_KEY,
+                    "1".parse().unwrap(),
+                );
+                Err::<(), _>(s)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
     }
 
     #[test]

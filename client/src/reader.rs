@@ -114,8 +114,9 @@ enum Miss {
     Fault,
     /// Ask the next owner, but the worker is not at fault (a short block).
     Next,
-    /// The worker refused the data-plane token: ask the next owner; when every one refuses and
-    /// the token may be rotated, wait for the new token (see [`Reader::block`]).
+    /// The worker refused the data-plane token (both tokens, during a rotation): ask the next
+    /// owner; when every one refuses and the token may be rotated, ask again after a pause
+    /// (see [`Reader::block_uncached`]).
     Refused,
 }
 
@@ -188,6 +189,17 @@ impl Listings {
 /// Entries of listings a reader keeps by default: about 150 bytes each with S3 ETags, so
 /// ~300 MB at most.
 pub const DEFAULT_LISTING_BUDGET: usize = 2_000_000;
+
+/// The first pause before asking the workers again when every one refused the token.
+pub const REFUSED_FIRST_PAUSE: Duration = Duration::from_millis(250);
+/// The longest pause between passes while every worker refuses the token.
+pub const REFUSED_MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// What wakes a read that waits because every worker refused the token.
+struct Changes {
+    tokens: tokio::sync::watch::Receiver<u64>,
+    members: tokio::sync::watch::Receiver<u64>,
+}
 
 /// A worker in the reader's own process (`lakecache local`): its blocks come by a function call
 /// into its cache instead of gRPC over loopback, which saves the encoding, the socket and two
@@ -300,12 +312,15 @@ impl BlockCall {
         let waiting = self.health.waiting(id);
         // The first sign of life: the worker's empty first chunk, sent as soon as it takes the
         // call (or, from an older worker, the first chunk of data).
-        let first = async {
+        // Either token of a rotation (see `Membership::call`).
+        let first = self.membership.call(&conn, req, |req| {
             let mut client = conn.client.clone();
-            let mut stream = client.read_block(req).await?.into_inner();
-            let first = stream.message().await?;
-            Ok::<_, tonic::Status>((stream, first))
-        };
+            async move {
+                let mut stream = client.read_block(req).await?.into_inner();
+                let first = stream.message().await?;
+                Ok::<_, tonic::Status>((stream, first))
+            }
+        });
         let first = tokio::time::timeout(self.first_deadline, first).await;
         let (mut stream, first) = match first {
             Ok(Ok(found)) => found,
@@ -562,9 +577,10 @@ impl Reader {
 
     async fn list_uncached(&self, dir: &str) -> Result<Vec<DirEntry>, ReadError> {
         self.metrics.listings.inc();
-        // Bounded by the caller's deadline: a pass per token change.
+        // Bounded by the caller's deadline: a pass per pause while every worker refuses.
+        let mut pause = None;
         loop {
-            let mut tokens = self.membership.token_changes();
+            let mut changes = self.changes();
             let mut refused = false;
             for conn in self.candidates(path_item(dir)) {
                 match self.list_on(&conn, dir).await {
@@ -586,7 +602,7 @@ impl Reader {
                     }
                 }
             }
-            if !(refused && self.wait_for_token(&mut tokens).await) {
+            if !(refused && self.wait_after_refusal(&mut changes, &mut pause).await) {
                 break;
             }
         }
@@ -606,12 +622,14 @@ impl Reader {
         let req = pb::ListRequest {
             path: dir.to_string(),
         };
-        let first = async {
+        let first = self.membership.call(conn, req.clone(), |req| {
             let mut client = conn.client.clone();
-            let mut pages = client.list_pages(req.clone()).await?.into_inner();
-            let first = pages.message().await?;
-            Ok::<_, tonic::Status>((pages, first))
-        };
+            async move {
+                let mut pages = client.list_pages(req).await?.into_inner();
+                let first = pages.message().await?;
+                Ok::<_, tonic::Status>((pages, first))
+            }
+        });
         let (mut pages, first) = match tokio::time::timeout(deadline, first).await {
             Ok(Ok(found)) => found,
             Ok(Err(s)) if s.code() == Code::Unimplemented => {
@@ -638,9 +656,12 @@ impl Reader {
 
     /// A listing in one message, from a worker that predates `ListPages`.
     async fn list_whole(&self, conn: &Conn, req: pb::ListRequest) -> Attempt<Vec<DirEntry>> {
-        let mut client = conn.client.clone();
         let dir = req.path.clone();
-        match tokio::time::timeout(self.cfg.worker_timeout, client.list(req)).await {
+        let call = self.membership.call(conn, req, |req| {
+            let mut client = conn.client.clone();
+            async move { client.list(req).await }
+        });
+        match tokio::time::timeout(self.cfg.worker_timeout, call).await {
             Ok(Ok(r)) => Ok(r
                 .into_inner()
                 .entries
@@ -705,13 +726,14 @@ impl Reader {
     ///   hedged), and a failed attempt moves on to the next owner unless another still may
     ///   answer.
     async fn block_uncached(&self, key: BlockKey, size: u64) -> Result<Bytes, ReadError> {
-        // Bounded by the caller's deadline: a pass per token change.
+        // Bounded by the caller's deadline: a pass per pause while every worker refuses.
+        let mut pause = None;
         loop {
-            let mut tokens = self.membership.token_changes();
+            let mut changes = self.changes();
             let mut refused = false;
             match self.block_pass(key.clone(), size, &mut refused).await {
                 Err(e) if refused => {
-                    if !self.wait_for_token(&mut tokens).await {
+                    if !self.wait_after_refusal(&mut changes, &mut pause).await {
                         return Err(e);
                     }
                 }
@@ -720,15 +742,46 @@ impl Reader {
         }
     }
 
-    /// Whether to try again after every worker refused the token: when the token may be
-    /// rotated, once it changed (at once if it changed since `tokens` was taken). The caller's
-    /// deadline bounds the wait.
-    async fn wait_for_token(&self, tokens: &mut tokio::sync::watch::Receiver<u64>) -> bool {
+    fn changes(&self) -> Changes {
+        Changes {
+            tokens: self.membership.token_changes(),
+            members: self.membership.member_changes(),
+        }
+    }
+
+    /// Whether to try again after every worker refused the token (both tokens, when a previous
+    /// one is kept), and when: when the token may be rotated, after a pause that grows from
+    /// [`REFUSED_FIRST_PAUSE`] to [`REFUSED_MAX_PAUSE`], or at once when the token or the
+    /// member list changes (or changed since `changes` was taken). During a rotation the
+    /// workers and this reader take the new token at different moments: the workers may roll
+    /// before kubelet publishes the volume again (about a minute on a real kubelet) or
+    /// restart with a token this reader already holds. The caller's deadline bounds the
+    /// passes (the FUSE server's is 120 s).
+    async fn wait_after_refusal(
+        &self,
+        changes: &mut Changes,
+        pause: &mut Option<Duration>,
+    ) -> bool {
         if !self.membership.token_rotates() || self.cfg.direct_fallback && self.source.is_some() {
             return false;
         }
-        tracing::warn!("every worker refused the data-plane token; waiting for a new one");
-        tokens.changed().await.is_ok()
+        let wait = match *pause {
+            None => {
+                tracing::warn!(
+                    "every worker refused the data-plane token; retrying until the workers or \
+                     this reader take the new one"
+                );
+                REFUSED_FIRST_PAUSE
+            }
+            Some(p) => (p * 2).min(REFUSED_MAX_PAUSE),
+        };
+        *pause = Some(wait);
+        tokio::select! {
+            _ = changes.tokens.changed() => {}
+            _ = changes.members.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        true
     }
 
     /// One pass over the block's owners (see [`Reader::block_uncached`]); sets `refused` when

@@ -245,6 +245,65 @@ async fn wrong_token_is_refused() {
     assert_eq!(e.errno(), libc::EIO, "{e}");
 }
 
+/// A read that every worker refuses, when the token may rotate, is asked again after a pause of
+/// at most a second until its deadline: workers that restart with the token the reader holds
+/// serve it with no change on the reader's side. (Kubelet published the new token before the
+/// workers rolled, and the FUSE server started with it, so it keeps no previous token.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_every_worker_refuses_goes_on_once_the_workers_take_its_token() {
+    let mut l = lake(1).await;
+    let restart = |l: &mut Lake, token: &str| {
+        let old = l.workers[0].take().unwrap();
+        let addr = old.addr;
+        let mut cfg = worker_config(
+            0,
+            SourceSpec::new(format!("file://{}", l.dir.path().display())),
+            l._tiers[0].path(),
+        );
+        cfg.listen = addr;
+        cfg.token = Some(token.into());
+        async move {
+            old.stop().await;
+            Worker::start(cfg).await.unwrap()
+        }
+    };
+    let w = restart(&mut l, "old").await;
+    l.workers[0] = Some(w);
+    let r = reader(&l, "new", false);
+    r.membership().expect_rotation();
+    let cfg = ReaderConfig {
+        read_timeout: Duration::from_secs(20),
+        ..r.config().clone()
+    };
+    let r = Arc::new(Reader::new(cfg, r.membership().clone(), None));
+    let started = std::time::Instant::now();
+    let listing = tokio::spawn({
+        let r = r.clone();
+        async move { r.list("train").await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!listing.is_finished(), "the refused listing waits");
+    let w = restart(&mut l, "new").await;
+    l.workers[0] = Some(w);
+    let restarted = started.elapsed();
+    let entries = listing.await.unwrap().unwrap();
+    let took = started.elapsed();
+    eprintln!(
+        "refused listing answered {:?} after the worker restarted",
+        took - restarted
+    );
+    assert!(entries.iter().any(|e| e.name == "big.rec"));
+    assert!(
+        took - restarted < Duration::from_secs(3),
+        "the listing waited {:?} after the restart",
+        took - restarted
+    );
+    // Without rotation a refusal fails at once.
+    let plain = reader(&l, "wrong", false);
+    let e = plain.list("train").await.unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+}
+
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
