@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use lakecache_proto::csi::v1 as csi;
@@ -105,14 +105,30 @@ pub fn check_mounter_memory(
     ))
 }
 
+tokio::task_local! {
+    /// The volume lock taken last by the operation running on this task (a CSI call, a repair
+    /// pass), if it still holds it. A blocking call started under it keeps the lock until its
+    /// thread ends: past the deadline the handler answers and lets go of its guard, but the
+    /// thread (a bind mount, an unmount, a state write) runs on, and a retry must get `Aborted`
+    /// rather than run beside it.
+    static HELD: parking_lot::Mutex<Weak<Busy>>;
+}
+
 /// Runs `f` on the blocking pool, for at most `deadline`; past it the call is `Unavailable`
-/// (the thread finishes on its own). Every file and mount call of a handler goes through here,
-/// so that none holds a thread of the gRPC runtime.
+/// (the thread finishes on its own, holding the volume lock of the operation that started it,
+/// see [`HELD`]). Every file and mount call of a handler goes through here, so that none holds
+/// a thread of the gRPC runtime.
 async fn blocking<T: Send + 'static>(
     what: &str,
     deadline: Duration,
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
+    let held = HELD.try_with(|h| h.lock().upgrade()).ok().flatten();
+    let f = move || {
+        let r = f();
+        drop(held);
+        r
+    };
     match tokio::time::timeout(deadline, tokio::task::spawn_blocking(f)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => Err(Status::internal(format!("{what}: {e}"))),
@@ -128,22 +144,23 @@ pub struct Plugin {
     cfg: PluginConfig,
     state: StateDir,
     mounter: MounterClient<Channel>,
-    busy: parking_lot::Mutex<HashSet<String>>,
+    busy: Arc<parking_lot::Mutex<HashSet<String>>>,
     /// Held from the memory check of a new volume until its record is saved, so that two
     /// volumes staged at once cannot both take the last share of the mounter's memory.
     admission: tokio::sync::Mutex<()>,
     pub metrics: Arc<CsiMetrics>,
 }
 
-/// Marks a volume busy for the length of one operation.
-struct Busy<'a> {
-    plugin: &'a Plugin,
+/// Marks a volume busy for the length of one operation, and of the blocking calls it started
+/// that outlive it (see [`HELD`]).
+struct Busy {
+    set: Arc<parking_lot::Mutex<HashSet<String>>>,
     volume_id: String,
 }
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
-        self.plugin.busy.lock().remove(&self.volume_id);
+        self.set.lock().remove(&self.volume_id);
     }
 }
 
@@ -213,16 +230,21 @@ impl Plugin {
         }
     }
 
-    fn busy(&self, volume_id: &str, rpc: &str) -> Result<Busy<'_>, Status> {
+    /// Takes the volume's lock for this operation (`Aborted` while another holds it). Blocking
+    /// calls started on this task from now on hold it too, until their threads end.
+    fn busy(&self, volume_id: &str, rpc: &str) -> Result<Arc<Busy>, Status> {
         if !self.busy.lock().insert(volume_id.to_string()) {
             return Err(Status::aborted(format!(
-                "{rpc}: another operation on volume {volume_id} is in progress; retry"
+                "{rpc}: another operation on volume {volume_id} is in progress (or a file or \
+                 mount call of an earlier one is still running); retry"
             )));
         }
-        Ok(Busy {
-            plugin: self,
+        let busy = Arc::new(Busy {
+            set: self.busy.clone(),
             volume_id: volume_id.to_string(),
-        })
+        });
+        let _ = HELD.try_with(|h| *h.lock() = Arc::downgrade(&busy));
+        Ok(busy)
     }
 
     /// Runs `f` on the blocking pool within the filesystem deadline.
@@ -315,7 +337,7 @@ impl Plugin {
         f: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
         let start = Instant::now();
-        let r = f.await;
+        let r = HELD.scope(Default::default(), f).await;
         let code = match &r {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),
@@ -803,6 +825,10 @@ impl Plugin {
     /// the listed copy would write it back over the newer one (dropping a new target) or mount
     /// an unstaged volume again.
     pub async fn repair_all(&self) -> usize {
+        HELD.scope(Default::default(), self.repair_pass()).await
+    }
+
+    async fn repair_pass(&self) -> usize {
         let mut repaired = 0;
         let state = self.state.clone();
         let all = match self

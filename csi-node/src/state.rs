@@ -247,13 +247,17 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     std::fs::rename(&tmp, path)
 }
 
-/// `<dir>/<file name>.<pid>.tmp`.
+/// `<dir>/<file name>.<pid>.<n>.tmp`, `n` counting the calls of this process: no two writers,
+/// in this process or another, ever share a temporary file (a write left running by a handler
+/// past its deadline must not interleave with its retry's).
 pub fn temp_path(path: &Path) -> PathBuf {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!("{name}.{}.tmp", std::process::id()))
+    path.with_file_name(format!("{name}.{}.{n}.tmp", std::process::id()))
 }
 
 #[cfg(test)]
@@ -265,6 +269,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("fuse.pid"), dir.path().join("fuse.prom"));
         assert_ne!(temp_path(&a), temp_path(&b));
+        assert_ne!(
+            temp_path(&a),
+            temp_path(&a),
+            "two writes of one file never share one"
+        );
         write_atomic(&a, b"1", 0o644).unwrap();
         write_atomic(&b, b"2", 0o644).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), b"1");
