@@ -83,10 +83,10 @@ impl VolumeContext {
             })?;
         check_name(keys::NAMESPACE, namespace, 63)?;
         check_name(keys::CACHE_NAMESPACE, name, 253)?;
-        let workers = get(keys::WORKERS).map(parse_workers).transpose()?;
-        if ephemeral && workers.is_some() {
+        if ephemeral && ctx.contains_key(keys::WORKERS) {
             // An inline volume is the tenant's own text: a worker list there would make the FUSE
-            // server dial any address from the node's network (and report what it found).
+            // server dial any address from the node's network (and report what it found). The
+            // key is refused before its value is parsed, so a malformed one gets this answer too.
             return Err(ContextError(format!(
                 "volumeAttributes.{} is accepted only on a PersistentVolume (an administrator's \
                  object), not on an inline volume: remove it; the FUSE server then reads the \
@@ -95,6 +95,7 @@ impl VolumeContext {
                 name
             )));
         }
+        let workers = get(keys::WORKERS).map(parse_workers).transpose()?;
         let sub_path = match get(keys::SUB_PATH) {
             Some(p) => clean_sub_path(p)?,
             None => String::new(),
@@ -458,6 +459,19 @@ mod tests {
         .to_string();
         assert!(err.contains("only on a PersistentVolume"), "{err}");
         assert!(!err.contains("10.0.0.1"), "{err}");
+        // A malformed or blank list gets the same answer, not a parse error that invites fixing
+        // it.
+        for bad in ["not a list", "w0=", ""] {
+            let err = VolumeContext::parse(&ctx(&[
+                ("cacheNamespace", "imagenet"),
+                ("workers", bad),
+                (keys::EPHEMERAL, "true"),
+                (keys::POD_NAMESPACE, "team-a"),
+            ]))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("only on a PersistentVolume"), "{bad:?}: {err}");
+        }
         // A PersistentVolume (no ephemeral key) may.
         VolumeContext::parse(&ctx(&[
             ("cacheNamespace", "imagenet"),
