@@ -36,6 +36,15 @@ fn members(workers: &[WorkerSpec]) -> Vec<Member> {
 /// How often the FUSE server looks at its token file for a new token.
 pub const TOKEN_POLL: Duration = Duration::from_secs(1);
 
+/// The deadline of one read or listing, failovers and token refusals included. When the
+/// workers roll to a new token before kubelet publishes the volume again with it, every worker
+/// refuses this server's tokens until that publish: kubelet republishes `requiresRepublish`
+/// volumes on its pod sync, about every 60–90 s (`--sync-frequency`, 1 m, plus jitter), and
+/// this server takes the new token within [`TOKEN_POLL`]. Reads meanwhile ask again every
+/// second at most and at once on a new token, so they wait up to ~92 s and succeed; 120 s
+/// leaves room, and a read still refused then fails with EIO.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The token in a token file, without surrounding whitespace (as workers read theirs). An empty
 /// file is refused: it must never mean "no authentication".
 pub fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
@@ -199,7 +208,7 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<Reade
     let reader_cfg = ReaderConfig {
         block_size,
         worker_timeout: Duration::from_secs(60),
-        read_timeout: Duration::from_secs(120),
+        read_timeout: READ_TIMEOUT,
         metadata_ttl: cfg.metadata_ttl,
         direct_fallback: false,
     };

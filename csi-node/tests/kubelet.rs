@@ -371,9 +371,16 @@ async fn tenant_and_oversized_requests_are_refused() {
     let scan = format!("w0={addr}");
     let mut scan_ctx = with(&pod);
     scan_ctx.push(("workers", &scan));
+    let mut malformed_ctx = with(&pod);
+    malformed_ctx.push(("workers", "198.18.0.1:22,,="));
     let publishes: Vec<(csi::NodePublishVolumeRequest, Code, &str)> = vec![
         (
             inline(&scan_ctx, TOKEN),
+            Code::InvalidArgument,
+            "only on a PersistentVolume",
+        ),
+        (
+            inline(&malformed_ctx, TOKEN),
             Code::InvalidArgument,
             "only on a PersistentVolume",
         ),
@@ -577,9 +584,11 @@ fn read_loop(
     (failed, slowest)
 }
 
-/// The token rotation as kubelet drives it with `requiresRepublish`: the workers move to a new
-/// token, kubelet publishes the volume again with it, and the FUSE server takes it without a
-/// restart. Reads that every worker refuses meanwhile wait for the new token instead of failing.
+/// The token rotation as kubelet drives it with `requiresRepublish`, in both orders: kubelet
+/// publishes the volume again with the new token before the workers roll (the FUSE server then
+/// keeps the old token beside the new one and reads through workers that still take only the
+/// old one), or after (reads that every worker refuses are asked again until the new token
+/// comes). The FUSE server takes each token without a restart, and no read fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotated_token_reaches_the_fuse_server_without_a_failed_read() {
     const NEW_TOKEN: &str = "the-rotated-data-plane-token";
@@ -629,18 +638,19 @@ async fn a_rotated_token_reaches_the_fuse_server_without_a_failed_read() {
     n.node_publish_volume(publish(TOKEN)).await.unwrap();
     let pid = fuse_pid(&node.state);
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let passes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let reader = std::thread::spawn({
-        let (files, t, stop, passes) = (
-            lake.files.clone(),
-            target.clone(),
-            stop.clone(),
-            passes.clone(),
-        );
-        move || read_loop(files, t, stop, passes)
-    });
-    let passed = |n: usize| {
+    // Reads every file again and again until stopped: the failed reads and the slowest one.
+    let files = lake.files.clone();
+    let reading = || {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let passes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reader = std::thread::spawn({
+            let (files, t, stop, passes) =
+                (files.clone(), target.clone(), stop.clone(), passes.clone());
+            move || read_loop(files, t, stop, passes)
+        });
+        (stop, passes, reader)
+    };
+    let passed = |passes: &std::sync::Arc<std::sync::atomic::AtomicUsize>, n: usize| {
         let passes = passes.clone();
         async move {
             eventually(Duration::from_secs(30), "reads go on", || {
@@ -649,29 +659,63 @@ async fn a_rotated_token_reaches_the_fuse_server_without_a_failed_read() {
             .await
         }
     };
-    passed(2).await;
 
-    // The workers move to the new token one after the other; for a while none takes the old
-    // one (as long as kubelet takes to publish again).
+    // Order (a): kubelet publishes the new token first; the workers then restart with it, one
+    // after the other.
+    let (stop, passes, reader) = reading();
+    passed(&passes, 2).await;
+    n.node_publish_volume(publish(NEW_TOKEN)).await.unwrap();
+    // The FUSE server takes the new token within a poll of its token file; the workers still
+    // take only the old one, which it now sends after a refusal.
+    tokio::time::sleep(lakecache_csi_node::fuse_server::TOKEN_POLL * 2).await;
+    passed(
+        &passes,
+        passes.load(std::sync::atomic::Ordering::Acquire) + 2,
+    )
+    .await;
     lake.restart_worker(0, NEW_TOKEN).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     lake.restart_worker(1, NEW_TOKEN).await;
+    passed(
+        &passes,
+        passes.load(std::sync::atomic::Ordering::Acquire) + 3,
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (failed, slowest_a) = reader.join().unwrap();
+    eprintln!("token rotation, publish first: slowest read {slowest_a:?}");
+    assert!(
+        failed.is_empty(),
+        "failed reads (publish first): {failed:#?}"
+    );
+
+    // Order (b): the workers move to the next token one after the other; for a while none takes
+    // the one the FUSE server holds (as long as kubelet takes to publish again).
+    const NEXT_TOKEN: &str = "the-twice-rotated-data-plane-token";
+    let (stop, passes, reader) = reading();
+    passed(&passes, 2).await;
+    lake.restart_worker(0, NEXT_TOKEN).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lake.restart_worker(1, NEXT_TOKEN).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let republished = std::time::Instant::now();
-    n.node_publish_volume(publish(NEW_TOKEN)).await.unwrap();
+    n.node_publish_volume(publish(NEXT_TOKEN)).await.unwrap();
     let before = passes.load(std::sync::atomic::Ordering::Acquire);
-    passed(before + 1).await;
+    passed(&passes, before + 1).await;
     let first_pass_after = republished.elapsed();
-    passed(before + 3).await;
+    passed(&passes, before + 3).await;
     stop.store(true, std::sync::atomic::Ordering::Release);
-    let (failed, slowest) = reader.join().unwrap();
+    let (failed, slowest_b) = reader.join().unwrap();
     eprintln!(
-        "token rotation: slowest read {slowest:?}; a whole pass done {first_pass_after:?} after the publish with the new token"
+        "token rotation, workers first: slowest read {slowest_b:?}; a whole pass done {first_pass_after:?} after the publish with the new token"
     );
-    assert!(failed.is_empty(), "failed reads: {failed:#?}");
     assert!(
-        slowest >= Duration::from_secs(1),
-        "reads went to the workers during the rotation (and waited): slowest {slowest:?}"
+        failed.is_empty(),
+        "failed reads (workers first): {failed:#?}"
+    );
+    assert!(
+        slowest_b >= Duration::from_secs(1),
+        "reads went to the workers during the rotation (and waited): slowest {slowest_b:?}"
     );
     assert_eq!(
         fuse_pid(&node.state),
@@ -680,7 +724,7 @@ async fn a_rotated_token_reaches_the_fuse_server_without_a_failed_read() {
     );
 
     // Publishing again with the same token is idempotent; the token file holds the new token.
-    n.node_publish_volume(publish(NEW_TOKEN)).await.unwrap();
+    n.node_publish_volume(publish(NEXT_TOKEN)).await.unwrap();
     assert_eq!(mounts::mount_count(&target).unwrap(), 1);
     let vol = std::fs::read_dir(node.state.join("volumes"))
         .unwrap()
@@ -690,7 +734,7 @@ async fn a_rotated_token_reaches_the_fuse_server_without_a_failed_read() {
         .path();
     assert_eq!(
         std::fs::read_to_string(vol.join("token")).unwrap(),
-        NEW_TOKEN
+        NEXT_TOKEN
     );
     n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
         volume_id: "v".into(),
@@ -976,6 +1020,25 @@ async fn a_hung_cache_mount_makes_publish_unavailable_and_blocks_no_other_call()
     let took = started.elapsed();
     eprintln!("hung publishes answered Unavailable after {took:?}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The look into the mount still runs on its thread: a retry of the same volume (as kubelet
+    // sends) gets Aborted until that thread is done, never a second bind mount beside it.
+    for _ in 0..2 {
+        let e = n
+            .node_publish_volume(publish("a", "train"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "{e:?}");
+        assert!(e.message().contains("still running"), "{}", e.message());
+        let e = n
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: "a".into(),
+                target_path: root.path().join("a/pod/mount").display().to_string(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "{e:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     // The plugin's thread that looks into the mount waits until the FUSE server answers (a
     // minute) or is gone; without this, killing the plugin would wait for it.
     node.kill_mounter();
