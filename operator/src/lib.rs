@@ -37,9 +37,6 @@ pub use error::Error;
 /// The field manager of every server-side apply, and the `managed-by` label value.
 pub const MANAGER: &str = "lakecache-operator";
 
-/// The node directory a host-path Disk tier may use when the admin says nothing else.
-pub const DEFAULT_HOST_PATH_ROOT: &str = "/var/lib/lakecache";
-
 /// Settings of the operator process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -56,8 +53,8 @@ pub struct Config {
     /// The image of the init container that hands a host-path Disk tier to the worker's user:
     /// the operator's own image, never a CacheNamespace's (that one runs as root).
     pub worker_init_image: String,
-    /// The node directories a Disk tier's `path` may name (normalized, absolute). Empty: no
-    /// host-path Disk tier is allowed.
+    /// The node directories a Disk tier's `path` may name (normalized, absolute). Empty (the
+    /// default): no host-path Disk tier is allowed.
     pub allowed_host_path_roots: Vec<String>,
     /// A NetworkPolicy per CacheNamespace that lets only these pods reach the workers' data
     /// port; `None`: no NetworkPolicy.
@@ -89,7 +86,7 @@ impl Default for Config {
             worker_timeout: Duration::from_secs(5),
             preload_status_interval: Duration::from_secs(1),
             worker_init_image: "ghcr.io/lakecache/lakecache:latest".into(),
-            allowed_host_path_roots: vec![DEFAULT_HOST_PATH_ROOT.into()],
+            allowed_host_path_roots: vec![],
             network_policy: None,
             own_namespace: "default".into(),
             disk_cleanup_timeout: Duration::from_secs(300),

@@ -27,13 +27,10 @@ struct Cli {
     #[arg(long, env = "LAKECACHE_WORKER_INIT_IMAGE")]
     worker_init_image: Option<String>,
     /// Node directories a Disk tier's `path` may name, comma-separated; each CacheNamespace gets
-    /// `ROOT/NAMESPACE/NAME` below its root. Empty: no host-path Disk tiers.
-    #[arg(
-        long,
-        env = "LAKECACHE_ALLOWED_HOST_PATH_ROOTS",
-        value_delimiter = ',',
-        default_value = lakecache_operator::DEFAULT_HOST_PATH_ROOT
-    )]
+    /// `ROOT/NAMESPACE/NAME` below its root. Each should be a filesystem of its own, so that a
+    /// tier's size (which nothing on the node bounds) cannot fill the node's root disk. Empty
+    /// (the default): no host-path Disk tiers, only `storageClassName`.
+    #[arg(long, env = "LAKECACHE_ALLOWED_HOST_PATH_ROOTS", value_delimiter = ',')]
     allowed_host_path_roots: Vec<String>,
     /// Make a NetworkPolicy per CacheNamespace that lets only the CSI node plugin and operator
     /// pods (below) reach the workers' data port. Effective only where the CNI enforces them.

@@ -12,6 +12,10 @@
 //! - a CacheNamespace named so that a child's name is an admin's StatefulSet, ConfigMap,
 //!   Service or PersistentVolume: Failed with NameConflict, the object untouched (same
 //!   resourceVersion), and still there after the CacheNamespace is deleted;
+//! - editing its CacheNamespace (the annotation that once listed the nodes to clean, naming
+//!   nodes of its choosing; the spec), writing its status (Forbidden), a pod of its own with the
+//!   workers' labels: the pod is never published as a worker, and on delete no cleanup pod is
+//!   made for a node the operator did not record or that is no Node, and the finalizer ends;
 //! - and, as the admin: `a`/`b-c` and `a-b`/`c` get PersistentVolumes of their own, and the PV
 //!   an older operator named `lakecache-NAMESPACE-NAME` is kept for the claim bound to it.
 
@@ -21,10 +25,10 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use lakecache_api::{CacheNamespace, CacheNamespacePhase};
 use lakecache_e2e::{Cluster, ClusterOptions};
@@ -64,13 +68,18 @@ async fn tenant(cluster: &Cluster, admin: &Client, ns: &str) -> anyhow::Result<C
         )
         .await?;
     let verbs = ["create", "get", "list", "watch", "delete"];
+    // As real tenants have: they change their CacheNamespaces (spec, labels, annotations), but
+    // not their status.
+    let cn_verbs = [
+        "create", "get", "list", "watch", "delete", "update", "patch",
+    ];
     Api::<Role>::namespaced(admin.clone(), ns)
         .create(
             &PostParams::default(),
             &object(json!({
                 "metadata": {"name": "tenant", "namespace": ns},
                 "rules": [
-                    {"apiGroups": ["lakecache.io"], "resources": ["cachenamespaces"], "verbs": verbs},
+                    {"apiGroups": ["lakecache.io"], "resources": ["cachenamespaces"], "verbs": cn_verbs},
                     {"apiGroups": [""], "resources": ["pods"], "verbs": verbs},
                 ],
             })),
@@ -258,10 +267,42 @@ async fn a_tenant_reaches_only_what_is_theirs() -> anyhow::Result<()> {
     let mut good = cache_namespace("good", TENANT_NS, json!({}), disk(&format!("{ROOT}/")));
     good["spec"]["workers"] = json!({"image": "tenant.example/root-shell:latest"});
     cns.create(&PostParams::default(), &object(good)).await?;
-    let s = wait("good's StatefulSet", || async {
+    wait("good's StatefulSet", || async {
         Ok(sts.get_opt("good-worker").await?)
     })
     .await?;
+    // Created (never applied over a name someone else might have taken meanwhile), and then
+    // the operator's server-side apply owns the fields, so that one it drops later goes.
+    let managers = |s: &StatefulSet| -> Vec<(String, String)> {
+        s.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m.manager.clone().unwrap_or_default(),
+                    m.operation.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let applied = wait(
+        "good's StatefulSet's fields owned by the operator's apply",
+        || async {
+            let s = sts.get("good-worker").await?;
+            let m = managers(&s);
+            Ok((m.contains(&("lakecache-operator".into(), "Apply".into()))
+                && !m.contains(&("lakecache-operator".into(), "Update".into())))
+            .then_some(()))
+        },
+    )
+    .await;
+    let s = sts.get("good-worker").await?;
+    ensure!(
+        applied.is_ok(),
+        "good's StatefulSet's managers: {:?}",
+        managers(&s)
+    );
     let pod = s.spec.as_ref().unwrap().template.clone();
     let spec = pod.spec.as_ref().unwrap();
     let host = spec
@@ -328,6 +369,8 @@ async fn a_tenant_reaches_only_what_is_theirs() -> anyhow::Result<()> {
             .and_then(|r| r.name.as_deref())
             == Some("good-token")
     );
+
+    tenant_edits_and_deletes(&client, &admin).await?;
 
     // Names that are taken: nothing is applied over them, deleted, or adopted.
     let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), TENANT_NS);
@@ -408,6 +451,14 @@ async fn a_tenant_reaches_only_what_is_theirs() -> anyhow::Result<()> {
             format!("lakecache-{TENANT_NS}.taken4"),
         ),
     ];
+    // The tenant's own pod with the workers' labels, for a CacheNamespace whose StatefulSet
+    // name is taken: never published as a worker.
+    Api::<Pod>::namespaced(client.clone(), TENANT_NS)
+        .create(
+            &PostParams::default(),
+            &object(fake_worker("taken", "taken-worker-0", None)),
+        )
+        .await?;
     for (name, kind, obj) in &taken {
         cns.create(
             &PostParams::default(),
@@ -422,6 +473,16 @@ async fn a_tenant_reaches_only_what_is_theirs() -> anyhow::Result<()> {
         );
         let note = warning(&admin, TENANT_NS, name, "NameConflict").await?;
         ensure!(note.contains(obj.as_str()), "{note}");
+        let workers = admin_cns
+            .get(name)
+            .await?
+            .status
+            .unwrap_or_default()
+            .workers;
+        ensure!(
+            workers.is_empty(),
+            "{name}: pods that are not its workers are published: {workers:?}"
+        );
         // Nothing else was made for it either: no token Secret's worth of children.
         ensure!(
             cms.get_opt(&format!("{name}-worker-config"))
@@ -532,6 +593,151 @@ async fn a_tenant_reaches_only_what_is_theirs() -> anyhow::Result<()> {
     .await?;
     eprintln!("an older operator's PV: kept, with a Warning, and deleted with its CacheNamespace");
     drop(operator);
+    Ok(())
+}
+
+/// A pod the tenant makes with the worker labels of CacheNamespace `cn`, on `node` if given,
+/// mounting that CacheNamespace's node directory.
+fn fake_worker(cn: &str, name: &str, node: Option<&str>) -> Value {
+    json!({
+        "metadata": {
+            "name": name,
+            "namespace": TENANT_NS,
+            "labels": {
+                "app.kubernetes.io/name": "lakecache",
+                "app.kubernetes.io/component": "worker",
+                "app.kubernetes.io/instance": cn,
+                "app.kubernetes.io/managed-by": "lakecache-operator",
+                "lakecache.io/cache-namespace": cn,
+            },
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "worker", "image": "tenant.example/fake-worker:1"}],
+            "volumes": [{"name": "disk", "hostPath": {"path": format!("{ROOT}/{TENANT_NS}/{cn}")}}],
+        },
+    })
+}
+
+/// The tenant edits a host-path CacheNamespace every way its Role allows, adds a pod of its own
+/// with the workers' labels on a node of its choosing, and deletes the CacheNamespace.
+async fn tenant_edits_and_deletes(client: &Client, admin: &Client) -> anyhow::Result<()> {
+    let cns: Api<CacheNamespace> = Api::namespaced(client.clone(), TENANT_NS);
+    let admin_cns: Api<CacheNamespace> = Api::namespaced(admin.clone(), TENANT_NS);
+    let sts: Api<StatefulSet> = Api::namespaced(admin.clone(), TENANT_NS);
+    cns.create(
+        &PostParams::default(),
+        &object(cache_namespace("edits", TENANT_NS, json!({}), disk(ROOT))),
+    )
+    .await?;
+    wait("edits' StatefulSet", || async {
+        Ok(sts.get_opt("edits-worker").await?)
+    })
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), TENANT_NS);
+    pods.create(
+        &PostParams::default(),
+        &object(fake_worker("edits", "edits-worker-7", Some("ghost-node"))),
+    )
+    .await?;
+    // The real worker (Pending: no node here) is published; the tenant's pod never.
+    wait("edits' worker in its status", || async {
+        let st = admin_cns.get("edits").await?.status.unwrap_or_default();
+        Ok(st
+            .workers
+            .iter()
+            .any(|w| w.name == "edits-worker-0")
+            .then_some(()))
+    })
+    .await?;
+    for _ in 0..3 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let st = admin_cns.get("edits").await?.status.unwrap_or_default();
+        ensure!(
+            st.workers.iter().all(|w| w.name != "edits-worker-7"),
+            "the tenant's pod is published as a worker: {:?}",
+            st.workers
+        );
+        ensure!(
+            st.disk_directories.is_empty(),
+            "a directory of a pod the operator did not make is recorded: {:?}",
+            st.disk_directories
+        );
+    }
+    // What the tenant may change: annotations (the list of nodes an older operator cleaned) and
+    // the spec. The status it may not write.
+    cns.patch(
+        "edits",
+        &PatchParams::default(),
+        &Patch::Merge(json!({
+            "metadata": {"annotations": {"lakecache.io/disk-nodes": "ghost-node,control-plane-1"}},
+            "spec": {"tiers": [{"kind": "Disk", "size": "32Mi", "path": format!("{ROOT}/")}]},
+        })),
+    )
+    .await?;
+    let denied = cns
+        .patch_status(
+            "edits",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"diskDirectories": [
+                {"node": "control-plane-1", "path": format!("{ROOT}/{TENANT_NS}/edits")},
+            ]}})),
+        )
+        .await;
+    ensure!(
+        matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403),
+        "the tenant may write the status: {denied:?}"
+    );
+    // A directory the operator recorded on a node that has gone since (written here by the
+    // admin, as the operator would have).
+    admin_cns
+        .patch_status(
+            "edits",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"diskDirectories": [
+                {"node": "gone-node", "path": format!("{ROOT}/{TENANT_NS}/edits")},
+            ]}})),
+        )
+        .await?;
+    wait("the recorded directory in the status", || async {
+        let st = admin_cns.get("edits").await?.status.unwrap_or_default();
+        Ok((st.disk_directories.len() == 1).then_some(()))
+    })
+    .await?;
+    cns.delete("edits", &DeleteParams::default()).await?;
+    wait("edits gone (its finalizer done)", || async {
+        Ok(admin_cns.get_opt("edits").await?.is_none().then_some(()))
+    })
+    .await?;
+    let cleaners =
+        Api::<Pod>::namespaced(admin.clone(), "lakecache-system")
+            .list(&ListParams::default().labels(
+                "app.kubernetes.io/component=disk-cleanup,lakecache.io/cache-namespace=edits",
+            ))
+            .await?;
+    ensure!(
+        cleaners.items.is_empty(),
+        "cleanup pods were made for nodes the operator did not record or that are no Node: {:?}",
+        cleaners
+            .items
+            .iter()
+            .map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+            .collect::<Vec<_>>()
+    );
+    let note = warning(admin, TENANT_NS, "edits", "NodeDirectoryLeft").await?;
+    ensure!(
+        note.contains("gone-node") && note.contains(&format!("{ROOT}/{TENANT_NS}/edits")),
+        "{note}"
+    );
+    ensure!(!note.contains("  "), "garbled: {note:?}");
+    // The StatefulSet controller may have adopted and removed it, or the pod garbage collector
+    // (its node does not exist).
+    let _ = pods
+        .delete("edits-worker-7", &DeleteParams::default())
+        .await;
+    eprintln!(
+        "a tenant's edits, status write (Forbidden) and fake worker: not published, no cleanup pod, the finalizer done"
+    );
     Ok(())
 }
 

@@ -8,7 +8,12 @@
 //! A child's name may already be taken by an object this CacheNamespace does not control (made
 //! by an admin, another tool, or another CacheNamespace): then nothing is applied or deleted,
 //! since server-side apply with `force` would take the object over and a tenant could thereby
-//! rewrite or delete what is not theirs. The status says NameConflict and names the object.
+//! rewrite or delete what is not theirs. The status says NameConflict and names the object. A
+//! missing child is created (AlreadyExists if one appeared meanwhile: looked at again), and only
+//! a child that is ours is applied over with `force`, with its uid as a precondition ([`put`]).
+//!
+//! The worker pods are those whose controller is this CacheNamespace's StatefulSet (by uid) and
+//! whose name is one of its ordinals: the labels alone are anyone's to set.
 //!
 //! A problem with the object (an invalid spec, a missing Secret) changes nothing that runs: the
 //! children stay as they were, the workers keep serving what they cached, and the status says
@@ -28,7 +33,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
+    ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -42,7 +47,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
 use lakecache_api::{
-    CacheNamespace, CacheNamespacePhase, DEFAULT_WORKER_PORT, DiskLocation, ValidSpec,
+    CacheNamespace, CacheNamespacePhase, DEFAULT_WORKER_PORT, DiskLocation, NodeDirectory,
+    ValidSpec,
 };
 use lakecache_proto::lakecache::v1 as pb;
 use serde::Serialize;
@@ -428,15 +434,10 @@ async fn apply(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Err
     if checked.is_ok() {
         obs.scan = scan(&cn, &obs, &token, port, &ctx);
     }
-    if host_root(&cn, &ctx.cfg).is_some() {
-        let nodes = obs
-            .pods
-            .iter()
-            .filter_map(|p| p.spec.as_ref()?.node_name.clone());
-        remember_disk_nodes(&cn, nodes, &ctx).await?;
-    }
+    let disk_directories = record_disk_directories(&cn, &obs.pods, &ctx).await?;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let new = status::compute(&cn, port, checked.as_ref().err(), &obs, &now);
+    let mut new = status::compute(&cn, port, checked.as_ref().err(), &obs, &now);
+    new.disk_directories = disk_directories;
     let old_phase = cn.status.as_ref().and_then(|s| s.phase);
     if new.phase != old_phase
         && let Some(phase) = new.phase
@@ -456,20 +457,106 @@ async fn apply(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Err
         ctx.event(&*cn, type_, reason, "Status", ready).await;
     }
     if cn.status.as_ref() != Some(&new) {
-        let api: Api<CacheNamespace> =
-            Api::namespaced(ctx.client.clone(), &cn.namespace().unwrap_or_default());
-        api.patch_status(
-            &cn.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": new })),
-        )
-        .await
-        .map_err(kerr(format!(
-            "writing the status of CacheNamespace {}",
-            key(&*cn)
-        )))?;
+        write_status(&cn, serde_json::to_value(&new).unwrap_or_default(), &ctx).await?;
     }
     Ok(Action::requeue(ctx.cfg.resync))
+}
+
+/// Merges `status` into the CacheNamespace's status, only if the object is still the one read
+/// (its resourceVersion): a status computed from an older read would drop node directories
+/// recorded since. A conflict is retried shortly, with a fresh read.
+async fn write_status(
+    cn: &CacheNamespace,
+    status: serde_json::Value,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let api: Api<CacheNamespace> =
+        Api::namespaced(ctx.client.clone(), &cn.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": cn.resource_version()},
+        "status": status,
+    });
+    match api
+        .patch_status(
+            &cn.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Waiting(format!(
+            "CacheNamespace {} changed since it was read; its status is written on the next look",
+            key(cn)
+        ))),
+        Err(e) => Err(kerr(format!(
+            "writing the status of CacheNamespace {}",
+            key(cn)
+        ))(e)),
+    }
+}
+
+/// Whether `pod` is one of StatefulSet `sts`'s workers: its controller is `sts` (by uid) and its
+/// name is `STS-N` for an ordinal below the StatefulSet's replicas. The StatefulSet controller
+/// adopts an orphan pod with its labels and a member's name, so a pod a tenant made with the
+/// labels and, say, `NAME-worker-7` would have `sts` as controller until scaled away.
+fn is_worker(pod: &Pod, sts: &StatefulSet) -> bool {
+    let Some(uid) = sts.uid() else { return false };
+    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let name = pod.name_any();
+    let member = name
+        .strip_prefix(&format!("{}-", sts.name_any()))
+        .and_then(|n| Some((n, n.parse::<i32>().ok()?)))
+        .is_some_and(|(n, i)| i.to_string() == n && (0..replicas).contains(&i));
+    member && controlled_by(pod, &uid)
+}
+
+/// Whether `o`'s controller is the object of uid `uid`.
+fn controlled_by(o: &impl Resource, uid: &str) -> bool {
+    o.meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.controller == Some(true) && r.uid == uid)
+}
+
+/// Adds the host-path Disk tier directory of each of `pods` (the workers of this
+/// CacheNamespace's own StatefulSet) to `status.diskDirectories`, and returns the list. Written
+/// through the status subresource, which tenants cannot write.
+async fn record_disk_directories(
+    cn: &CacheNamespace,
+    pods: &[Pod],
+    ctx: &Context,
+) -> Result<Vec<NodeDirectory>, Error> {
+    let ns = cn.namespace().unwrap_or_default();
+    let name = cn.name_any();
+    let known = cn
+        .status
+        .as_ref()
+        .map(|s| s.disk_directories.clone())
+        .unwrap_or_default();
+    let found = pods
+        .iter()
+        .filter_map(|p| node_dirs::of_pod(p, &ns, &name, &ctx.cfg.allowed_host_path_roots));
+    let (all, left_out) = node_dirs::merge(&known, found);
+    if left_out > 0 {
+        ctx.event(
+            cn,
+            EventType::Warning,
+            "NodeDirectoriesNotRecorded",
+            "Record",
+            format!(
+                "status.diskDirectories holds at most {} directories: {left_out} more were not \
+                 recorded and will not be removed when the CacheNamespace is deleted",
+                node_dirs::MAX_DIRECTORIES
+            ),
+        )
+        .await;
+    }
+    if all != known {
+        write_status(cn, serde_json::json!({ "diskDirectories": all }), ctx).await?;
+    }
+    Ok(all)
 }
 
 /// Server-side apply of one object we own.
@@ -485,18 +572,108 @@ where
     .await
 }
 
+/// What [`put`] did.
+enum Put {
+    Done,
+    /// The name is taken by an object that is not ours (made since [`name_conflict`] looked):
+    /// nothing was written; the next reconcile names it.
+    Foreign,
+}
+
+/// Writes child `obj` named `name`: created when nothing has the name (a create fails with
+/// AlreadyExists if something appeared meanwhile, and is looked at again), applied over with
+/// `force` only when the object there is ours (`ours`), with its uid in the applied object so
+/// that one made in its place meanwhile is refused, not taken over.
+async fn put<K>(
+    api: &Api<K>,
+    name: &str,
+    obj: &K,
+    ours: impl Fn(&K) -> bool,
+) -> Result<Put, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    match api.get_opt(name).await? {
+        None => {
+            let pp = PostParams {
+                field_manager: Some(MANAGER.into()),
+                ..Default::default()
+            };
+            match api.create(&pp, obj).await {
+                Ok(created) => {
+                    take_as_applied(api, name, &created).await?;
+                    Ok(Put::Done)
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Put::Foreign),
+                Err(e) => Err(e),
+            }
+        }
+        Some(existing) if ours(&existing) => {
+            let mut o = obj.clone();
+            o.meta_mut().uid = existing.meta().uid.clone();
+            ssa(api, name, &o).await.map(|_| Put::Done)
+        }
+        Some(_) => Ok(Put::Foreign),
+    }
+}
+
+/// Turns the fields a create recorded for [`MANAGER`] (an Update) into its server-side apply's
+/// (as client-go's csaupgrade does), so that a field the next apply leaves out is removed, not
+/// kept by the create's entry.
+async fn take_as_applied<K>(api: &Api<K>, name: &str, created: &K) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let mut fields = created.meta().managed_fields.clone().unwrap_or_default();
+    let mut changed = false;
+    for f in &mut fields {
+        if f.manager.as_deref() == Some(MANAGER) && f.operation.as_deref() == Some("Update") {
+            f.operation = Some("Apply".into());
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"metadata": {
+        "uid": created.meta().uid,
+        "resourceVersion": created.meta().resource_version,
+        "managedFields": fields,
+    }});
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {}
+        // Changed meanwhile, or refused: the fields stay co-owned by the create, which matters
+        // only for a field a later apply drops; the object is ours either way.
+        Err(e) => {
+            tracing::warn!(object = name, error = %e, "could not hand a created object's fields to server-side apply")
+        }
+    }
+    Ok(())
+}
+
 async fn apply_children(cn: &CacheNamespace, c: &Children, ctx: &Context) -> Result<(), Error> {
     let ns = cn.namespace().unwrap_or_default();
     let names = Names::of(&ns, &cn.name_any());
+    let uid = cn.uid().unwrap_or_default();
     let client = ctx.client.clone();
+    let foreign = |kind: &str, name: &str| {
+        Error::Waiting(format!(
+            "{kind} {name} was made by someone else since the names were checked; \
+             the next look reports the conflict"
+        ))
+    };
     macro_rules! apply_ns {
         ($ty:ty, $obj:expr, $name:expr) => {{
             let api: Api<$ty> = Api::namespaced(client.clone(), &ns);
-            ssa(&api, &$name, &$obj).await.map_err(kerr(format!(
-                "applying {} {ns}/{}",
-                stringify!($ty),
-                $name
-            )))?;
+            let done = put(&api, &$name, &$obj, |o| controlled_by(o, &uid))
+                .await
+                .map_err(kerr(format!("applying {} {ns}/{}", stringify!($ty), $name)))?;
+            if let Put::Foreign = done {
+                return Err(foreign(stringify!($ty), &format!("{ns}/{}", $name)));
+            }
         }};
     }
     apply_ns!(ConfigMap, c.config_map, names.config_map);
@@ -507,8 +684,18 @@ async fn apply_children(cn: &CacheNamespace, c: &Children, ctx: &Context) -> Res
         apply_ns!(NetworkPolicy, np, names.network_policy);
     }
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-    match ssa(&sts, &names.statefulset, &c.statefulset).await {
-        Ok(_) => {}
+    match put(&sts, &names.statefulset, &c.statefulset, |o| {
+        controlled_by(o, &uid)
+    })
+    .await
+    {
+        Ok(Put::Done) => {}
+        Ok(Put::Foreign) => {
+            return Err(foreign(
+                "StatefulSet",
+                &format!("{ns}/{}", names.statefulset),
+            ));
+        }
         // Kubernetes refuses changes to a StatefulSet's volume claim templates (a Disk tier that
         // moves to or between storage classes). Replace the StatefulSet but orphan its pods:
         // the new one adopts them and rolls them one by one, so the cache stays up.
@@ -575,8 +762,15 @@ async fn apply_children(cn: &CacheNamespace, c: &Children, ctx: &Context) -> Res
     }
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let pv_name = c.pv.name_any();
-    match ssa(&pvs, &pv_name, &c.pv).await {
-        Ok(_) => {}
+    let legacy = pv_name != names.pv;
+    let cn_name = cn.name_any();
+    match put(&pvs, &pv_name, &c.pv, |pv| {
+        pv_is_ours(pv, &ns, &cn_name, &uid, legacy)
+    })
+    .await
+    {
+        Ok(Put::Done) => {}
+        Ok(Put::Foreign) => return Err(foreign("PersistentVolume", &pv_name)),
         // A PV's source cannot change after creation: one an older operator made (without the
         // publish secret) stays as it is and keeps serving; only token rotation for volumes
         // mounted from it waits until the CacheNamespace is made again.
@@ -627,12 +821,20 @@ async fn observe(
                 .iter()
                 .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
         });
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods = pods
-        .list(&ListParams::default().labels(&build::selector_string(&name)))
-        .await
-        .map_err(kerr(format!("listing the worker pods of {ns}/{name}")))?
-        .items;
+    // Only the pods of our StatefulSet: anyone who may create pods in the namespace can give one
+    // the workers' labels, and the workers' list is what readers (and preloads, with the token)
+    // connect to.
+    let pods: Vec<Pod> = match &statefulset {
+        None => vec![],
+        Some(s) => Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+            .list(&ListParams::default().labels(&build::selector_string(&name)))
+            .await
+            .map_err(kerr(format!("listing the worker pods of {ns}/{name}")))?
+            .items
+            .into_iter()
+            .filter(|p| is_worker(p, s))
+            .collect(),
+    };
     let mut infos = vec![];
     if let Some(token) = token {
         let ready: Vec<_> = status::workers(&pods, port)
@@ -783,50 +985,54 @@ fn host_root(cn: &CacheNamespace, cfg: &crate::Config) -> Option<String> {
     }
 }
 
-/// Adds `nodes` to the CacheNamespace's list of nodes that hold its Disk tier directory.
-async fn remember_disk_nodes(
-    cn: &CacheNamespace,
-    nodes: impl Iterator<Item = String>,
-    ctx: &Context,
-) -> Result<std::collections::BTreeSet<String>, Error> {
-    let known = node_dirs::parse_nodes(cn.annotations().get(node_dirs::DISK_NODES_ANNOTATION));
-    let mut all = known.clone();
-    all.extend(nodes);
-    if all != known {
-        let api: Api<CacheNamespace> =
-            Api::namespaced(ctx.client.clone(), &cn.namespace().unwrap_or_default());
-        let patch = serde_json::json!({"metadata": {"annotations": {
-            node_dirs::DISK_NODES_ANNOTATION: node_dirs::format_nodes(&all),
-        }}});
-        api.patch(
-            &cn.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-        .map_err(kerr(format!(
-            "recording the Disk tier's nodes on CacheNamespace {}",
-            key(cn)
-        )))?;
-    }
-    Ok(all)
-}
-
-/// Removes the Disk tier's directory from every node that held one (see [`node_dirs`]): the
-/// workers stop first, then a pod per node removes it. `Err(Waiting)` until done.
-async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context, root: &str) -> Result<(), Error> {
+/// Removes the Disk tier's directories from every node that held one (see [`node_dirs`]): the
+/// workers stop first, then a pod per node and directory removes it. `Err(Waiting)` until done.
+async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context) -> Result<(), Error> {
     let ns = cn.namespace().unwrap_or_default();
     let name = cn.name_any();
     let uid = cn.uid().unwrap_or_default();
     let names = Names::of(&ns, &name);
     let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Holder::Us = holder(&sts, &names.statefulset, &uid)
+    let ours = sts
+        .get_opt(&names.statefulset)
         .await
         .map_err(kerr(format!(
             "reading StatefulSet {ns}/{}",
             names.statefulset
         )))?
-    {
+        .filter(|o| controlled_by(o, &uid));
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let labelled = pods
+        .list(&ListParams::default().labels(&build::selector_string(&name)))
+        .await
+        .map_err(kerr(format!("listing the worker pods of {ns}/{name}")))?
+        .items;
+    // The workers: pods whose controller is our StatefulSet, or, once it is gone, a
+    // StatefulSet of its name (the garbage collector removes those of a deleted one). A pod
+    // that merely carries the labels neither waits nor names a directory.
+    let workers: Vec<Pod> = labelled
+        .into_iter()
+        .filter(|p| match ours.as_ref().and_then(|s| s.uid()) {
+            Some(sts_uid) => controlled_by(p, &sts_uid),
+            None => p.owner_references().iter().any(|r| {
+                r.controller == Some(true) && r.kind == "StatefulSet" && r.name == names.statefulset
+            }),
+        })
+        .collect();
+    let dirs = if let Some(s) = &ours {
+        let members: Vec<Pod> = workers
+            .iter()
+            .filter(|p| is_worker(p, s))
+            .cloned()
+            .collect();
+        record_disk_directories(cn, &members, ctx).await?
+    } else {
+        cn.status
+            .as_ref()
+            .map(|s| s.disk_directories.clone())
+            .unwrap_or_default()
+    };
+    if ours.is_some() {
         match sts
             .delete(&names.statefulset, &DeleteParams::background())
             .await
@@ -841,24 +1047,6 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context, root: &str) -> Res
             }
         }
     }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let prefix = format!("{}-", names.statefulset);
-    let workers: Vec<Pod> = pods
-        .list(&ListParams::default().labels(&build::selector_string(&name)))
-        .await
-        .map_err(kerr(format!("listing the worker pods of {ns}/{name}")))?
-        .items
-        .into_iter()
-        .filter(|p| p.name_any().starts_with(&prefix))
-        .collect();
-    let nodes = remember_disk_nodes(
-        cn,
-        workers
-            .iter()
-            .filter_map(|p| p.spec.as_ref()?.node_name.clone()),
-        ctx,
-    )
-    .await?;
     if !workers.is_empty() {
         return Err(Error::Waiting(format!(
             "{} worker pods of {ns}/{name} to stop before their node directories are removed",
@@ -867,31 +1055,73 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context, root: &str) -> Res
     }
     let own = &ctx.cfg.own_namespace;
     let cleaners: Api<Pod> = Api::namespaced(ctx.client.clone(), own);
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
     let now = k8s_openapi::jiff::Timestamp::now();
-    let (mut pending, mut finished, mut given_up) = (vec![], vec![], vec![]);
-    for node in &nodes {
-        let pod_name = node_dirs::pod_name(&uid, node);
+    let timeout = ctx.cfg.disk_cleanup_timeout.as_secs() as i64;
+    // How long the deletion has been going on: what a node's cleanup is measured against when
+    // its pod cannot be made at all.
+    let deleting_for = cn
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| now.as_second() - t.0.as_second())
+        .unwrap_or(0);
+    let mut pending = vec![];
+    let mut finished = vec![];
+    let mut given_up: Vec<(&NodeDirectory, Option<String>, String)> = vec![];
+    for d in &dirs {
+        let pod_name = node_dirs::pod_name(&uid, &d.node, &d.path);
+        let Some(pod) = node_dirs::cleanup_pod(&node_dirs::CleanupInputs {
+            uid: &uid,
+            namespace: &ns,
+            name: &name,
+            path: &d.path,
+            node: &d.node,
+            pod_namespace: own,
+            image: &ctx.cfg.worker_init_image,
+        }) else {
+            // Never recorded by this operator (it records only this CacheNamespace's own).
+            tracing::warn!(cache_namespace = %key(cn), node = %d.node, path = %d.path, "not a directory of this CacheNamespace; skipped");
+            continue;
+        };
         let existing = cleaners
             .get_opt(&pod_name)
             .await
             .map_err(kerr(format!("reading Pod {own}/{pod_name}")))?;
         match existing {
             None => {
-                let pod = node_dirs::cleanup_pod(&node_dirs::CleanupInputs {
-                    uid: &uid,
-                    namespace: &ns,
-                    name: &name,
-                    root,
-                    node,
-                    pod_namespace: own,
-                    image: &ctx.cfg.worker_init_image,
-                });
-                match cleaners.create(&PostParams::default(), &pod).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 409 => {}
-                    Err(e) => return Err(kerr(format!("creating Pod {own}/{pod_name}"))(e)),
+                let node = nodes
+                    .get_opt(&d.node)
+                    .await
+                    .map_err(kerr(format!("reading Node {}", d.node)))?;
+                if node.is_none() {
+                    ctx.event(
+                        cn,
+                        EventType::Warning,
+                        "NodeDirectoryLeft",
+                        "Delete",
+                        format!(
+                            "the Disk tier directory {} was not removed from node {}: there is \
+                             no such Node (any more); remove it by hand if the node comes back",
+                            d.path, d.node
+                        ),
+                    )
+                    .await;
+                    continue;
                 }
-                pending.push(node.clone());
+                match cleaners.create(&PostParams::default(), &pod).await {
+                    Ok(_) => pending.push(d.node.clone()),
+                    Err(kube::Error::Api(s)) if s.code == 409 => pending.push(d.node.clone()),
+                    Err(e) if deleting_for >= timeout => given_up.push((
+                        d,
+                        None,
+                        format!("its cleanup pod could not be created: {e}"),
+                    )),
+                    Err(e) => {
+                        tracing::warn!(cache_namespace = %key(cn), node = %d.node, error = %e, "creating a cleanup pod failed; retrying");
+                        pending.push(format!("{} (creating its pod failed: {e})", d.node));
+                    }
+                }
             }
             Some(p) => {
                 let phase = p.status.as_ref().and_then(|s| s.phase.clone());
@@ -903,36 +1133,45 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context, root: &str) -> Res
                     .unwrap_or(0);
                 if phase.as_deref() == Some("Succeeded") {
                     finished.push(pod_name);
-                } else if age >= ctx.cfg.disk_cleanup_timeout.as_secs() as i64 {
-                    given_up.push((node.clone(), pod_name));
+                } else if age >= timeout {
+                    given_up.push((
+                        d,
+                        Some(pod_name),
+                        format!(
+                            "its cleanup pod did not finish within {timeout}s (the node may be \
+                             gone or not ready)"
+                        ),
+                    ));
                 } else {
-                    pending.push(node.clone());
+                    pending.push(d.node.clone());
                 }
             }
         }
     }
     if !pending.is_empty() {
         return Err(Error::Waiting(format!(
-            "removing the Disk tier directory {} on nodes {}",
-            build::host_dir(root, &ns, &name),
+            "removing the Disk tier directories of {ns}/{name} on nodes {}",
             pending.join(", ")
         )));
     }
-    for (node, _) in &given_up {
+    for (d, _, why) in &given_up {
         ctx.event(
             cn,
             EventType::Warning,
             "NodeDirectoryLeft",
             "Delete",
             format!(
-                "the Disk tier directory {} on node {node} was not removed within {}s (the node                  may be gone or not ready): remove it by hand if the node comes back",
-                build::host_dir(root, &ns, &name),
-                ctx.cfg.disk_cleanup_timeout.as_secs()
+                "the Disk tier directory {} on node {} was not removed: {why}; remove it by hand \
+                 if the node comes back",
+                d.path, d.node
             ),
         )
         .await;
     }
-    for pod_name in finished.iter().chain(given_up.iter().map(|(_, p)| p)) {
+    let to_delete = finished
+        .iter()
+        .chain(given_up.iter().filter_map(|(_, p, _)| p.as_ref()));
+    for pod_name in to_delete {
         match cleaners.delete(pod_name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -940,7 +1179,7 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context, root: &str) -> Res
         }
     }
     if !finished.is_empty() {
-        tracing::info!(cache_namespace = %key(cn), nodes = finished.len(), "node directories removed");
+        tracing::info!(cache_namespace = %key(cn), directories = finished.len(), "node directories removed");
     }
     Ok(())
 }
@@ -948,8 +1187,12 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context, root: &str) -> Res
 async fn cleanup(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = cn.namespace().unwrap_or_default();
     let names = Names::of(&ns, &cn.name_any());
-    if let Some(root) = host_root(&cn, &ctx.cfg) {
-        remove_node_dirs(&cn, &ctx, &root).await?;
+    let recorded = cn
+        .status
+        .as_ref()
+        .is_some_and(|s| !s.disk_directories.is_empty());
+    if recorded || host_root(&cn, &ctx.cfg).is_some() {
+        remove_node_dirs(&cn, &ctx).await?;
     }
     let pv_name = pv_name(&cn, &ctx).await?;
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
@@ -1062,8 +1305,64 @@ mod tests {
             p.message
                 .contains("allows no Disk tier on a node directory")
         );
-        assert!(host_root(&with_disk("/var/lib/lakecache"), &crate::Config::default()).is_some());
-        assert!(host_root(&with_disk("/etc"), &crate::Config::default()).is_none());
+        let cfg = crate::Config {
+            allowed_host_path_roots: vec!["/var/lib/lakecache".into()],
+            ..Default::default()
+        };
+        assert!(host_root(&with_disk("/var/lib/lakecache"), &cfg).is_some());
+        assert!(host_root(&with_disk("/etc"), &cfg).is_none());
+        // By default, no node directory at all.
+        assert!(host_root(&with_disk("/var/lib/lakecache"), &crate::Config::default()).is_none());
+        let p = check(
+            &with_disk("/var/lib/lakecache"),
+            &Inputs {
+                token: None,
+                problem: None,
+            },
+            &crate::Config::default(),
+        )
+        .unwrap_err();
+        assert_eq!(p.reason, "HostPathNotAllowed");
+    }
+
+    #[test]
+    fn a_worker_is_a_member_pod_our_statefulset_controls() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let mut sts = StatefulSet::default();
+        sts.metadata.name = Some("x-worker".into());
+        sts.metadata.uid = Some("sts-uid".into());
+        sts.spec = Some(k8s_openapi::api::apps::v1::StatefulSetSpec {
+            replicas: Some(2),
+            ..Default::default()
+        });
+        let pod = |name: &str, uid: Option<&str>, controller: bool| {
+            let mut p = Pod::default();
+            p.metadata.name = Some(name.into());
+            p.metadata.owner_references = uid.map(|u| {
+                vec![OwnerReference {
+                    uid: u.into(),
+                    controller: Some(controller),
+                    kind: "StatefulSet".into(),
+                    name: "x-worker".into(),
+                    ..Default::default()
+                }]
+            });
+            p
+        };
+        assert!(is_worker(&pod("x-worker-0", Some("sts-uid"), true), &sts));
+        assert!(is_worker(&pod("x-worker-1", Some("sts-uid"), true), &sts));
+        for p in [
+            pod("x-worker-0", None, false),
+            pod("x-worker-0", Some("other"), true),
+            pod("x-worker-0", Some("sts-uid"), false),
+            pod("x-worker-2", Some("sts-uid"), true),
+            pod("x-worker-01", Some("sts-uid"), true),
+            pod("x-worker-+1", Some("sts-uid"), true),
+            pod("x-worker-fake", Some("sts-uid"), true),
+            pod("y-worker-0", Some("sts-uid"), true),
+        ] {
+            assert!(!is_worker(&p, &sts), "{:?}", p.metadata);
+        }
     }
 
     #[test]

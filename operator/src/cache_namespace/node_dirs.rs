@@ -8,51 +8,90 @@
 //! the directory anyway). So the CacheNamespace's finalizer does it, in three steps, each retried
 //! until done:
 //!
-//! 1. The nodes are known: every reconcile adds the node of each worker pod to the
-//!    CacheNamespace's `lakecache.io/disk-nodes` annotation, so nodes that ran a worker long ago
-//!    are remembered too.
+//! 1. The directories are known: every reconcile adds the node and the mounted directory of each
+//!    worker pod to the CacheNamespace's `status.diskDirectories`, so directories that a worker
+//!    used long ago, or under a `path` or root since changed, are remembered too. Only the
+//!    operator writes there (tenants have no right to the status subresource), only pods whose
+//!    controller is the CacheNamespace's own StatefulSet count, and only a directory
+//!    `ROOT/NAMESPACE/NAME` below an allowed root; the list holds at most [`MAX_DIRECTORIES`].
 //! 2. The workers stop first (the StatefulSet is deleted and the finalizer waits for its pods),
 //!    so no worker writes while its directory goes.
 //! 3. One pod per node, in the operator's own namespace (a tenant cannot touch it), pinned to the
 //!    node by `nodeName`, runs `rm -rf` of that directory from the operator's image as root with
 //!    only `CAP_DAC_OVERRIDE` (the blocks belong to the worker's user). It mounts
 //!    `ROOT/NAMESPACE`, never more, and `rm` does not follow symlinks a worker may have left.
-//!    Once it succeeded it is deleted. A node that never runs it (gone, unschedulable, not
-//!    ready) is given up after `disk_cleanup_timeout`, with a Warning Event that names the node
-//!    and the directory, so a dead node cannot block the deletion for ever.
-
-use std::collections::BTreeSet;
+//!    Once it succeeded it is deleted. A listed node that is no Node (any more) is skipped with a
+//!    Warning. A node that never runs the pod (unschedulable, not ready), or where the pod cannot
+//!    even be created, is given up `disk_cleanup_timeout` after the deletion began, with a
+//!    Warning Event that names the node and the directory, so nothing blocks the deletion for
+//!    ever.
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, HostPathVolumeSource, Pod, PodSpec, SecurityContext, Toleration,
     Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use lakecache_api::NodeDirectory;
 use std::collections::BTreeMap;
 
-/// The CacheNamespace annotation that lists the nodes its workers ran on (comma-separated).
-pub const DISK_NODES_ANNOTATION: &str = "lakecache.io/disk-nodes";
+/// The most node directories a CacheNamespace's status lists; beyond it, new ones are not
+/// recorded (the oldest are kept) and a Warning says so.
+pub const MAX_DIRECTORIES: usize = 1000;
 
-/// The nodes an annotation value lists.
-pub fn parse_nodes(v: Option<&String>) -> BTreeSet<String> {
-    v.map(|v| {
-        v.split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(String::from)
-            .collect()
-    })
-    .unwrap_or_default()
+/// The directory `ROOT/NAMESPACE/NAME` of CacheNamespace `namespace/name`, if `path` is one
+/// (absolute, normalized, ending in `/NAMESPACE/NAME`), as its root.
+pub fn root_of<'a>(path: &'a str, namespace: &str, name: &str) -> Option<&'a str> {
+    if super::build::normalize_path(path).as_deref() != Some(path) {
+        return None;
+    }
+    let root = path.strip_suffix(&format!("/{namespace}/{name}"))?;
+    Some(if root.is_empty() { "/" } else { root })
 }
 
-/// The annotation value of `nodes`.
-pub fn format_nodes(nodes: &BTreeSet<String>) -> String {
-    nodes.iter().cloned().collect::<Vec<_>>().join(",")
+/// The Disk tier directory `pod` mounts from its node, with the node, if it is a worker of
+/// CacheNamespace `namespace/name` scheduled to a node and the directory lies below one of
+/// `roots` (a pod the operator did not make names no other directory).
+pub fn of_pod(pod: &Pod, namespace: &str, name: &str, roots: &[String]) -> Option<NodeDirectory> {
+    let spec = pod.spec.as_ref()?;
+    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
+    let path = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "disk")?
+        .host_path
+        .as_ref()?
+        .path
+        .clone();
+    let root = root_of(&path, namespace, name)?;
+    super::build::host_path_root(root, roots)?;
+    Some(NodeDirectory { node, path })
 }
 
-/// The name of the cleanup pod of CacheNamespace `uid` on `node`.
-pub fn pod_name(uid: &str, node: &str) -> String {
-    let h = blake3::hash(format!("{uid}/{node}").as_bytes()).to_hex();
+/// `known` with the directories of `found` it lacks appended, at most [`MAX_DIRECTORIES`]
+/// (the oldest kept), and how many were left out.
+pub fn merge(
+    known: &[NodeDirectory],
+    found: impl IntoIterator<Item = NodeDirectory>,
+) -> (Vec<NodeDirectory>, usize) {
+    let mut all = known.to_vec();
+    let mut left_out = 0;
+    for d in found {
+        if all.contains(&d) {
+            continue;
+        }
+        if all.len() >= MAX_DIRECTORIES {
+            left_out += 1;
+        } else {
+            all.push(d);
+        }
+    }
+    (all, left_out)
+}
+
+/// The name of the cleanup pod of CacheNamespace `uid` for directory `path` on `node`.
+pub fn pod_name(uid: &str, node: &str, path: &str) -> String {
+    let h = blake3::hash(format!("{uid}/{node}/{path}").as_bytes()).to_hex();
     format!("lakecache-disk-cleanup-{}", &h.as_str()[..16])
 }
 
@@ -61,7 +100,8 @@ pub struct CleanupInputs<'a> {
     pub uid: &'a str,
     pub namespace: &'a str,
     pub name: &'a str,
-    pub root: &'a str,
+    /// The directory to remove, `ROOT/NAMESPACE/NAME` (see [`root_of`]).
+    pub path: &'a str,
     pub node: &'a str,
     /// Where the pod runs: the operator's namespace.
     pub pod_namespace: &'a str,
@@ -69,12 +109,14 @@ pub struct CleanupInputs<'a> {
     pub image: &'a str,
 }
 
-/// The pod that removes `ROOT/NAMESPACE/NAME` on one node.
-pub fn cleanup_pod(i: &CleanupInputs<'_>) -> Pod {
-    let parent = format!("{}/{}", i.root.trim_end_matches('/'), i.namespace);
-    Pod {
+/// The pod that removes `ROOT/NAMESPACE/NAME` on one node; `None` if `path` is no such
+/// directory of this CacheNamespace.
+pub fn cleanup_pod(i: &CleanupInputs<'_>) -> Option<Pod> {
+    let root = root_of(i.path, i.namespace, i.name)?;
+    let parent = format!("{}/{}", root.trim_end_matches('/'), i.namespace);
+    Some(Pod {
         metadata: ObjectMeta {
-            name: Some(pod_name(i.uid, i.node)),
+            name: Some(pod_name(i.uid, i.node, i.path)),
             namespace: Some(i.pod_namespace.into()),
             labels: Some(BTreeMap::from([
                 ("app.kubernetes.io/name".into(), "lakecache".into()),
@@ -133,7 +175,7 @@ pub fn cleanup_pod(i: &CleanupInputs<'_>) -> Pod {
             ..Default::default()
         }),
         ..Default::default()
-    }
+    })
 }
 
 #[cfg(test)]
@@ -146,11 +188,12 @@ mod tests {
             uid: "uid-1",
             namespace: "ml",
             name: "imagenet",
-            root: "/var/lib/lakecache/",
+            path: "/var/lib/lakecache/ml/imagenet",
             node: "node-a",
             pod_namespace: "lakecache-system",
             image: "lakecache:op",
-        });
+        })
+        .unwrap();
         assert_eq!(p.metadata.namespace.as_deref(), Some("lakecache-system"));
         let spec = p.spec.unwrap();
         assert_eq!(spec.node_name.as_deref(), Some("node-a"));
@@ -171,14 +214,100 @@ mod tests {
             .unwrap();
         assert_eq!(caps.add, Some(vec!["DAC_OVERRIDE".to_string()]));
         assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
-        assert_ne!(pod_name("uid-1", "node-a"), pod_name("uid-1", "node-b"));
-        assert_ne!(pod_name("uid-1", "node-a"), pod_name("uid-2", "node-a"));
+        assert_ne!(
+            pod_name("u1", "node-a", "/r/a/b"),
+            pod_name("u1", "node-b", "/r/a/b")
+        );
+        assert_ne!(
+            pod_name("u1", "node-a", "/r/a/b"),
+            pod_name("u2", "node-a", "/r/a/b")
+        );
+        assert_ne!(
+            pod_name("u1", "node-a", "/r/a/b"),
+            pod_name("u1", "node-a", "/s/a/b")
+        );
+        // Never another directory than this CacheNamespace's own.
+        for bad in [
+            "/var/lib/lakecache/ml/other",
+            "/var/lib/lakecache/ml/imagenet/",
+            "/var/lib/lakecache/../ml/imagenet",
+            "/var/lib/lakecache//ml/imagenet",
+            "relative/ml/imagenet",
+            "/var/lib/lakecache/xml/imagenet",
+        ] {
+            let p = cleanup_pod(&CleanupInputs {
+                uid: "uid-1",
+                namespace: "ml",
+                name: "imagenet",
+                path: bad,
+                node: "node-a",
+                pod_namespace: "lakecache-system",
+                image: "lakecache:op",
+            });
+            assert!(p.is_none(), "{bad}");
+        }
+        assert_eq!(root_of("/ml/imagenet", "ml", "imagenet"), Some("/"));
+    }
+
+    fn worker(node: Option<&str>, path: &str) -> Pod {
+        Pod {
+            spec: Some(PodSpec {
+                node_name: node.map(String::from),
+                volumes: Some(vec![Volume {
+                    name: "disk".into(),
+                    host_path: Some(HostPathVolumeSource {
+                        path: path.into(),
+                        type_: None,
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
     }
 
     #[test]
-    fn nodes_round_trip_through_the_annotation() {
-        let n = parse_nodes(Some(&" b, a,,a ".to_string()));
-        assert_eq!(format_nodes(&n), "a,b");
-        assert!(parse_nodes(None).is_empty());
+    fn a_worker_names_only_its_own_directory_below_an_allowed_root() {
+        let roots = vec!["/var/lib/lakecache".to_string()];
+        let d = of_pod(
+            &worker(Some("n1"), "/var/lib/lakecache/ml/imagenet"),
+            "ml",
+            "imagenet",
+            &roots,
+        );
+        assert_eq!(
+            d,
+            Some(NodeDirectory {
+                node: "n1".into(),
+                path: "/var/lib/lakecache/ml/imagenet".into()
+            })
+        );
+        for (node, path) in [
+            (None, "/var/lib/lakecache/ml/imagenet"),
+            (Some("n1"), "/etc/ml/imagenet"),
+            (Some("n1"), "/var/lib/lakecache/ml/other"),
+            (Some("n1"), "/var/lib/lakecache/x/ml/imagenet"),
+        ] {
+            assert_eq!(
+                of_pod(&worker(node, path), "ml", "imagenet", &roots),
+                None,
+                "{node:?} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_list_keeps_the_oldest_and_stops_at_the_cap() {
+        let d = |n: usize| NodeDirectory {
+            node: format!("n{n}"),
+            path: "/r/ml/x".into(),
+        };
+        let (l, out) = merge(&[d(1)], [d(2), d(1), d(2)]);
+        assert_eq!((l, out), (vec![d(1), d(2)], 0));
+        let full: Vec<_> = (0..MAX_DIRECTORIES).map(d).collect();
+        let (l, out) = merge(&full, [d(0), d(MAX_DIRECTORIES), d(MAX_DIRECTORIES + 1)]);
+        assert_eq!(l, full);
+        assert_eq!(out, 2);
     }
 }

@@ -242,6 +242,8 @@ pub fn compute(
         source_bytes: scan.as_ref().map(|s| s.bytes),
         last_source_scan: scan.map(|s| s.at),
         claim_name: (problem.is_none()).then(|| cn.name_any()),
+        // Recorded by the controller, never dropped here.
+        disk_directories: prev.disk_directories,
     }
 }
 
