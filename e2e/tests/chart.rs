@@ -281,15 +281,15 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
         assert!(env_value(op, var).is_some(), "operator env lacks {var}");
     }
     assert_eq!(env_value(op, "LAKECACHE_LOG_FORMAT"), Some(&json!("json")));
-    // The root init container of a host-path Disk tier runs the chart's image; host paths only
-    // under the default root; NetworkPolicies on, admitting the release's own pods.
+    // The root init container of a host-path Disk tier runs the chart's image; no host path
+    // unless the admin lists roots; NetworkPolicies on, admitting the release's own pods.
     assert_eq!(
         env_value(op, "LAKECACHE_WORKER_INIT_IMAGE"),
         Some(&json!("ghcr.io/lakecache/lakecache:0.1.0"))
     );
     assert_eq!(
         env_value(op, "LAKECACHE_ALLOWED_HOST_PATH_ROOTS"),
-        Some(&json!("/var/lib/lakecache"))
+        Some(&json!(""))
     );
     assert_eq!(
         env_value(op, "LAKECACHE_NETWORK_POLICY"),
@@ -637,6 +637,7 @@ async fn check_rbac(cluster: &Cluster) -> anyhow::Result<()> {
         ),
         (OPERATOR_SA, "patch networkpolicies.networking.k8s.io -n ml"),
         (OPERATOR_SA, "watch networkpolicies.networking.k8s.io -A"),
+        (OPERATOR_SA, "get nodes"),
         (OPERATOR_SA, "create pods -n lakecache-system"),
         (OPERATOR_SA, "delete pods -n lakecache-system"),
         (CSI_SA, "get cachenamespaces.lakecache.io -n ml"),
@@ -666,6 +667,12 @@ async fn check_rbac(cluster: &Cluster) -> anyhow::Result<()> {
         (CSI_SA, "get secrets -n ml"),
         (CSI_SA, "list secrets -A"),
         (CSI_SA, "patch cachenamespaces.lakecache.io -n ml"),
+        (
+            CSI_SA,
+            "patch cachenamespaces.lakecache.io --subresource=status -n ml",
+        ),
+        (OPERATOR_SA, "list nodes"),
+        (OPERATOR_SA, "patch nodes"),
         (CSI_SA, "list cachepreloads.lakecache.io -A"),
         (CSI_SA, "list pods -A"),
         (CSI_SA, "create persistentvolumes"),
