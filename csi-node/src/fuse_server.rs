@@ -212,7 +212,11 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<Reade
         metadata_ttl: cfg.metadata_ttl,
         direct_fallback: false,
     };
-    let reader = Arc::new(Reader::new(reader_cfg, membership, None));
+    let mut reader = Reader::new(reader_cfg, membership, None);
+    if let Some(entries) = cfg.listing_budget {
+        reader = reader.with_listing_budget(entries);
+    }
+    let reader = Arc::new(reader);
     let metrics = reader.metrics.clone();
     let fs = FsConfig {
         attr_ttl: cfg.metadata_ttl.unwrap_or(Duration::from_secs(3600)),

@@ -107,10 +107,16 @@ struct PluginArgs {
     /// not fit is refused. 0: unknown, no check.
     #[arg(long, env = "LAKECACHE_MOUNTER_MEMORY_LIMIT", default_value = "0")]
     mounter_memory_limit: ByteSize,
-    /// Memory of one FUSE server beyond its prefetch budget (read reserve, listings,
-    /// buffers), counted for every staged volume against the mounter's memory limit.
-    #[arg(long, env = "LAKECACHE_FUSE_SERVER_OVERHEAD", default_value = "128MiB")]
-    fuse_server_overhead: ByteSize,
+    /// Memory of one FUSE server beyond its prefetch budget (read reserve, copy queue,
+    /// listings, the process), counted for every staged volume against the mounter's memory
+    /// limit. Without it: 96 MiB + the listing budget at 256 bytes an entry + 32 MiB (177 MiB
+    /// with the default listing budget).
+    #[arg(long, env = "LAKECACHE_FUSE_SERVER_OVERHEAD")]
+    fuse_server_overhead: Option<ByteSize>,
+    /// Entries of directory listings each FUSE server keeps (about 256 bytes each); a
+    /// directory larger than this is still listed, and kept alone.
+    #[arg(long, env = "LAKECACHE_LISTING_BUDGET", default_value_t = lakecache_csi_node::node::DEFAULT_LISTING_BUDGET)]
+    listing_budget: usize,
     /// How long a CSI call may wait on a filesystem call (a look into the cache mount, which
     /// asks the workers; a bind mount) before it answers Unavailable.
     #[arg(long, env = "LAKECACHE_FS_TIMEOUT", default_value = "20s")]
@@ -219,7 +225,11 @@ async fn plugin(a: PluginArgs) -> anyhow::Result<()> {
                 max_local_cache_size: a.max_local_cache_size.as_u64(),
             },
             mounter_memory: a.mounter_memory_limit.as_u64(),
-            fuse_server_overhead: a.fuse_server_overhead.as_u64(),
+            fuse_server_overhead: a.fuse_server_overhead.map_or_else(
+                || lakecache_csi_node::node::fuse_server_overhead(a.listing_budget),
+                |o| o.as_u64(),
+            ),
+            listing_budget: a.listing_budget,
             fs_timeout: *a.fs_timeout,
         },
     };
@@ -272,7 +282,11 @@ mod tests {
         assert_eq!(a.mounter_memory_limit.as_u64(), 2 << 30);
         assert_eq!(a.max_prefetch_budget.as_u64(), 1 << 30);
         assert_eq!(a.max_local_cache_size.as_u64(), 16 << 30);
-        assert_eq!(a.fuse_server_overhead.as_u64(), 128 << 20);
+        assert_eq!(
+            a.fuse_server_overhead, None,
+            "computed from the listing budget"
+        );
+        assert_eq!(a.listing_budget, 200_000);
         assert_eq!(
             a.state_dir,
             PathBuf::from("/var/lib/kubelet/plugins/csi.lakecache.io-state")

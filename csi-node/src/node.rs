@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use lakecache_client::local_cache::QUEUE_BYTES;
+use lakecache_client::prefetch::READ_RESERVE;
+use lakecache_client::reader::LISTING_ENTRY_BYTES;
 use lakecache_proto::csi::v1 as csi;
 use lakecache_proto::csi::v1::identity_server::Identity;
 use lakecache_proto::csi::v1::node_server::Node;
@@ -59,12 +62,40 @@ pub struct PluginConfig {
     /// The mounter container's memory limit, which every FUSE server shares; 0 when unknown
     /// (no check).
     pub mounter_memory: u64,
-    /// Memory of one FUSE server beyond its prefetch budget (its read reserve, listings,
-    /// buffers), counted against `mounter_memory` for every staged volume.
+    /// Memory of one FUSE server beyond its prefetch budget (its read reserve, copy queue,
+    /// listings, the process itself), counted against `mounter_memory` for every staged
+    /// volume; see [`fuse_server_overhead`].
     pub fuse_server_overhead: u64,
+    /// Entries of directory listings each FUSE server keeps.
+    pub listing_budget: usize,
     /// How long a filesystem call of a CSI handler may take (a look at the mounted cache, a
     /// bind mount): a mount whose workers hang must not hold the handler for minutes.
     pub fs_timeout: Duration,
+}
+
+/// Entries of listings a FUSE server keeps by default: ~50 MB (at [`LISTING_ENTRY_BYTES`]), a
+/// tenth of what `lakecache local` keeps. A directory larger than the budget is still listed
+/// once and kept alone while it is walked.
+pub const DEFAULT_LISTING_BUDGET: usize = 200_000;
+
+/// What a FUSE server's own process takes beyond its buffers and listings: the binary, the
+/// runtime and its threads, the FUSE threads' request buffers, the inode table, the worker
+/// connections. An allowance, not a measured bound.
+pub const FUSE_PROCESS_BYTES: u64 = 32 << 20;
+
+/// The memory of one FUSE server beyond its prefetch budget, when `--fuse-server-overhead` is
+/// not given: its read reserve ([`READ_RESERVE`], 64 MiB), its queue of blocks for node-local
+/// copies ([`QUEUE_BYTES`], 32 MiB), its listings at [`LISTING_ENTRY_BYTES`] an entry, and
+/// [`FUSE_PROCESS_BYTES`]: 177 MiB with the default listing budget.
+///
+/// Not covered: each read call in flight holds its block beyond the reserve when the block is
+/// larger than what the reserve has left (block size × calls in flight: FUSE threads ×
+/// the kernel's read-ahead requests), and the HTTP/2 windows of worker connections.
+pub fn fuse_server_overhead(listing_budget: usize) -> u64 {
+    READ_RESERVE
+        + QUEUE_BYTES
+        + (listing_budget as u64).saturating_mul(LISTING_ENTRY_BYTES)
+        + FUSE_PROCESS_BYTES
 }
 
 impl PluginConfig {
@@ -388,6 +419,7 @@ impl Plugin {
                 fuse_threads: self.cfg.fuse_threads,
                 local_cache_dir: self.local_cache_dir(&rec.volume_id),
                 local_cache_size: ctx.local_cache_size.unwrap_or(self.cfg.local_cache_size),
+                listing_budget: Some(self.cfg.listing_budget),
                 startup_timeout: self.cfg.startup_timeout,
             };
             let json =
@@ -1249,6 +1281,7 @@ mod tests {
             caps: Caps::default(),
             mounter_memory: 0,
             fuse_server_overhead: 0,
+            listing_budget: DEFAULT_LISTING_BUDGET,
             fs_timeout: Duration::from_secs(5),
         };
         (Plugin::new(cfg, state.clone()), state, mounted)
@@ -1266,8 +1299,18 @@ mod tests {
             caps: Caps::default(),
             mounter_memory,
             fuse_server_overhead: overhead,
+            listing_budget: DEFAULT_LISTING_BUDGET,
             fs_timeout: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn the_default_overhead_covers_the_reserve_the_copy_queue_and_the_listings() {
+        const MIB: u64 = 1 << 20;
+        let o = fuse_server_overhead(DEFAULT_LISTING_BUDGET);
+        assert_eq!(o, 64 * MIB + 32 * MIB + 200_000 * 256 + 32 * MIB);
+        assert_eq!(o / MIB, 176, "about 177 MiB");
+        assert!(fuse_server_overhead(2_000_000) > 550 * MIB);
     }
 
     #[test]

@@ -322,6 +322,10 @@ pub struct FuseServerConfig {
     pub local_cache_dir: Option<PathBuf>,
     #[serde(default)]
     pub local_cache_size: u64,
+    /// Entries of directory listings the server keeps (the plugin's `--listing-budget`);
+    /// `None` (configurations written before it) is the reader's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listing_budget: Option<usize>,
     /// How long to wait for a first worker to answer before the mount fails.
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
@@ -575,6 +579,7 @@ mod tests {
             fuse_threads: 1,
             local_cache_dir: None,
             local_cache_size: 0,
+            listing_budget: None,
             startup_timeout: Duration::from_secs(1),
         };
         assert!(!format!("{c:?}").contains("s3cr3t"));

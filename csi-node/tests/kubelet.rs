@@ -522,6 +522,9 @@ async fn tenant_and_oversized_requests_are_refused() {
         assert_eq!(std::fs::read_to_string(v.join("token")).unwrap(), TOKEN);
         let cfg = std::fs::read_to_string(v.join("fuse.json")).unwrap();
         assert!(!cfg.contains(TOKEN), "{cfg}");
+        // Each FUSE server keeps the plugin's listing budget, which its overhead counts.
+        let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        assert_eq!(cfg["listingBudget"], 200_000, "{cfg}");
     }
     // A restarted plugin makes private again what someone opened up.
     std::fs::set_permissions(
