@@ -136,7 +136,13 @@ fn classify(status: tonic::Status, what: &str, worker: &str) -> Miss {
         Code::PermissionDenied if from_source => Miss::Final(ReadError::Denied(msg)),
         _ if from_source => Miss::Final(ReadError::Unavailable(msg)),
         Code::Unauthenticated => {
-            tracing::error!(worker, "{}", status.message());
+            // Reads that every worker refuses ask again every second during a rotation: log
+            // the refusal once every few seconds, not once per call.
+            if refusal_log_due() {
+                tracing::error!(worker, "{}", status.message());
+            } else {
+                tracing::debug!(worker, "{}", status.message());
+            }
             Miss::Refused
         }
         // A reader and workers configured differently (block size): no worker will do better.
@@ -149,6 +155,18 @@ fn classify(status: tonic::Status, what: &str, worker: &str) -> Miss {
             Miss::Fault
         }
     }
+}
+
+/// Whether a refused token is worth an error line now: at most one every 10 s per process.
+fn refusal_log_due() -> bool {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = START.get_or_init(Instant::now).elapsed().as_secs();
+    let next = NEXT.load(Ordering::Relaxed);
+    now >= next
+        && NEXT
+            .compare_exchange(next, now + 10, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Listings kept, least recently used first, within a budget of entries.
