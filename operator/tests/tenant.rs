@@ -1,8 +1,9 @@
 //! A tenant reaches only what is theirs. A tenant here is a ServiceAccount with a Role that may
-//! create, read and delete CacheNamespaces and pods in its own namespace and nothing else; it
-//! talks to a real control plane (etcd, kube-apiserver, kube-controller-manager with its garbage
-//! collector, kube-scheduler) with its own token, and the operator runs as the chart's
-//! ServiceAccount with the chart's RBAC. No node: nothing here needs a worker to run.
+//! create, read and delete CacheNamespaces and pods in its own namespace, and update and patch
+//! its CacheNamespaces (not their status), and nothing else; it talks to a real control plane
+//! (etcd, kube-apiserver, kube-controller-manager with its garbage collector, kube-scheduler)
+//! with its own token, and the operator runs as the chart's ServiceAccount with the chart's RBAC.
+//! No node: nothing here needs a worker to run.
 //!
 //! What a tenant tries, and what it gets:
 //! - credentials in `spec.source.options` (every key of the lake's secret list, and names that

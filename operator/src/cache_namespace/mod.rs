@@ -434,7 +434,8 @@ async fn apply(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Err
     if checked.is_ok() {
         obs.scan = scan(&cn, &obs, &token, port, &ctx);
     }
-    let disk_directories = record_disk_directories(&cn, &obs.pods, &ctx).await?;
+    // Written with the rest of the status below.
+    let disk_directories = record_disk_directories(&cn, &obs.pods, false, &ctx).await?;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut new = status::compute(&cn, port, checked.as_ref().err(), &obs, &now);
     new.disk_directories = disk_directories;
@@ -521,11 +522,13 @@ fn controlled_by(o: &impl Resource, uid: &str) -> bool {
 }
 
 /// Adds the host-path Disk tier directory of each of `pods` (the workers of this
-/// CacheNamespace's own StatefulSet) to `status.diskDirectories`, and returns the list. Written
-/// through the status subresource, which tenants cannot write.
+/// CacheNamespace's own StatefulSet) to `status.diskDirectories`, and returns the list; with
+/// `write`, writes it when it changed. Only through the status subresource, which tenants
+/// cannot write.
 async fn record_disk_directories(
     cn: &CacheNamespace,
     pods: &[Pod],
+    write: bool,
     ctx: &Context,
 ) -> Result<Vec<NodeDirectory>, Error> {
     let ns = cn.namespace().unwrap_or_default();
@@ -553,7 +556,7 @@ async fn record_disk_directories(
         )
         .await;
     }
-    if all != known {
+    if write && all != known {
         write_status(cn, serde_json::json!({ "diskDirectories": all }), ctx).await?;
     }
     Ok(all)
@@ -1025,7 +1028,7 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context) -> Result<(), Erro
             .filter(|p| is_worker(p, s))
             .cloned()
             .collect();
-        record_disk_directories(cn, &members, ctx).await?
+        record_disk_directories(cn, &members, true, ctx).await?
     } else {
         cn.status
             .as_ref()
