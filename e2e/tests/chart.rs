@@ -562,7 +562,7 @@ fn check_kubelet_dir(pod: &Value, dir: &str) -> anyhow::Result<()> {
     }
     // The plugin knows the mounter's memory limit, which every FUSE server shares.
     let mounter = container(pod, "mounter")?;
-    assert_eq!(mounter["resources"]["limits"]["memory"], "2Gi");
+    assert_eq!(mounter["resources"]["limits"]["memory"], "4Gi");
     let plugin = container(pod, "csi-plugin")?;
     let limit = env_value(plugin, "LAKECACHE_MOUNTER_MEMORY_LIMIT");
     let want = json!({"containerName": "mounter", "resource": "limits.memory", "divisor": "1"});
