@@ -36,7 +36,8 @@ pub struct Auth {
 #[derive(Default)]
 struct Tokens {
     current: Option<Header>,
-    /// The token before the last rotation.
+    /// The token before the last rotation, until every member took the current one (see
+    /// [`Membership::call`]).
     previous: Option<Header>,
 }
 
@@ -101,6 +102,8 @@ pub struct Conn {
     /// calls then carry the previous token first, until the worker moves on or the token
     /// changes again.
     previous_ok: AtomicU64,
+    /// 1 + the token generation in which this worker took the current token (0: not yet).
+    current_ok: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +200,15 @@ impl Membership {
     /// the token (`Unauthenticated`, not an error of its source) and a previous token is kept,
     /// the call is made once more with the other token. A worker that took the previous one
     /// gets it first from then on, until the token changes again or it refuses it.
+    ///
+    /// The previous token is dropped once every current member has taken the current one: the
+    /// rotation is then over, and an old (perhaps revoked) token should not stay in memory and
+    /// on the wire for as long as the process runs. Not after a grace period: a rollout of the
+    /// workers has no bound a reader could know (a worker stuck on the old token for an hour
+    /// still serves with it), and dropping the token under such a worker would fail its reads,
+    /// while keeping it costs one retried call per refusal. A member that is never called
+    /// keeps the previous token around, which is harmless. A worker that goes back to the old
+    /// token afterwards is refused until the token changes again, as before any rotation.
     pub async fn call<Req, T, F, Fut>(
         &self,
         conn: &Conn,
@@ -213,6 +225,7 @@ impl Membership {
             let tokens = self.auth.header.read();
             (tokens.current.clone(), tokens.previous.clone())
         };
+        let sent_current = current.clone();
         let Some(previous) = previous else {
             // No rotation yet: the interceptor adds the only token.
             return call(tonic::Request::new(msg)).await;
@@ -240,6 +253,10 @@ impl Membership {
                 Which::Current => 0,
             };
             conn.previous_ok.store(v, Ordering::Release);
+            if which == Which::Current {
+                conn.current_ok.store(generation + 1, Ordering::Release);
+                self.forget_previous_if_all_took(generation, &sent_current);
+            }
         };
         match call(stamped(&first.1)).await {
             Err(s) if refused_token(&s) => {}
@@ -257,6 +274,31 @@ impl Membership {
             took(second.0);
         }
         r
+    }
+
+    /// Drops the previous token when every member took `current`, the current token of
+    /// `generation`, unless the token changed since.
+    fn forget_previous_if_all_took(&self, generation: u64, current: &Option<Header>) {
+        let all = self
+            .snapshot()
+            .iter()
+            .all(|c| c.current_ok.load(Ordering::Acquire) == generation + 1);
+        if !all {
+            return;
+        }
+        let mut tokens = self.auth.header.write();
+        // `set_token` replaces the token under this lock before it bumps the generation: both
+        // are compared, so that a token replaced meanwhile keeps its own previous one.
+        if tokens.previous.is_some()
+            && tokens.current == *current
+            && *self.token_generation.borrow() == generation
+        {
+            tokens.previous = None;
+            drop(tokens);
+            tracing::info!(
+                "every worker takes the new data-plane token; the previous one is dropped"
+            );
+        }
     }
 
     /// Replaces the member list.
@@ -292,6 +334,7 @@ impl Membership {
                 member: m,
                 client,
                 previous_ok: AtomicU64::new(0),
+                current_ok: AtomicU64::new(0),
             }));
         }
         tracing::info!(members = ?next.iter().map(|c| c.member.id.as_str()).collect::<Vec<_>>(),
@@ -413,16 +456,19 @@ mod tests {
         *takes.lock() = "Bearer new";
         ask().await.unwrap();
         assert_eq!(tried(&seen), ["old", "new"]);
+        // Its only worker took the new token: the rotation is over, the old token is dropped.
+        assert!(!m.has_previous_token());
         ask().await.unwrap();
-        assert_eq!(tried(&seen), ["new"]);
-        // The workers rolled to a token the reader has not got yet: both are refused.
-        *takes.lock() = "Bearer newer";
+        assert_eq!(tried(&seen), ["-"]);
+        // The workers roll to a token the reader has not got yet: both are refused.
+        m.set_token("newer").unwrap();
+        *takes.lock() = "Bearer newest";
         let e = ask().await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
-        assert_eq!(tried(&seen), ["new", "old"]);
-        m.set_token("newer").unwrap();
+        assert_eq!(tried(&seen), ["newer", "new"]);
+        m.set_token("newest").unwrap();
         ask().await.unwrap();
-        assert_eq!(tried(&seen), ["newer"]);
+        assert_eq!(tried(&seen), ["newest"]);
         // A source that refused the worker is not a refused token: asked once.
         let e = m
             .call(&conn, (), |_| async {
@@ -436,6 +482,87 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+
+    /// The previous token is dropped once every member took the current one, not before.
+    #[tokio::test]
+    async fn the_previous_token_goes_once_every_member_takes_the_current_one() {
+        let m = Membership::new(Some("old"), Duration::from_secs(1)).unwrap();
+        m.set(
+            (0..2)
+                .map(|i| Member {
+                    id: format!("w{i}"),
+                    endpoint: format!("http://127.0.0.1:{}", i + 1),
+                })
+                .collect(),
+        )
+        .unwrap();
+        let conns = m.snapshot();
+        // What each worker takes; the tokens the last call carried (None: the interceptor's).
+        let takes = parking_lot::Mutex::new(["Bearer old", "Bearer old"]);
+        let seen = parking_lot::Mutex::new(Vec::<String>::new());
+        let ask = |i: usize| {
+            seen.lock().clear();
+            let (m, takes, seen) = (&m, &takes, &seen);
+            let conn = conns[i].clone();
+            async move {
+                m.call(&conn, (), |req: tonic::Request<()>| {
+                    let h = req
+                        .metadata()
+                        .get("authorization")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    seen.lock().push(
+                        h.as_deref()
+                            .unwrap_or("-")
+                            .trim_start_matches("Bearer ")
+                            .to_string(),
+                    );
+                    let ok = h.as_deref().is_none_or(|h| h == takes.lock()[i]);
+                    async move {
+                        if ok {
+                            Ok(())
+                        } else {
+                            Err(tonic::Status::unauthenticated("wrong token"))
+                        }
+                    }
+                })
+                .await
+            }
+        };
+        m.set_token("new").unwrap();
+        assert!(m.has_previous_token());
+        // w0 moves to the new token; w1 still takes only the old one.
+        takes.lock()[0] = "Bearer new";
+        ask(0).await.unwrap();
+        assert_eq!(*seen.lock(), ["new"]);
+        ask(1).await.unwrap();
+        assert_eq!(*seen.lock(), ["new", "old"]);
+        assert!(m.has_previous_token(), "w1 still needs the old token");
+        // w1 moves too: the rotation is over.
+        takes.lock()[1] = "Bearer new";
+        ask(1).await.unwrap();
+        assert_eq!(*seen.lock(), ["old", "new"]);
+        assert!(!m.has_previous_token());
+        ask(1).await.unwrap();
+        assert_eq!(
+            *seen.lock(),
+            ["-"],
+            "one call, with the interceptor's token"
+        );
+        // A member that joins during the next rotation must take the new token too.
+        m.set_token("newer").unwrap();
+        *takes.lock() = ["Bearer newer", "Bearer newer"];
+        m.set(vec![
+            conns[0].member.clone(),
+            Member {
+                id: "w2".into(),
+                endpoint: "http://127.0.0.1:3".into(),
+            },
+        ])
+        .unwrap();
+        ask(0).await.unwrap();
+        assert_eq!(*seen.lock(), ["newer"]);
+        assert!(m.has_previous_token(), "w2 has not taken the token yet");
     }
 
     #[test]
