@@ -93,6 +93,11 @@ fn follow_token_file(path: PathBuf, membership: Arc<Membership>, mut current: St
 /// Asks the workers, in turn, for their block size until one answers or `timeout` passes. For
 /// an inline volume (`inline`), errors name no address and carry no worker's message: a tenant
 /// reads them in its pod's events.
+///
+/// A worker that refuses the token is passed over like one that does not answer: during a
+/// rotation the workers restart with the new token one by one, and a FUSE server (re)started
+/// meanwhile holds one of the two tokens, which some workers still (or already) refuse. Only a
+/// pass in which every worker refused it ends the wait early: the token is then wrong for all.
 async fn first_answer(
     membership: &Membership,
     timeout: Duration,
@@ -100,20 +105,30 @@ async fn first_answer(
 ) -> anyhow::Result<u64> {
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no workers are published yet");
+    let mut refusals = 0usize;
     // Bounded by the deadline; each pass asks every worker once.
     while Instant::now() < deadline {
-        for conn in membership.snapshot().iter() {
+        let conns = membership.snapshot();
+        let mut refused: Vec<&str> = Vec::new();
+        for conn in conns.iter() {
             let mut client = conn.client.clone();
             let left = deadline.saturating_duration_since(Instant::now());
             let call = client.info(InfoRequest {});
             match tokio::time::timeout(left.min(Duration::from_secs(3)), call).await {
                 Ok(Ok(info)) => return Ok(info.into_inner().block_size),
-                Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => anyhow::bail!(
-                    "worker {} refused the data-plane token ({}): check the token in the \
-                     Secret named by the PV's nodeStageSecretRef",
-                    conn.member.id,
-                    s.message()
-                ),
+                Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => {
+                    refused.push(&conn.member.id);
+                    last = if inline {
+                        format!("worker {} refused the data-plane token", conn.member.id)
+                    } else {
+                        format!(
+                            "worker {} at {} refused the data-plane token ({})",
+                            conn.member.id,
+                            conn.member.endpoint,
+                            s.message()
+                        )
+                    };
+                }
                 Ok(Err(_)) | Err(_) if inline => {
                     last = format!("worker {} did not answer", conn.member.id)
                 }
@@ -133,10 +148,24 @@ async fn first_answer(
                 }
             }
         }
+        if !conns.is_empty() && refused.len() == conns.len() {
+            anyhow::bail!(
+                "every worker ({}: {}) refused the data-plane token: check the token in the \
+                 Secret named by the PV's nodeStageSecretRef",
+                refused.len(),
+                refused.join(", ")
+            );
+        }
+        refusals = refusals.max(refused.len());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let refused = if refusals > 0 {
+        format!("; up to {refusals} refused the data-plane token")
+    } else {
+        String::new()
+    };
     anyhow::bail!(
-        "no cache worker answered within {}; last: {last}",
+        "no cache worker answered within {}{refused}; last: {last}",
         humantime::format_duration(timeout)
     )
 }

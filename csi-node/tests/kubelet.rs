@@ -1057,6 +1057,73 @@ async fn a_hung_cache_mount_makes_publish_unavailable_and_blocks_no_other_call()
     }
 }
 
+/// A FUSE server started during a rotation, while one worker already requires the new token
+/// and the other still the old one, mounts with the old token: the worker that refuses it is
+/// passed over, not the end of the mount. Only when every worker refuses the token does the
+/// stage fail at once, saying so, without the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fuse_server_started_during_a_rotation_passes_over_a_refusing_worker() {
+    const NEW_TOKEN: &str = "the-rotated-data-plane-token";
+    let mut lake = Lake::start(2).await;
+    // The first worker asked is the one that refuses.
+    lake.restart_worker(0, NEW_TOKEN).await;
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcs::new(root.path());
+    node.start_mounter();
+    node.start_plugin();
+    let mut n = node.connect().await.node();
+    let ctx = map(&[
+        ("cacheNamespace", "imagenet"),
+        ("namespace", "ml"),
+        ("workers", &lake.workers_attr()),
+    ]);
+    let stage = |v: &str| csi::NodeStageVolumeRequest {
+        volume_id: v.into(),
+        staging_target_path: root.path().join(v).display().to_string(),
+        volume_capability: Some(mount_capability(Mode::MultiNodeReaderOnly)),
+        secrets: map(&[("token", TOKEN)]),
+        volume_context: ctx.clone(),
+        ..Default::default()
+    };
+    for v in ["v", "w"] {
+        std::fs::create_dir_all(root.path().join(v)).unwrap();
+    }
+    n.node_stage_volume(stage("v")).await.unwrap();
+    assert_eq!(mounts::health(&root.path().join("v")), Health::Healthy);
+
+    lake.restart_worker(1, NEW_TOKEN).await;
+    let asked = std::time::Instant::now();
+    let e = n.node_stage_volume(stage("w")).await.unwrap_err();
+    eprintln!(
+        "every worker refusing: {:?} after {:?}",
+        e.message(),
+        asked.elapsed()
+    );
+    assert!(
+        e.message().contains("every worker (2: ")
+            && e.message().contains("refused the data-plane token"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        !e.message().contains(TOKEN) && !e.message().contains(NEW_TOKEN),
+        "the error shows a token: {}",
+        e.message()
+    );
+    assert!(
+        !e.message().contains("no cache worker answered"),
+        "not a timeout: {}",
+        e.message()
+    );
+
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: "v".into(),
+        staging_target_path: root.path().join("v").display().to_string(),
+    })
+    .await
+    .unwrap();
+}
+
 /// An upgrade from a plugin that kept its state in the plugin directory (which the registrar
 /// mounts too): the new plugin moves the staged volume's record to its own state directory,
 /// the new mounter adopts the running FUSE server, reads go on, no token is left in the old
