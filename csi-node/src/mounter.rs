@@ -280,7 +280,11 @@ impl Mounter for MounterService {
                 .map(|(_, p)| p)
         });
         if let Some(p) = existing {
-            let health = mounts::health(&mount_path);
+            // Off the runtime: a hung server's mount takes HEALTH_TIMEOUT to be found broken.
+            let mp = mount_path.clone();
+            let health = tokio::task::spawn_blocking(move || mounts::health(&mp))
+                .await
+                .unwrap_or_else(|e| Health::Broken(format!("checking the mount failed: {e}")));
             if p.is_alive() && p.mount_path == mount_path && health == Health::Healthy {
                 let pid = p.pid;
                 self.procs.lock().insert(volume_id.to_string(), p);
@@ -341,31 +345,53 @@ impl Mounter for MounterService {
         &self,
         _req: Request<ListMountsRequest>,
     ) -> Result<Response<ListMountsResponse>, Status> {
-        let procs = self.procs.lock();
-        let mounts = procs
+        // The plugin's readiness and its repair loop wait on this answer (3 s): the mounts are
+        // looked at on the blocking pool, all at once and outside the lock, each for at most
+        // LIST_HEALTH_TIMEOUT, so that one hung FUSE server neither holds a runtime thread
+        // nor keeps the answer past the plugin's deadline (which would stop every repair).
+        let procs: Vec<(String, PathBuf, u32, bool)> = self
+            .procs
+            .lock()
             .iter()
-            .map(|(vid, p)| {
-                let (healthy, message) = if !p.is_alive() {
-                    (false, "the FUSE server has exited".to_string())
-                } else {
-                    match mounts::health(&p.mount_path) {
-                        Health::Healthy => (true, String::new()),
-                        Health::NotMounted => (false, "not mounted".to_string()),
-                        Health::Broken(m) => (false, m),
-                    }
-                };
-                MountState {
-                    volume_id: vid.clone(),
-                    mount_path: p.mount_path.display().to_string(),
-                    pid: p.pid,
-                    healthy,
-                    message,
-                }
+            .map(|(vid, p)| (vid.clone(), p.mount_path.clone(), p.pid, p.is_alive()))
+            .collect();
+        let checks: Vec<_> = procs
+            .into_iter()
+            .map(|(vid, path, pid, alive)| {
+                let p = path.clone();
+                let check = alive.then(|| {
+                    tokio::task::spawn_blocking(move || {
+                        mounts::health_within(&p, LIST_HEALTH_TIMEOUT)
+                    })
+                });
+                (vid, path, pid, check)
             })
             .collect();
+        let mut mounts = Vec::with_capacity(checks.len());
+        for (vid, path, pid, check) in checks {
+            let (healthy, message) = match check {
+                None => (false, "the FUSE server has exited".to_string()),
+                Some(check) => match check.await {
+                    Ok(Health::Healthy) => (true, String::new()),
+                    Ok(Health::NotMounted) => (false, "not mounted".to_string()),
+                    Ok(Health::Broken(m)) => (false, m),
+                    Err(e) => (false, format!("checking the mount failed: {e}")),
+                },
+            };
+            mounts.push(MountState {
+                volume_id: vid,
+                mount_path: path.display().to_string(),
+                pid,
+                healthy,
+                message,
+            });
+        }
         Ok(Response::new(ListMountsResponse { mounts }))
     }
 }
+
+/// How long [`MounterService::list_mounts`] waits on each mount's `statfs`.
+const LIST_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves the mounter on its socket in the state directory until `shutdown` resolves. FUSE
 /// servers keep running after it stops.

@@ -123,6 +123,11 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// at once. The call runs on its own thread, so a server that hangs makes the mount `Broken`
 /// after [`HEALTH_TIMEOUT`] instead of hanging the caller.
 pub fn health(path: &Path) -> Health {
+    health_within(path, HEALTH_TIMEOUT)
+}
+
+/// [`health`], with `timeout` for the `statfs`.
+pub fn health_within(path: &Path, timeout: Duration) -> Health {
     match is_mount_point(path) {
         Ok(true) => {}
         Ok(false) => {
@@ -135,7 +140,7 @@ pub fn health(path: &Path) -> Health {
         }
         Err(e) => return Health::Broken(format!("reading the mount table: {e}")),
     }
-    match statfs_within(path, HEALTH_TIMEOUT) {
+    match statfs_within(path, timeout) {
         Ok(()) => Health::Healthy,
         Err(e) => Health::Broken(e.to_string()),
     }

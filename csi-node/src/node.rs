@@ -147,14 +147,26 @@ tokio::task_local! {
 
 /// Runs `f` on the blocking pool, for at most `deadline`; past it the call is `Unavailable`
 /// (the thread finishes on its own, holding the volume lock of the operation that started it,
-/// see [`HELD`]). Every file and mount call of a handler goes through here, so that none holds
-/// a thread of the gRPC runtime.
+/// see [`HELD`]). Every file and mount call of a handler that changes something goes through
+/// here, so that none holds a thread of the gRPC runtime; looks into a cache mount go through
+/// [`Plugin::look`], which holds no volume lock.
 async fn blocking<T: Send + 'static>(
     what: &str,
     deadline: Duration,
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
     let held = HELD.try_with(|h| h.lock().upgrade()).ok().flatten();
+    blocking_holding(what, deadline, held, f).await
+}
+
+/// Runs `f` on the blocking pool within `deadline`; `held` (a lock guard) is dropped when the
+/// thread ends, not when the caller gives up on it.
+async fn blocking_holding<T: Send + 'static, G: Send + 'static>(
+    what: &str,
+    deadline: Duration,
+    held: Option<G>,
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
     let f = move || {
         let r = f();
         drop(held);
@@ -179,11 +191,14 @@ pub struct Plugin {
     /// Held from the memory check of a new volume until its record is saved, so that two
     /// volumes staged at once cannot both take the last share of the mounter's memory.
     admission: tokio::sync::Mutex<()>,
+    /// Volumes with a look into their cache mount in flight (see [`Plugin::look`]).
+    looks: Arc<parking_lot::Mutex<HashSet<String>>>,
     pub metrics: Arc<CsiMetrics>,
 }
 
 /// Marks a volume busy for the length of one operation, and of the blocking calls it started
-/// that outlive it (see [`HELD`]).
+/// that outlive it (see [`HELD`]). Also marks a look into a volume's mount in flight, in
+/// [`Plugin::looks`].
 struct Busy {
     set: Arc<parking_lot::Mutex<HashSet<String>>>,
     volume_id: String,
@@ -257,6 +272,7 @@ impl Plugin {
             mounter,
             busy: Default::default(),
             admission: Default::default(),
+            looks: Default::default(),
             metrics: Arc::new(CsiMetrics::default()),
         }
     }
@@ -285,6 +301,48 @@ impl Plugin {
         f: impl FnOnce() -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         blocking(what, self.cfg.fs_timeout, f).await
+    }
+
+    /// Runs a call that looks into volume `volume_id`'s cache mount without changing anything
+    /// (a stat or `statfs` of a path in it) on the blocking pool within the filesystem deadline,
+    /// like [`Plugin::fs`] but holding no volume lock. Such a call waits as long as the FUSE
+    /// server does (its read deadline, or for ever when it hangs); holding the volume's lock
+    /// meanwhile would keep every later call on the volume `Aborted`, and keep the repair loop,
+    /// which skips a locked volume, from replacing the hung server. A look changes nothing, so
+    /// an operation that gave up on it may let another run beside it; changes (bind mounts,
+    /// unmounts, state writes) go through [`Plugin::fs`] and keep the lock.
+    ///
+    /// One look at a time per volume: while an earlier one still waits on the mount, the next
+    /// is `Unavailable` at once, rather than one more thread stuck on a hung server for every
+    /// retry of kubelet.
+    async fn look<T: Send + 'static>(
+        &self,
+        volume_id: &str,
+        what: &str,
+        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        if !self.looks.lock().insert(volume_id.to_string()) {
+            return Err(Status::unavailable(format!(
+                "{what}: an earlier look into the cache mount of volume {volume_id} has not \
+                 returned yet (its FUSE server may hang; the plugin is repairing it); retry"
+            )));
+        }
+        let mark = Busy {
+            set: self.looks.clone(),
+            volume_id: volume_id.to_string(),
+        };
+        blocking_holding(what, self.cfg.fs_timeout, Some(mark), f).await
+    }
+
+    /// [`Plugin::look`] without the one-at-a-time rule, for looks bounded on their own (a
+    /// [`mounts::health`] gives up on a `statfs` after [`mounts::HEALTH_TIMEOUT`]): the repair
+    /// loop checks a volume's mounts while a publish still waits on them.
+    async fn glance<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        blocking_holding(what, self.cfg.fs_timeout, None::<()>, f).await
     }
 
     async fn load(&self, volume_id: &str) -> Result<Option<VolumeRecord>, Status> {
@@ -688,9 +746,10 @@ impl Plugin {
             ctx.name.clone(),
             volume_id.to_string(),
         );
-        // A look into the cache mount asks the workers (a listing): bounded by the deadline.
+        // A look into the cache mount asks the workers (a listing): bounded by the deadline,
+        // and without the volume's lock, which a hung FUSE server would otherwise keep.
         let done = self
-            .fs("looking at the cache mount", move || {
+            .look(volume_id, "looking at the cache mount", move || {
                 if published && mounts::health(&t) == Health::Healthy {
                     return Ok(true);
                 }
@@ -789,7 +848,7 @@ impl Plugin {
             )));
         }
         let (usage, condition) = self
-            .fs("looking at the mount", move || {
+            .look(volume_id, "looking at the mount", move || {
                 Ok(match mounts::health(&path) {
                     Health::Healthy => match mounts::usage(&path) {
                         Ok(u) => (
@@ -908,7 +967,7 @@ impl Plugin {
         let mut repaired = 0;
         let path = rec.staging_path.clone();
         let health = self
-            .fs("checking the cache mount", move || {
+            .glance("checking the cache mount", move || {
                 Ok(mounts::health(&path))
             })
             .await
@@ -938,9 +997,13 @@ impl Plugin {
             .collect();
         for (target, t) in targets {
             let p = target.clone();
+            // Whether the path exists matters only when nothing is mounted on it: a stat of a
+            // mounted target would ask its FUSE server.
             let looked = self
-                .fs("checking a target", move || {
-                    Ok((mounts::health(&p), p.exists()))
+                .glance("checking a target", move || {
+                    let health = mounts::health(&p);
+                    let exists = health != Health::NotMounted || p.exists();
+                    Ok((health, exists))
                 })
                 .await;
             let (health, exists) = match looked {
@@ -1351,6 +1414,64 @@ mod tests {
                 .unwrap(),
             7
         );
+    }
+
+    /// A look into a mount holds no volume lock, even past its deadline, and only one runs per
+    /// volume: the next is Unavailable at once while the first still waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_look_past_its_deadline_keeps_no_volume_locked() {
+        let root = tempfile::tempdir().unwrap();
+        let state = StateDir::open(&root.path().join("state")).unwrap();
+        let mut cfg = config(0, 0);
+        cfg.fs_timeout = Duration::from_millis(200);
+        let plugin = Plugin::new(cfg, state);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let e = HELD
+            .scope(Default::default(), async {
+                let _busy = plugin.busy("v", "NodePublishVolume").unwrap();
+                plugin
+                    .look("v", "looking at the cache mount", move || {
+                        let _ = rx.recv_timeout(Duration::from_secs(10));
+                        Ok(())
+                    })
+                    .await
+                    .unwrap_err()
+            })
+            .await;
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        // The look still runs; the volume is free.
+        let e = HELD
+            .scope(Default::default(), async {
+                let _busy = plugin.busy("v", "NodeUnpublishVolume").unwrap();
+                plugin
+                    .look("v", "looking at the cache mount", || Ok(()))
+                    .await
+                    .unwrap_err()
+            })
+            .await;
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("has not returned"), "{e:?}");
+        // A change, by contrast, keeps the lock until its thread ends.
+        HELD.scope(Default::default(), async {
+            let _busy = plugin.busy("w", "NodePublishVolume").unwrap();
+            let e = plugin
+                .fs("binding", || {
+                    std::thread::sleep(Duration::from_millis(600));
+                    Ok(())
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable);
+        })
+        .await;
+        assert_eq!(
+            plugin.busy("w", "x").err().map(|e| e.code()),
+            Some(Code::Aborted)
+        );
+        tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        plugin.look("v", "x", || Ok(())).await.unwrap();
+        plugin.busy("w", "x").unwrap();
     }
 
     fn other(volume_id: &str) -> &'static str {

@@ -940,6 +940,45 @@ async fn bad_requests_get_codes_that_say_what_to_fix() {
     );
 }
 
+/// Unpublishes `target` of volume `v`, retrying for a second while a repair pass holds the
+/// volume (which it does for a moment every pass); panics on any other error.
+async fn unpublish_soon(
+    n: &mut lakecache_proto::csi::v1::node_client::NodeClient<tonic::transport::Channel>,
+    v: &str,
+    target: &Path,
+) {
+    let req = csi::NodeUnpublishVolumeRequest {
+        volume_id: v.into(),
+        target_path: target.display().to_string(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match n.node_unpublish_volume(req.clone()).await {
+            Ok(_) => return,
+            Err(e) if e.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("unpublishing {}: {e:?}", target.display()),
+        }
+    }
+}
+
+/// Sends `sig` to `pid`, ignoring a process that is gone.
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+/// Kills a stopped FUSE server when the test ends early, so that it leaks neither a stopped
+/// process nor a hung mount.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        signal(self.0, nix::sys::signal::Signal::SIGKILL);
+        signal(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// A publish looks into the cache mount (a lookup of its subPath, which lists a directory on the
 /// workers). With a worker that starts every listing and never ends it (the FUSE server waits
 /// a minute per attempt), two such publishes at once must not take the plugin's runtime
@@ -1023,23 +1062,23 @@ async fn a_hung_cache_mount_makes_publish_unavailable_and_blocks_no_other_call()
     let took = started.elapsed();
     eprintln!("hung publishes answered Unavailable after {took:?}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
-    // The look into the mount still runs on its thread: a retry of the same volume (as kubelet
-    // sends) gets Aborted until that thread is done, never a second bind mount beside it.
+    // The look into the mount still runs on its thread, holding no volume lock: a retry of
+    // the same volume (as kubelet sends) is Unavailable at once, without one more thread stuck
+    // on the mount, and an unpublish is not refused (it touches nothing in the mount).
     for _ in 0..2 {
+        let asked = std::time::Instant::now();
         let e = n
             .node_publish_volume(publish("a", "train"))
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::Aborted, "{e:?}");
-        assert!(e.message().contains("still running"), "{}", e.message());
-        let e = n
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: "a".into(),
-                target_path: root.path().join("a/pod/mount").display().to_string(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::Aborted, "{e:?}");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("has not returned"), "{}", e.message());
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+        unpublish_soon(&mut n, "a", &root.path().join("a/pod/mount")).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The plugin's thread that looks into the mount waits until the FUSE server answers (a
@@ -1055,6 +1094,126 @@ async fn a_hung_cache_mount_makes_publish_unavailable_and_blocks_no_other_call()
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
     }
+}
+
+/// A FUSE server that hangs (stopped with SIGSTOP) while a publish looks into its mount: the
+/// publish answers Unavailable at the plugin's filesystem deadline, and its look, stuck on its
+/// thread until the server answers, keeps no lock on the volume. So the repair loop replaces
+/// the hung server (the mounter kills it), and the volume publishes, reads, unpublishes and
+/// unstages again. A look that held the volume's lock would hold it for as long as the server
+/// is stopped: the repair loop skips a locked volume, and every call on it gets Aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_fuse_server_keeps_no_volume_locked() {
+    use nix::sys::signal::Signal;
+    let lake = Lake::start(1).await;
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProcs::new(root.path());
+    node.plugin_args = ["--fs-timeout", "2s"].map(String::from).to_vec();
+    node.start_mounter();
+    node.start_plugin();
+    let csi = node.connect().await;
+    let mut n = csi.node();
+    let workers = lake.workers_attr();
+    let ctx = map(&[
+        ("cacheNamespace", "imagenet"),
+        ("namespace", "ml"),
+        ("workers", &workers),
+    ]);
+    let staging = root.path().join("v/globalmount");
+    let target = root.path().join("v/pod/mount");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    n.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: "v".into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(mount_capability(Mode::MultiNodeReaderOnly)),
+        secrets: map(&[("token", TOKEN)]),
+        volume_context: ctx.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let publish = {
+        let mut vc = ctx.clone();
+        vc.insert("subPath".into(), "val".into());
+        vc.insert("csi.storage.k8s.io/pod.namespace".into(), "ml".into());
+        csi::NodePublishVolumeRequest {
+            volume_id: "v".into(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(mount_capability(Mode::MultiNodeReaderOnly)),
+            readonly: true,
+            volume_context: vc,
+            ..Default::default()
+        }
+    };
+
+    // The server stops before the publish looks up its subPath (never looked up yet, so the
+    // kernel must ask the server).
+    let hung = fuse_pid(&node.state);
+    let _cleanup = KillOnDrop(hung);
+    signal(hung, Signal::SIGSTOP);
+    let asked = std::time::Instant::now();
+    let e = n.node_publish_volume(publish.clone()).await.unwrap_err();
+    let took = asked.elapsed();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "publish answered after {took:?}"
+    );
+    eprintln!("publish on a stopped FUSE server answered Unavailable after {took:?}");
+
+    // The repair loop replaces the stopped server without any signal from here: the mounter
+    // finds its mount not answering, kills it (SIGTERM, then SIGKILL after 10 s) and starts
+    // another. That ends the stuck look too (the mount's connection is gone).
+    let replaced = std::time::Instant::now();
+    let new = eventually(Duration::from_secs(60), "a new FUSE server", || {
+        let pid = fuse_pid(&node.state);
+        (pid != hung && !alive(hung) && mounts::health(&staging) == Health::Healthy).then_some(pid)
+    })
+    .await;
+    eprintln!(
+        "the repair loop replaced the stopped FUSE server {hung} by {new} after {:?}",
+        replaced.elapsed()
+    );
+
+    // The volume takes calls again (a repair pass may hold it for a moment, and the stuck look
+    // may take a moment to end).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match n.node_publish_volume(publish.clone()).await {
+            Ok(_) => break,
+            Err(e)
+                if matches!(e.code(), Code::Aborted | Code::Unavailable)
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("publishing after the repair: {e:?}"),
+        }
+    }
+    assert_eq!(
+        read(target.join("labels.txt")).await.unwrap(),
+        b"cat\ndog\n"
+    );
+    unpublish_soon(&mut n, "v", &target).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = n
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("unstaging: {e:?}"),
+        }
+    }
+    assert!(!alive(new), "the FUSE server outlived the unstage");
 }
 
 /// A FUSE server started during a rotation, while one worker already requires the new token
