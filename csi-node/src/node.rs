@@ -190,7 +190,7 @@ pub struct Plugin {
     busy: Arc<parking_lot::Mutex<HashSet<String>>>,
     /// Held from the memory check of a new volume until its record is saved, so that two
     /// volumes staged at once cannot both take the last share of the mounter's memory.
-    admission: tokio::sync::Mutex<()>,
+    admission: Arc<tokio::sync::Mutex<()>>,
     /// Volumes with a look into their cache mount in flight (see [`Plugin::look`]).
     looks: Arc<parking_lot::Mutex<HashSet<String>>>,
     pub metrics: Arc<CsiMetrics>,
@@ -356,11 +356,25 @@ impl Plugin {
     }
 
     async fn save(&self, rec: &VolumeRecord) -> Result<(), Status> {
+        self.save_holding(rec, None::<()>).await
+    }
+
+    /// [`Plugin::save`], with `guard` dropped when the write ends (on its thread, even past
+    /// the deadline), besides the volume's lock.
+    async fn save_holding<G: Send + 'static>(
+        &self,
+        rec: &VolumeRecord,
+        guard: Option<G>,
+    ) -> Result<(), Status> {
         let (state, rec) = (self.state.clone(), rec.clone());
         self.fs("saving the volume's state", move || {
-            state.save(&rec).map_err(|e| {
+            #[cfg(test)]
+            tests::slow_save(&rec.volume_id);
+            let r = state.save(&rec).map_err(|e| {
                 Status::internal(format!("saving the state of volume {}: {e}", rec.volume_id))
-            })
+            });
+            drop(guard);
+            r
         })
         .await
     }
@@ -378,7 +392,18 @@ impl Plugin {
     /// Saves the record of a volume that is not staged yet, if the mounter's memory holds one
     /// more FUSE server with its budget (`ResourceExhausted` if not).
     async fn admit(&self, rec: &VolumeRecord, rpc: &str) -> Result<(), Status> {
-        let _turn = self.admission.lock().await;
+        // The turn is held until the record is written, not until this call gives up on the
+        // write: a save past the deadline goes on on its thread, and a volume admitted beside
+        // it would not count this one. The next admission waits for it within the deadline.
+        let turn = tokio::time::timeout(self.cfg.fs_timeout, self.admission.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "{rpc}: the record of another volume staged on this node is still being \
+                     written after {}; retry",
+                    humantime::format_duration(self.cfg.fs_timeout)
+                ))
+            })?;
         let state = self.state.clone();
         let id = rec.volume_id.clone();
         let default = self.cfg.prefetch_budget;
@@ -396,7 +421,7 @@ impl Plugin {
         let budget = rec.prefetch_budget.unwrap_or(default);
         check_mounter_memory(&self.cfg, &rec.volume_id, budget, &staged)
             .map_err(|m| Status::resource_exhausted(format!("{rpc}: {m}")))?;
-        self.save(rec).await
+        self.save_holding(rec, Some(turn)).await
     }
 
     /// Writes a volume's token file (mode 0600) when `token` differs from what it holds.
@@ -1414,6 +1439,60 @@ mod tests {
                 .unwrap(),
             7
         );
+    }
+
+    /// Volume ids whose record writes take a second (a slow or hung state directory).
+    static SLOW_SAVES: parking_lot::Mutex<Vec<String>> = parking_lot::Mutex::new(Vec::new());
+
+    pub(super) fn slow_save(volume_id: &str) {
+        if SLOW_SAVES.lock().iter().any(|v| v == volume_id) {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// A new volume's record written past the deadline still counts for the next volume's
+    /// memory check: the next admission waits for the write (within the deadline), and once
+    /// it is done, finds the first volume staged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_admission_holds_its_turn_until_its_record_is_written() {
+        const MIB: u64 = 1 << 20;
+        let root = tempfile::tempdir().unwrap();
+        let state = StateDir::open(&root.path().join("state")).unwrap();
+        let mut cfg = config(100 * MIB, 10 * MIB);
+        cfg.fs_timeout = Duration::from_millis(300);
+        let plugin = Plugin::new(cfg, state.clone());
+        let rec = |v: &str| VolumeRecord {
+            volume_id: v.into(),
+            staging_path: root.path().join(v),
+            ephemeral: false,
+            namespace: "ml".into(),
+            name: "imagenet".into(),
+            targets: Default::default(),
+            prefetch_budget: Some(50 * MIB),
+        };
+        SLOW_SAVES.lock().push("admit-slow".into());
+        let started = Instant::now();
+        let e = plugin
+            .admit(&rec("admit-slow"), "NodeStageVolume")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(started.elapsed() < Duration::from_millis(900));
+        // The write goes on: the next volume may not pass the check without it.
+        let e = plugin
+            .admit(&rec("admit-next"), "NodeStageVolume")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("still being written"), "{e:?}");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(state.load("admit-slow").unwrap().is_some());
+        let e = plugin
+            .admit(&rec("admit-next"), "NodeStageVolume")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(state.load("admit-next").unwrap().is_none());
     }
 
     /// A look into a mount holds no volume lock, even past its deadline, and only one runs per
