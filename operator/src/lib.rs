@@ -56,6 +56,9 @@ pub struct Config {
     /// The node directories a Disk tier's `path` may name (normalized, absolute). Empty (the
     /// default): no host-path Disk tier is allowed.
     pub allowed_host_path_roots: Vec<String>,
+    /// Roots an admin removed from `allowed_host_path_roots` whose CacheNamespaces' directories
+    /// the cleanup still removes (normalized, absolute); no new Disk tier may use them.
+    pub retired_host_path_roots: Vec<String>,
     /// A NetworkPolicy per CacheNamespace that lets only these pods reach the workers' data
     /// port; `None`: no NetworkPolicy.
     pub network_policy: Option<NetworkPolicyPeers>,
@@ -64,6 +67,18 @@ pub struct Config {
     pub own_namespace: String,
     /// How long such a pod may take before its node is given up (a Warning names it).
     pub disk_cleanup_timeout: Duration,
+}
+
+impl Config {
+    /// The roots below which a recorded node directory may be removed: the allowed ones and the
+    /// retired ones.
+    pub fn cleanup_roots(&self) -> Vec<String> {
+        self.allowed_host_path_roots
+            .iter()
+            .chain(&self.retired_host_path_roots)
+            .cloned()
+            .collect()
+    }
 }
 
 /// The pods that may reach the workers' data port: the chart's CSI node plugin and operator.
@@ -87,6 +102,7 @@ impl Default for Config {
             preload_status_interval: Duration::from_secs(1),
             worker_init_image: "ghcr.io/lakecache/lakecache:latest".into(),
             allowed_host_path_roots: vec![],
+            retired_host_path_roots: vec![],
             network_policy: None,
             own_namespace: "default".into(),
             disk_cleanup_timeout: Duration::from_secs(300),

@@ -32,6 +32,12 @@ struct Cli {
     /// (the default): no host-path Disk tiers, only `storageClassName`.
     #[arg(long, env = "LAKECACHE_ALLOWED_HOST_PATH_ROOTS", value_delimiter = ',')]
     allowed_host_path_roots: Vec<String>,
+    /// Roots removed from --allowed-host-path-roots whose directories should still be cleaned,
+    /// comma-separated: a deleted CacheNamespace's `ROOT/NAMESPACE/NAME` below one of them is
+    /// removed from the nodes, but no Disk tier may use them. A recorded directory below neither
+    /// kind of root is left, with a Warning.
+    #[arg(long, env = "LAKECACHE_RETIRED_HOST_PATH_ROOTS", value_delimiter = ',')]
+    retired_host_path_roots: Vec<String>,
     /// Make a NetworkPolicy per CacheNamespace that lets only the CSI node plugin and operator
     /// pods (below) reach the workers' data port. Effective only where the CNI enforces them.
     #[arg(long, env = "LAKECACHE_NETWORK_POLICY")]
@@ -92,6 +98,17 @@ struct Cli {
     log_format: lakecache_telemetry::LogFormat,
 }
 
+/// The non-empty entries of a roots flag, normalized.
+fn normalized_roots(roots: &[String], flag: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = vec![];
+    for r in roots.iter().filter(|r| !r.trim().is_empty()) {
+        let n = lakecache_operator::cache_namespace::build::normalize_path(r.trim())
+            .with_context(|| format!("{flag}: {r:?} is not an absolute path without '..'"))?;
+        out.push(n);
+    }
+    Ok(out)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -107,17 +124,8 @@ async fn main() -> anyhow::Result<()> {
             std::process::id()
         )
     });
-    let mut roots = vec![];
-    for r in cli
-        .allowed_host_path_roots
-        .iter()
-        .filter(|r| !r.trim().is_empty())
-    {
-        let n = lakecache_operator::cache_namespace::build::normalize_path(r.trim()).with_context(
-            || format!("--allowed-host-path-roots: {r:?} is not an absolute path without '..'"),
-        )?;
-        roots.push(n);
-    }
+    let roots = normalized_roots(&cli.allowed_host_path_roots, "--allowed-host-path-roots")?;
+    let retired = normalized_roots(&cli.retired_host_path_roots, "--retired-host-path-roots")?;
     let network_policy = if cli.network_policy {
         let mut labels = std::collections::BTreeMap::new();
         for kv in cli
@@ -148,13 +156,14 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    tracing::info!(allowed_host_path_roots = ?roots, network_policy = network_policy.is_some(), "settings");
+    tracing::info!(allowed_host_path_roots = ?roots, retired_host_path_roots = ?retired, network_policy = network_policy.is_some(), "settings");
     let cfg = Config {
         worker_init_image: cli
             .worker_init_image
             .clone()
             .unwrap_or_else(|| cli.worker_image.clone()),
         allowed_host_path_roots: roots,
+        retired_host_path_roots: retired,
         own_namespace: cli
             .lease_namespace
             .clone()

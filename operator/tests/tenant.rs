@@ -689,20 +689,37 @@ async fn tenant_edits_and_deletes(client: &Client, admin: &Client) -> anyhow::Re
         matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403),
         "the tenant may write the status: {denied:?}"
     );
+    // The old annotation is imported once (only nodes that exist: none here) and removed.
+    wait("the old disk-nodes annotation removed", || async {
+        let cn = admin_cns.get("edits").await?;
+        Ok((!cn.annotations().contains_key("lakecache.io/disk-nodes")).then_some(cn))
+    })
+    .await
+    .map(|cn| {
+        let st = cn.status.unwrap_or_default();
+        ensure!(
+            st.disk_directories.is_empty(),
+            "nodes that are no Node were imported: {:?}",
+            st.disk_directories
+        );
+        Ok(())
+    })??;
     // A directory the operator recorded on a node that has gone since (written here by the
-    // admin, as the operator would have).
+    // admin, as the operator would have), and a forged one below no allowed root (whoever may
+    // write the status could write it): this CacheNamespace's name below /etc.
     admin_cns
         .patch_status(
             "edits",
             &PatchParams::default(),
             &Patch::Merge(json!({"status": {"diskDirectories": [
                 {"node": "gone-node", "path": format!("{ROOT}/{TENANT_NS}/edits")},
+                {"node": "gone-node", "path": format!("/etc/{TENANT_NS}/edits")},
             ]}})),
         )
         .await?;
-    wait("the recorded directory in the status", || async {
+    wait("the recorded directories in the status", || async {
         let st = admin_cns.get("edits").await?.status.unwrap_or_default();
-        Ok((st.disk_directories.len() == 1).then_some(()))
+        Ok((st.disk_directories.len() == 2).then_some(()))
     })
     .await?;
     cns.delete("edits", &DeleteParams::default()).await?;
@@ -725,12 +742,44 @@ async fn tenant_edits_and_deletes(client: &Client, admin: &Client) -> anyhow::Re
             .map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
             .collect::<Vec<_>>()
     );
-    let note = warning(admin, TENANT_NS, "edits", "NodeDirectoryLeft").await?;
+    let note = wait(
+        "a NodeDirectoryLeft Warning about the gone node",
+        || async {
+            Ok(events(admin, TENANT_NS, "edits")
+                .await?
+                .into_iter()
+                .find(|(t, r, note)| {
+                    t == "Warning"
+                        && r == "NodeDirectoryLeft"
+                        && note.contains(&format!("{ROOT}/{TENANT_NS}/edits"))
+                })
+                .map(|(_, _, note)| note))
+        },
+    )
+    .await?;
     ensure!(
-        note.contains("gone-node") && note.contains(&format!("{ROOT}/{TENANT_NS}/edits")),
+        note.contains("gone-node") && note.contains("no such Node"),
         "{note}"
     );
     ensure!(!note.contains("  "), "garbled: {note:?}");
+    let forged = wait(
+        "a NodeDirectoryLeft Warning about the forged root",
+        || async {
+            Ok(events(admin, TENANT_NS, "edits")
+                .await?
+                .into_iter()
+                .find(|(t, r, note)| {
+                    t == "Warning" && r == "NodeDirectoryLeft" && note.contains("/etc/")
+                })
+                .map(|(_, _, note)| note))
+        },
+    )
+    .await?;
+    ensure!(
+        forged.contains(&format!("/etc/{TENANT_NS}/edits")) && forged.contains("retired"),
+        "{forged}"
+    );
+    ensure!(!forged.contains("  "), "garbled: {forged:?}");
     // The StatefulSet controller may have adopted and removed it, or the pod garbage collector
     // (its node does not exist).
     let _ = pods

@@ -390,6 +390,7 @@ async fn pv_name(cn: &CacheNamespace, ctx: &Context) -> Result<String, Error> {
 }
 
 async fn apply(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Error> {
+    import_disk_nodes(&cn, &ctx).await?;
     let mut inputs = fetch(&cn, &ctx).await?;
     let pv = pv_name(&cn, &ctx).await?;
     if inputs.problem.is_none() {
@@ -988,6 +989,75 @@ fn host_root(cn: &CacheNamespace, cfg: &crate::Config) -> Option<String> {
     }
 }
 
+/// The path of `cn`'s host-path Disk tier as its spec says now, if it has one.
+fn spec_host_path(cn: &CacheNamespace) -> Option<String> {
+    match cn.spec.validate().ok()?.disk?.location {
+        DiskLocation::HostPath(p) => Some(p),
+        DiskLocation::StorageClass(_) => None,
+    }
+}
+
+/// Imports the nodes an older operator listed in the `lakecache.io/disk-nodes` annotation into
+/// `status.diskDirectories`, once: only while that list is empty, each paired with the
+/// directory of the spec's current host-path Disk tier below an allowed (or retired) root, and
+/// only nodes that exist as Node objects. Then removes the annotation. Anyone who may edit the
+/// CacheNamespace may write the annotation, so it can name nothing but this CacheNamespace's
+/// own directory on real nodes. `Err(Waiting)` when it changed the object (the caller's copy is
+/// stale then), `Ok` when there was nothing to do.
+async fn import_disk_nodes(cn: &CacheNamespace, ctx: &Context) -> Result<(), Error> {
+    let Some(value) = cn.annotations().get(node_dirs::DISK_NODES_ANNOTATION) else {
+        return Ok(());
+    };
+    let ns = cn.namespace().unwrap_or_default();
+    let name = cn.name_any();
+    let recorded = cn
+        .status
+        .as_ref()
+        .is_some_and(|s| !s.disk_directories.is_empty());
+    let mut imported = vec![];
+    if !recorded {
+        let nodes: Api<Node> = Api::all(ctx.client.clone());
+        let candidates = node_dirs::from_annotation(
+            value,
+            spec_host_path(cn).as_deref(),
+            &ctx.cfg.cleanup_roots(),
+            &ns,
+            &name,
+        );
+        for d in candidates {
+            if nodes
+                .get_opt(&d.node)
+                .await
+                .map_err(kerr(format!("reading Node {}", d.node)))?
+                .is_some()
+            {
+                imported.push(d);
+            }
+        }
+        if !imported.is_empty() {
+            write_status(cn, serde_json::json!({ "diskDirectories": imported }), ctx).await?;
+        }
+    }
+    let api: Api<CacheNamespace> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        node_dirs::DISK_NODES_ANNOTATION: null,
+    }}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(kerr(format!(
+            "removing the {} annotation of CacheNamespace {}",
+            node_dirs::DISK_NODES_ANNOTATION,
+            key(cn)
+        )))?;
+    tracing::info!(cache_namespace = %key(cn), imported = imported.len(), "the old disk-nodes annotation imported and removed");
+    Err(Error::Waiting(format!(
+        "the {} annotation of {} imported ({} node directories) and removed",
+        node_dirs::DISK_NODES_ANNOTATION,
+        key(cn),
+        imported.len()
+    )))
+}
+
 /// Removes the Disk tier's directories from every node that held one (see [`node_dirs`]): the
 /// workers stop first, then a pod per node and directory removes it. `Err(Waiting)` until done.
 async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context) -> Result<(), Error> {
@@ -1022,18 +1092,24 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context) -> Result<(), Erro
             }),
         })
         .collect();
+    // The status from a fresh read: the controller's copy may lag the one written on the last
+    // pass, and directories recorded there would be missed.
+    let fresh = Api::<CacheNamespace>::namespaced(ctx.client.clone(), &ns)
+        .get(&name)
+        .await
+        .map_err(kerr(format!("reading CacheNamespace {}", key(cn))))?;
     let dirs = if let Some(s) = &ours {
         let members: Vec<Pod> = workers
             .iter()
             .filter(|p| is_worker(p, s))
             .cloned()
             .collect();
-        record_disk_directories(cn, &members, true, ctx).await?
+        record_disk_directories(&fresh, &members, true, ctx).await?
     } else {
-        cn.status
-            .as_ref()
-            .map(|s| s.disk_directories.clone())
-            .unwrap_or_default()
+        // A pod the StatefulSet made after the last look (between the list and its deletion)
+        // is recorded now: it can name only this CacheNamespace's own directory below an
+        // allowed root.
+        record_disk_directories(&fresh, &workers, true, ctx).await?
     };
     if ours.is_some() {
         match sts
@@ -1072,19 +1148,27 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context) -> Result<(), Erro
     let mut pending = vec![];
     let mut finished = vec![];
     let mut given_up: Vec<(&NodeDirectory, Option<String>, String)> = vec![];
+    // Checked again here, not only when recorded: whoever may write the status subresource
+    // could list any path, and a root may have been removed from the allowed ones since.
+    let roots = ctx.cfg.cleanup_roots();
+    let mut skipped = vec![];
     for d in &dirs {
         let pod_name = node_dirs::pod_name(&uid, &d.node, &d.path);
+        if let Err(why) = node_dirs::removable(&d.path, &ns, &name, &roots) {
+            tracing::warn!(cache_namespace = %key(cn), node = %d.node, path = %d.path, %why, "recorded directory skipped");
+            skipped.push(format!("{} on node {} ({why})", d.path, d.node));
+            continue;
+        }
         let Some(pod) = node_dirs::cleanup_pod(&node_dirs::CleanupInputs {
             uid: &uid,
             namespace: &ns,
             name: &name,
             path: &d.path,
+            roots: &roots,
             node: &d.node,
             pod_namespace: own,
             image: &ctx.cfg.worker_init_image,
         }) else {
-            // Never recorded by this operator (it records only this CacheNamespace's own).
-            tracing::warn!(cache_namespace = %key(cn), node = %d.node, path = %d.path, "not a directory of this CacheNamespace; skipped");
             continue;
         };
         let existing = cleaners
@@ -1151,6 +1235,20 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context) -> Result<(), Erro
             }
         }
     }
+    if !skipped.is_empty() {
+        // One Event for all: the recorder folds Events of one reason and action into one.
+        ctx.event(
+            cn,
+            EventType::Warning,
+            "NodeDirectoryLeft",
+            "CheckDirectory",
+            format!(
+                "status.diskDirectories lists directories that were not removed: {}",
+                skipped.join("; ")
+            ),
+        )
+        .await;
+    }
     if !pending.is_empty() {
         return Err(Error::Waiting(format!(
             "removing the Disk tier directories of {ns}/{name} on nodes {}",
@@ -1188,6 +1286,7 @@ async fn remove_node_dirs(cn: &CacheNamespace, ctx: &Context) -> Result<(), Erro
 }
 
 async fn cleanup(cn: Arc<CacheNamespace>, ctx: Arc<Context>) -> Result<Action, Error> {
+    import_disk_nodes(&cn, &ctx).await?;
     let ns = cn.namespace().unwrap_or_default();
     let names = Names::of(&ns, &cn.name_any());
     let recorded = cn

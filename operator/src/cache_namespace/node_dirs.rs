@@ -14,13 +14,19 @@
 //!    operator writes there (tenants have no right to the status subresource), only pods whose
 //!    controller is the CacheNamespace's own StatefulSet count, and only a directory
 //!    `ROOT/NAMESPACE/NAME` below an allowed root; the list holds at most [`MAX_DIRECTORIES`].
+//!    The nodes an older operator listed in the `lakecache.io/disk-nodes` annotation are
+//!    imported once, paired with the directory of the spec's current `path`
+//!    ([`from_annotation`]), and the annotation removed.
 //! 2. The workers stop first (the StatefulSet is deleted and the finalizer waits for its pods),
 //!    so no worker writes while its directory goes.
 //! 3. One pod per node, in the operator's own namespace (a tenant cannot touch it), pinned to the
 //!    node by `nodeName`, runs `rm -rf` of that directory from the operator's image as root with
 //!    only `CAP_DAC_OVERRIDE` (the blocks belong to the worker's user). It mounts
 //!    `ROOT/NAMESPACE`, never more, and `rm` does not follow symlinks a worker may have left.
-//!    Once it succeeded it is deleted. A listed node that is no Node (any more) is skipped with a
+//!    Once it succeeded it is deleted. Before that, a listed directory is checked again: it must
+//!    be `ROOT/NAMESPACE/NAME` of this CacheNamespace with `ROOT` an allowed root or one the
+//!    admin retired (`--retired-host-path-roots`), since whoever may write the status subresource
+//!    could list any path; one that is not is skipped with a Warning. A listed node that is no Node (any more) is skipped with a
 //!    Warning. A node that never runs the pod (unschedulable, not ready), or where the pod cannot
 //!    even be created, is given up `disk_cleanup_timeout` after the deletion began, with a
 //!    Warning Event that names the node and the directory, so nothing blocks the deletion for
@@ -37,6 +43,61 @@ use std::collections::BTreeMap;
 /// The most node directories a CacheNamespace's status lists; beyond it, new ones are not
 /// recorded (the oldest are kept) and a Warning says so.
 pub const MAX_DIRECTORIES: usize = 1000;
+
+/// The CacheNamespace annotation in which an older operator listed the nodes its workers ran on
+/// (comma-separated); imported into `status.diskDirectories` once, then removed.
+pub const DISK_NODES_ANNOTATION: &str = "lakecache.io/disk-nodes";
+
+/// The directories the old [`DISK_NODES_ANNOTATION`] value `nodes` stands for: each node it
+/// lists with the directory `ROOT/NAMESPACE/NAME` of `spec_path` (the spec's current host-path
+/// Disk tier, if any), only if `spec_path` is one of `roots`; at most [`MAX_DIRECTORIES`]. Which
+/// nodes exist is the caller's to check. Anyone who may edit the CacheNamespace may write the
+/// annotation, so it can name nothing but this CacheNamespace's own directory.
+pub fn from_annotation(
+    nodes: &str,
+    spec_path: Option<&str>,
+    roots: &[String],
+    namespace: &str,
+    name: &str,
+) -> Vec<NodeDirectory> {
+    let Some(root) = spec_path.and_then(|p| super::build::host_path_root(p, roots)) else {
+        return vec![];
+    };
+    let path = super::build::host_dir(root, namespace, name);
+    let mut all: Vec<NodeDirectory> = vec![];
+    for node in nodes.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let d = NodeDirectory {
+            node: node.into(),
+            path: path.clone(),
+        };
+        if !all.contains(&d) && all.len() < MAX_DIRECTORIES {
+            all.push(d);
+        }
+    }
+    all
+}
+
+/// The root of a recorded directory `path` if the cleanup may remove it: `ROOT/NAMESPACE/NAME`
+/// of CacheNamespace `namespace/name` with `ROOT` one of `roots` (the allowed and the retired
+/// ones); otherwise why not.
+pub fn removable<'a>(
+    path: &str,
+    namespace: &str,
+    name: &str,
+    roots: &'a [String],
+) -> Result<&'a str, String> {
+    let Some(root) = root_of(path, namespace, name) else {
+        return Err(format!(
+            "it is not this CacheNamespace's directory (ROOT/{namespace}/{name})"
+        ));
+    };
+    super::build::host_path_root(root, roots).ok_or_else(|| {
+        format!(
+            "its root {root} is neither an allowed host path root nor a retired one, see the \
+             chart's workers.allowedHostPathRoots and workers.retiredHostPathRoots"
+        )
+    })
+}
 
 /// The directory `ROOT/NAMESPACE/NAME` of CacheNamespace `namespace/name`, if `path` is one
 /// (absolute, normalized, ending in `/NAMESPACE/NAME`), as its root.
@@ -100,8 +161,10 @@ pub struct CleanupInputs<'a> {
     pub uid: &'a str,
     pub namespace: &'a str,
     pub name: &'a str,
-    /// The directory to remove, `ROOT/NAMESPACE/NAME` (see [`root_of`]).
+    /// The directory to remove, `ROOT/NAMESPACE/NAME` (see [`removable`]).
     pub path: &'a str,
+    /// The roots it may lie below: the allowed and the retired ones.
+    pub roots: &'a [String],
     pub node: &'a str,
     /// Where the pod runs: the operator's namespace.
     pub pod_namespace: &'a str,
@@ -110,9 +173,9 @@ pub struct CleanupInputs<'a> {
 }
 
 /// The pod that removes `ROOT/NAMESPACE/NAME` on one node; `None` if `path` is no such
-/// directory of this CacheNamespace.
+/// directory of this CacheNamespace below one of `roots` (see [`removable`]).
 pub fn cleanup_pod(i: &CleanupInputs<'_>) -> Option<Pod> {
-    let root = root_of(i.path, i.namespace, i.name)?;
+    let root = removable(i.path, i.namespace, i.name, i.roots).ok()?;
     let parent = format!("{}/{}", root.trim_end_matches('/'), i.namespace);
     Some(Pod {
         metadata: ObjectMeta {
@@ -189,6 +252,7 @@ mod tests {
             namespace: "ml",
             name: "imagenet",
             path: "/var/lib/lakecache/ml/imagenet",
+            roots: &["/var/lib/lakecache".to_string()],
             node: "node-a",
             pod_namespace: "lakecache-system",
             image: "lakecache:op",
@@ -234,12 +298,17 @@ mod tests {
             "/var/lib/lakecache//ml/imagenet",
             "relative/ml/imagenet",
             "/var/lib/lakecache/xml/imagenet",
+            // This CacheNamespace's name, but below no allowed or retired root.
+            "/etc/ml/imagenet",
+            "/ml/imagenet",
+            "/var/lib/lakecache/sub/ml/imagenet",
         ] {
             let p = cleanup_pod(&CleanupInputs {
                 uid: "uid-1",
                 namespace: "ml",
                 name: "imagenet",
                 path: bad,
+                roots: &["/var/lib/lakecache".to_string(), "/var/lib".to_string()],
                 node: "node-a",
                 pod_namespace: "lakecache-system",
                 image: "lakecache:op",
@@ -247,6 +316,92 @@ mod tests {
             assert!(p.is_none(), "{bad}");
         }
         assert_eq!(root_of("/ml/imagenet", "ml", "imagenet"), Some("/"));
+    }
+
+    #[test]
+    fn a_recorded_directory_is_removed_only_below_an_allowed_or_retired_root() {
+        let roots = vec!["/var/lib/lakecache".to_string(), "/mnt/old/".to_string()];
+        assert_eq!(
+            removable("/var/lib/lakecache/ml/imagenet", "ml", "imagenet", &roots),
+            Ok("/var/lib/lakecache")
+        );
+        assert_eq!(
+            removable("/mnt/old/ml/imagenet", "ml", "imagenet", &roots),
+            Ok("/mnt/old/")
+        );
+        // A forged status entry: CacheNamespace default/kubelet and kubelet's defaults file.
+        let why = removable("/etc/default/kubelet", "default", "kubelet", &roots).unwrap_err();
+        assert!(why.contains("/etc") && why.contains("retired"), "{why}");
+        let why = removable("/var/lib/lakecache/ml/other", "ml", "imagenet", &roots).unwrap_err();
+        assert!(why.contains("ROOT/ml/imagenet"), "{why}");
+        assert!(removable("/var/lib/lakecache/ml/imagenet", "ml", "imagenet", &[]).is_err());
+        let pod = cleanup_pod(&CleanupInputs {
+            uid: "u",
+            namespace: "default",
+            name: "kubelet",
+            path: "/etc/default/kubelet",
+            roots: &roots,
+            node: "n1",
+            pod_namespace: "lakecache-system",
+            image: "lakecache:op",
+        });
+        assert!(pod.is_none());
+        let pod = cleanup_pod(&CleanupInputs {
+            uid: "u",
+            namespace: "ml",
+            name: "imagenet",
+            path: "/mnt/old/ml/imagenet",
+            roots: &roots,
+            node: "n1",
+            pod_namespace: "lakecache-system",
+            image: "lakecache:op",
+        })
+        .unwrap();
+        let v = &pod.spec.unwrap().volumes.unwrap()[0];
+        assert_eq!(v.host_path.as_ref().unwrap().path, "/mnt/old/ml");
+    }
+
+    #[test]
+    fn the_old_annotation_names_only_the_spec_directory_below_an_allowed_root() {
+        let roots = vec!["/var/lib/lakecache".to_string()];
+        let d = |node: &str| NodeDirectory {
+            node: node.into(),
+            path: "/var/lib/lakecache/ml/imagenet".into(),
+        };
+        assert_eq!(
+            from_annotation(
+                " n1, n2,,n1 ,",
+                Some("/var/lib/lakecache/"),
+                &roots,
+                "ml",
+                "imagenet"
+            ),
+            vec![d("n1"), d("n2")]
+        );
+        // No host-path tier, or one below no allowed root: nothing.
+        assert_eq!(
+            from_annotation("n1", None, &roots, "ml", "imagenet"),
+            vec![]
+        );
+        for path in ["/etc", "/var/lib", "/var/lib/lakecache/ml", "relative"] {
+            assert_eq!(
+                from_annotation("n1", Some(path), &roots, "ml", "imagenet"),
+                vec![],
+                "{path}"
+            );
+        }
+        assert_eq!(
+            from_annotation("", Some("/var/lib/lakecache"), &roots, "ml", "imagenet"),
+            vec![]
+        );
+        let many = (0..MAX_DIRECTORIES + 5)
+            .map(|i| format!("n{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            from_annotation(&many, Some("/var/lib/lakecache"), &roots, "ml", "imagenet").len(),
+            MAX_DIRECTORIES
+        );
     }
 
     fn worker(node: Option<&str>, path: &str) -> Pod {
