@@ -293,6 +293,11 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
         roots.is_some_and(|v| v.is_null() || *v == json!("")),
         "{roots:?}"
     );
+    let retired = env_value(op, "LAKECACHE_RETIRED_HOST_PATH_ROOTS");
+    assert!(
+        retired.is_some_and(|v| v.is_null() || *v == json!("")),
+        "{retired:?}"
+    );
     assert_eq!(
         env_value(op, "LAKECACHE_NETWORK_POLICY"),
         Some(&json!("true"))
@@ -801,6 +806,8 @@ fn check_values_change_what_is_stored(cluster: &Cluster, home: &Path) -> anyhow:
             "image.repository=registry.example/lakecache,image.tag=v9,csi.prefetchBudget=1GiB",
             "--set",
             "networkPolicy.enabled=false,workers.allowedHostPathRoots={/mnt/nvme0,/mnt/nvme1}",
+            "--set",
+            "workers.retiredHostPathRoots={/mnt/old}",
         ],
     )?;
     let objs = dry_run(
@@ -835,6 +842,10 @@ fn check_values_change_what_is_stored(cluster: &Cluster, home: &Path) -> anyhow:
     assert_eq!(
         env_value(op, "LAKECACHE_ALLOWED_HOST_PATH_ROOTS"),
         Some(&json!("/mnt/nvme0,/mnt/nvme1"))
+    );
+    assert_eq!(
+        env_value(op, "LAKECACHE_RETIRED_HOST_PATH_ROOTS"),
+        Some(&json!("/mnt/old"))
     );
     assert_eq!(
         env_value(op, "LAKECACHE_NETWORK_POLICY"),
