@@ -10,7 +10,10 @@
 //! on the blocking pool under a deadline ([`PluginConfig::fs_timeout`]). A look into a cache
 //! mount asks the workers, and a worker that starts a listing and never ends it would
 //! otherwise hold the thread (and, with two such calls on two cores, every other call) for as
-//! long as the FUSE server waits on it.
+//! long as the FUSE server waits on it. Such a look holds no volume lock (`Plugin::look`):
+//! a FUSE server that hangs must not keep its volume locked, or the repair loop, which skips a
+//! locked volume, would never replace it. Changes (bind mounts, unmounts, state writes) keep the
+//! lock until their threads end.
 //!
 //! The data-plane token is a file of its own in the volume's state (mode 0600). kubelet
 //! publishes a volume again and again (`requiresRepublish`) with the current token of its
