@@ -1047,20 +1047,7 @@ mod tests {
         let a = cn(vec![tier(TierKind::Memory, "1Gi", None, None)]);
         let mut b = a.clone();
         b.spec.tiers[0].size = "2Gi".into();
-        let hash = |c: &Children| {
-            c.statefulset
-                .spec
-                .as_ref()
-                .unwrap()
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .as_ref()
-                .unwrap()[CONFIG_HASH_ANNOTATION]
-                .clone()
-        };
+        let hash = |c: &Children| template_annotation(c, CONFIG_HASH_ANNOTATION);
         assert_ne!(hash(&build(&a)), hash(&build(&b)));
         assert_eq!(hash(&build(&a)), hash(&build(&a)));
     }
