@@ -91,3 +91,32 @@ fn the_worker_parses_the_operators_config() {
     );
     cfg.validate().unwrap();
 }
+
+/// The CRD's rule on secret option keys (its CEL rule and `validate`) and the lake's rule
+/// (log masking, the command line) are one rule: the same list and the same answer.
+#[test]
+fn the_crd_and_the_lake_refuse_the_same_secret_options() {
+    assert_eq!(
+        lakecache_api::SECRET_OPTION_KEYS,
+        lakecache_lake::SECRET_OPTION_KEYS
+    );
+    for key in lakecache_api::SECRET_OPTION_PATTERNS
+        .iter()
+        .chain(lakecache_api::SECRET_OPTION_KEYS)
+        .copied()
+        .chain([
+            "MyApiKey",
+            "db_password",
+            "SAS_TOKEN",
+            "region",
+            "endpoint",
+            "root",
+        ])
+    {
+        assert_eq!(
+            lakecache_api::is_secret_option(key),
+            lakecache_lake::is_secret_option(key),
+            "{key}"
+        );
+    }
+}
