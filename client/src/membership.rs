@@ -220,16 +220,20 @@ impl Membership {
         F: FnMut(tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        let generation = *self.token_generation.borrow();
-        let (current, previous) = {
+        let tokens = {
             let tokens = self.auth.header.read();
-            (tokens.current.clone(), tokens.previous.clone())
+            tokens
+                .previous
+                .clone()
+                .map(|previous| (tokens.current.clone(), previous))
         };
-        let sent_current = current.clone();
-        let Some(previous) = previous else {
-            // No rotation yet: the interceptor adds the only token.
+        let Some((current, previous)) = tokens else {
+            // No rotation under way (every call but a rotation's): the interceptor adds the
+            // only token.
             return call(tonic::Request::new(msg)).await;
         };
+        let generation = *self.token_generation.borrow();
+        let sent_current = current.clone();
         let (first, second) = {
             let prefer_previous = conn.previous_ok.load(Ordering::Acquire) == generation + 1;
             let current = (Which::Current, current);
@@ -396,6 +400,24 @@ mod tests {
         );
     }
 
+    /// A worker that takes only the header `takes`: the `authorization` header the call carried
+    /// (None: no token), and the worker's answer to it.
+    fn answer(
+        req: &tonic::Request<()>,
+        takes: &str,
+    ) -> (Option<String>, Result<(), tonic::Status>) {
+        let h = req
+            .metadata()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_string());
+        let r = if h.as_deref().is_none_or(|h| h == takes) {
+            Ok(())
+        } else {
+            Err(tonic::Status::unauthenticated("wrong token"))
+        };
+        (h, r)
+    }
+
     #[tokio::test]
     async fn a_refused_token_is_tried_again_with_the_other_one_during_a_rotation() {
         let m = Membership::new(Some("old"), Duration::from_secs(1)).unwrap();
@@ -414,19 +436,9 @@ mod tests {
             let conn = conn.clone();
             async move {
                 m.call(&conn, (), |req: tonic::Request<()>| {
-                    let h = req
-                        .metadata()
-                        .get("authorization")
-                        .map(|v| v.to_str().unwrap().to_string());
-                    seen.lock().push(h.clone());
-                    let ok = h.as_deref().is_none_or(|h| h == *takes.lock());
-                    async move {
-                        if ok {
-                            Ok(())
-                        } else {
-                            Err(tonic::Status::unauthenticated("wrong token"))
-                        }
-                    }
+                    let (h, r) = answer(&req, &takes.lock());
+                    seen.lock().push(h);
+                    std::future::ready(r)
                 })
                 .await
             }
@@ -507,24 +519,14 @@ mod tests {
             let conn = conns[i].clone();
             async move {
                 m.call(&conn, (), |req: tonic::Request<()>| {
-                    let h = req
-                        .metadata()
-                        .get("authorization")
-                        .map(|v| v.to_str().unwrap().to_string());
+                    let (h, r) = answer(&req, takes.lock()[i]);
                     seen.lock().push(
                         h.as_deref()
                             .unwrap_or("-")
                             .trim_start_matches("Bearer ")
                             .to_string(),
                     );
-                    let ok = h.as_deref().is_none_or(|h| h == takes.lock()[i]);
-                    async move {
-                        if ok {
-                            Ok(())
-                        } else {
-                            Err(tonic::Status::unauthenticated("wrong token"))
-                        }
-                    }
+                    std::future::ready(r)
                 })
                 .await
             }
