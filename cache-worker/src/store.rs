@@ -171,6 +171,23 @@ pub fn private_memory_dir(tag: &str) -> std::io::Result<PathBuf> {
     Ok(dir.keep())
 }
 
+/// The memory tiers [`private_memory_dir`] made for process `pid` that are still there.
+pub fn memory_dirs_of(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("lakecache-{pid}-");
+    let Ok(entries) = std::fs::read_dir(SHM) else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
 /// Removes the memory tiers of processes that are gone (SIGKILL, a crash: shared memory
 /// outlives its process), as made by [`private_memory_dir`]: only directories (never what a
 /// symlink points to) named `lakecache-<pid>-…` whose process is gone and which this user owns.

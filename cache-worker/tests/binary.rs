@@ -203,19 +203,6 @@ fn bad_configuration_fails_at_once() {
     }
 }
 
-fn shm_dirs_of(pid: u32) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("lakecache-{pid}-")))
-        })
-        .collect()
-}
-
 /// Outside Kubernetes a Memory tier without a path gets a private directory in /dev/shm: a
 /// random name made fresh (so nothing planted beforehand is used), mode 0700, removed at exit;
 /// the tiers of workers that died are removed at the next start, and a symlink is never
@@ -259,7 +246,7 @@ fn memory_tiers_in_shared_memory_are_private() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let dirs = shm_dirs_of(child.id());
+    let dirs = lakecache_worker::store::memory_dirs_of(child.id());
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     let name = dirs[0].file_name().unwrap().to_str().unwrap().to_string();
     assert!(

@@ -27,19 +27,6 @@ enum Stop {
     Unmount,
 }
 
-fn memory_tiers_of(pid: u32) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("lakecache-{pid}-")))
-        })
-        .collect()
-}
-
 fn run_and_stop(how: Stop) {
     // A memory tier left behind by a process that is gone (no pid is above 2^22) is removed.
     // Each test has its own, as they run at once.
@@ -83,7 +70,10 @@ fn run_and_stop(how: Stop) {
         "the mount is writable"
     );
     assert!(!stale.exists(), "a dead process's memory tier was kept");
-    assert!(!memory_tiers_of(child.id()).is_empty(), "no memory tier");
+    assert!(
+        !lakecache_worker::store::memory_dirs_of(child.id()).is_empty(),
+        "no memory tier"
+    );
     let signal = match how {
         Stop::Signal(signal) => {
             let status = Command::new("kill")
@@ -116,7 +106,7 @@ fn run_and_stop(how: Stop) {
     );
     assert!(!mounted(&mnt), "still mounted after SIG{signal}");
     assert!(
-        memory_tiers_of(child.id()).is_empty(),
+        lakecache_worker::store::memory_dirs_of(child.id()).is_empty(),
         "the memory tier outlived the process"
     );
 }
