@@ -14,35 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::SpecError;
 use crate::quantity::{parse_bytes, parse_duration};
 
-/// Option keys that hold secrets; they must come from the credentials Secret, never the spec.
-/// The same list as `lakecache_lake::spec::SECRET_OPTION_KEYS` (the operator's tests check
-/// that on a real API server); [`is_secret_option`] adds every key that contains one of
-/// [`SECRET_OPTION_PATTERNS`].
-pub const SECRET_OPTION_KEYS: &[&str] = &[
-    "access_key_id",
-    "secret_access_key",
-    "session_token",
-    "access_key_secret",
-    "security_token",
-    "credential",
-    "credential_path",
-    "account_key",
-    "sas_token",
-    "token",
-    "server_side_encryption_customer_key",
-    "encryption_key",
-    "password",
-];
-
-/// Substrings that make an option key secret wherever they appear (compared lower-cased).
-pub const SECRET_OPTION_PATTERNS: &[&str] = &["key", "secret", "token", "password"];
-
-/// Whether a source option key names a secret, which `spec.source.options` refuses.
-pub fn is_secret_option(key: &str) -> bool {
-    let key = key.trim().to_ascii_lowercase();
-    SECRET_OPTION_KEYS.contains(&key.as_str())
-        || SECRET_OPTION_PATTERNS.iter().any(|p| key.contains(p))
-}
+/// Which source option keys hold secrets, which must come from the credentials Secret, never
+/// the spec: the lake's rule (also its log masking and its command-line check), so that the
+/// CRD refuses exactly what the data plane treats as secret.
+pub use lakecache_lake::{SECRET_OPTION_KEYS, SECRET_OPTION_PATTERNS, is_secret_option};
 
 /// The CEL rule on `spec.source.options`: what [`is_secret_option`] says, for the API server.
 /// Keys are compared lower-cased (`lowerAscii`, of the Kubernetes CEL strings library), so

@@ -28,7 +28,10 @@ use bytes::Bytes;
 pub use block::{BlockId, BlockKey};
 pub use fault::{FaultMode, FaultSource};
 pub use opendal_source::OpendalSource;
-pub use spec::{SECRET_OPTION_KEYS, SourceFlags, SourceSpec, SpecError, is_secret_option};
+pub use spec::{
+    SECRET_OPTION_KEYS, SECRET_OPTION_PATTERNS, SourceFlags, SourceSpec, SpecError,
+    is_secret_option,
+};
 pub use throttle::ThrottledSource;
 
 /// Whether a path names a file or a directory.
