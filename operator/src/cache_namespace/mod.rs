@@ -280,15 +280,7 @@ where
 {
     Ok(match api.get_opt(name).await? {
         None => Holder::Nobody,
-        Some(o)
-            if o.meta()
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|r| r.controller == Some(true) && r.uid == uid) =>
-        {
-            Holder::Us
-        }
+        Some(o) if controlled_by(&o, uid) => Holder::Us,
         Some(_) => Holder::Other,
     })
 }
@@ -379,11 +371,7 @@ async fn pv_name(cn: &CacheNamespace, ctx: &Context) -> Result<String, Error> {
             "reading PersistentVolumeClaim {ns}/{}",
             names.pvc
         )))?
-        .filter(|c| {
-            c.owner_references()
-                .iter()
-                .any(|r| r.controller == Some(true) && r.uid == uid)
-        })
+        .filter(|c| controlled_by(c, &uid))
         .and_then(|c| c.spec?.volume_name)
         .filter(|v| !v.is_empty());
     Ok(bound.unwrap_or(names.pv))
@@ -724,11 +712,7 @@ async fn apply_children(cn: &CacheNamespace, c: &Children, ctx: &Context) -> Res
                     "reading StatefulSet {ns}/{}",
                     names.statefulset
                 )))?
-                .filter(|o| {
-                    o.owner_references()
-                        .iter()
-                        .any(|r| r.controller == Some(true) && Some(&r.uid) == cn.uid().as_ref())
-                })
+                .filter(|o| cn.uid().is_some_and(|u| controlled_by(o, &u)))
                 .and_then(|o| o.uid());
             let Some(uid) = uid else {
                 // Gone, or no longer ours: the next reconcile looks again.
@@ -820,11 +804,7 @@ async fn observe(
             "reading StatefulSet {ns}/{}",
             names.statefulset
         )))?
-        .filter(|o| {
-            o.owner_references()
-                .iter()
-                .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
-        });
+        .filter(|o| uid.as_ref().is_some_and(|u| controlled_by(o, u)));
     // Only the pods of our StatefulSet: anyone who may create pods in the namespace can give one
     // the workers' labels, and the workers' list is what readers (and preloads, with the token)
     // connect to.
@@ -980,13 +960,8 @@ async fn run_scan(ctx: &Context, w: &WorkerRef, uid: &str) -> Result<ScanResult,
 /// The allowed root of `cn`'s host-path Disk tier, if it has one that the operator allows (only
 /// then were node directories made).
 fn host_root(cn: &CacheNamespace, cfg: &crate::Config) -> Option<String> {
-    let v = cn.spec.validate().ok()?;
-    match v.disk?.location {
-        DiskLocation::HostPath(p) => {
-            build::host_path_root(&p, &cfg.allowed_host_path_roots).map(String::from)
-        }
-        DiskLocation::StorageClass(_) => None,
-    }
+    let p = spec_host_path(cn)?;
+    build::host_path_root(&p, &cfg.allowed_host_path_roots).map(String::from)
 }
 
 /// The path of `cn`'s host-path Disk tier as its spec says now, if it has one.
