@@ -136,9 +136,10 @@ pub struct CacheNamespaceSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SourceSpec {
     /// The dataset's location: `s3://bucket/prefix`, `oss://bucket/prefix` (Alibaba Cloud OSS),
-    /// `gs://bucket/prefix`, `azblob://container/prefix`, or `file:///path` (a directory that
-    /// exists on every node that runs a worker).
-    #[x_kube(validation = Rule::new("self.matches('^(s3|oss|gs|azblob)://[A-Za-z0-9][A-Za-z0-9._-]*(/.*)?$') || self.matches('^file:///.*')").message("source.uri must be s3://bucket/prefix, oss://bucket/prefix, gs://bucket/prefix, azblob://container/prefix or file:///path"))]
+    /// `gs://bucket/prefix`, `azblob://container/prefix`, `hdfs://namenode:8020/prefix`
+    /// (`hdfs://nn1:8020,nn2:8020/prefix` for an HA pair; the user is the option `user`), or
+    /// `file:///path` (a directory that exists on every node that runs a worker).
+    #[x_kube(validation = Rule::new("self.matches('^(s3|oss|gs|azblob)://[A-Za-z0-9][A-Za-z0-9._-]*(/.*)?$') || self.matches('^hdfs://[A-Za-z0-9][A-Za-z0-9.,:_-]*(/.*)?$') || self.matches('^file:///.*')").message("source.uri must be s3://bucket/prefix, oss://bucket/prefix, gs://bucket/prefix, azblob://container/prefix, hdfs://namenode:port/prefix or file:///path"))]
     #[schemars(length(max = 1024))]
     pub uri: String,
 
@@ -161,7 +162,8 @@ pub struct SourceSpec {
     pub credentials_secret_ref: Option<SecretReference>,
 
     /// Further non-secret options of the storage service (OpenDAL's names, such as
-    /// `enable_virtual_host_style: "true"`), at most 64. Credentials are refused here (known
+    /// `enable_virtual_host_style: "true"`; for HDFS, `user` and the client's own settings
+    /// such as `dfs.ha.namenodes.NS`), at most 64. Credentials are refused here (known
     /// credential keys, and any key whose name contains `key`, `secret`, `token` or `password`,
     /// in any case): use credentialsSecretRef.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -480,14 +482,14 @@ impl CacheNamespaceSpec {
         let block_size = self.block_size_bytes()?;
         let src = &self.source;
         let uri_ok = src.uri.starts_with("file:///")
-            || ["s3://", "oss://", "gs://", "azblob://"]
+            || ["s3://", "oss://", "gs://", "azblob://", "hdfs://"]
                 .iter()
                 .any(|p| src.uri.len() > p.len() && src.uri.starts_with(p));
         if !uri_ok {
             return Err(SpecError::new(
                 "spec.source.uri",
                 format!(
-                    "{:?} must be s3://bucket/prefix, oss://bucket/prefix, gs://bucket/prefix, azblob://container/prefix or file:///path",
+                    "{:?} must be s3://bucket/prefix, oss://bucket/prefix, gs://bucket/prefix, azblob://container/prefix, hdfs://namenode:port/prefix or file:///path",
                     src.uri
                 ),
             ));
@@ -644,7 +646,7 @@ mod tests {
                 "spec.blockSize",
             ),
             (
-                Box::new(|s| s.source.uri = "hdfs://nn/x".into()),
+                Box::new(|s| s.source.uri = "ftp://nn/x".into()),
                 "spec.source.uri",
             ),
             (

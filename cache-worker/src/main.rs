@@ -14,16 +14,27 @@ struct Cli {
     log_format: lakecache_telemetry::LogFormat,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     lakecache_telemetry::install_crypto_provider();
     lakecache_telemetry::init_logging(cli.log_format, "info");
     let cfg = WorkerConfig::from_flags(&cli.worker)?;
-    let worker = Worker::start(cfg).await?;
-    lakecache_telemetry::shutdown_signal().await;
-    worker.stop().await;
-    Ok(())
+    for (key, value) in cfg.source.process_env()? {
+        // SAFETY: no other thread exists yet (the runtime is built below).
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var(key, value)
+        };
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let worker = Worker::start(cfg).await?;
+        lakecache_telemetry::shutdown_signal().await;
+        worker.stop().await;
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -1152,9 +1152,7 @@ async fn every_example_is_accepted_and_broken_ones_are_refused() -> anyhow::Resu
             "blockSize must be a power of two",
         ),
         (
-            variant("hdfs", &|v| {
-                v["spec"]["source"]["uri"] = json!("hdfs://nn/x")
-            }),
+            variant("ftp", &|v| v["spec"]["source"]["uri"] = json!("ftp://nn/x")),
             "source.uri must be",
         ),
         (

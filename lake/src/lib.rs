@@ -1,7 +1,8 @@
 //! The data lake as lakecache sees it.
 //!
 //! A lake is a read-only tree of objects under a URI such as `s3://bucket/prefix`,
-//! `oss://bucket/prefix`, `gs://bucket/prefix`, `azblob://container/prefix` or `file:///path`.
+//! `oss://bucket/prefix`, `gs://bucket/prefix`, `azblob://container/prefix`,
+//! `hdfs://namenode:port/prefix` or `file:///path`.
 //! Everything above this crate talks to a lake through the [`Source`] trait: the attributes of one
 //! path, the entries of one directory, and a byte range of one version of one object. The real
 //! implementation ([`OpendalSource`]) goes through OpenDAL with retry and timeout layers, and
@@ -29,8 +30,8 @@ pub use block::{BlockId, BlockKey};
 pub use fault::{FaultMode, FaultSource};
 pub use opendal_source::OpendalSource;
 pub use spec::{
-    SECRET_OPTION_KEYS, SECRET_OPTION_PATTERNS, SourceFlags, SourceSpec, SpecError,
-    is_secret_option,
+    HDFS_SERVICE, HDFS_USER_ENV, HDFS_USER_OPTION, SECRET_OPTION_KEYS, SECRET_OPTION_PATTERNS,
+    SourceFlags, SourceSpec, SpecError, is_secret_option,
 };
 pub use throttle::ThrottledSource;
 

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use opendal::layers::{RetryLayer, TimeoutLayer};
 use opendal::{EntryMode, ErrorKind, Operator};
 
+use crate::spec::{HDFS_SERVICE, HDFS_USER_ENV, HDFS_USER_OPTION};
 use crate::{DirEntry, Kind, LakeError, ObjectMeta, Result, Source, SourceSpec, SpecError};
 
 /// Versions made up from modification time and size carry this prefix; they cannot be used as
@@ -39,8 +40,12 @@ impl OpendalSource {
                 ));
             }
         }
-        let op = Operator::via_iter(&resolved.scheme, resolved.config.clone())
-            .map_err(|e| SpecError::Build(format!("{}: {e}", spec.redacted())))?;
+        let op = if resolved.scheme == HDFS_SERVICE {
+            hdfs_operator(spec, &resolved.config)?
+        } else {
+            Operator::via_iter(&resolved.scheme, resolved.config.clone())
+        }
+        .map_err(|e| SpecError::Build(format!("{}: {e}", spec.redacted())))?;
         let attempts = spec.retries as u32 + 1;
         let per_attempt = (spec.timeout / attempts).max(Duration::from_millis(200));
         let op = op
@@ -86,8 +91,55 @@ impl OpendalSource {
     }
 }
 
+/// An `hdfs://` source through OpenDAL's `hdfs-native` service. Its configuration carries a map
+/// of client settings, which `Operator::via_iter` cannot fill from strings: every option but
+/// the namenode, the root and the user goes there (`dfs.ha.namenodes.NS`,
+/// `dfs.namenode.rpc-address.NS.NN`, `dfs.client.socket-timeout`, …).
+fn hdfs_operator(
+    spec: &SourceSpec,
+    config: &std::collections::BTreeMap<String, String>,
+) -> Result<opendal::Result<Operator>, SpecError> {
+    if let Some(user) = config.get(HDFS_USER_OPTION) {
+        // The client reads the user from the environment only; `process_env` sets it at start.
+        let env = std::env::var(HDFS_USER_ENV).ok();
+        if env.as_deref() != Some(user.as_str()) {
+            return Err(SpecError::Build(format!(
+                "{}: the HDFS user {user:?} must be in {HDFS_USER_ENV} when the process starts \
+                 (lakecache and lakecache-worker set it from the `user` option; found {env:?})",
+                spec.redacted()
+            )));
+        }
+    }
+    let mut builder = opendal::services::HdfsNative::default();
+    let mut client = std::collections::HashMap::new();
+    for (k, v) in config {
+        match k.as_str() {
+            "name_node" => builder = builder.name_node(v),
+            "root" => builder = builder.root(v),
+            HDFS_USER_OPTION => {}
+            _ => {
+                client.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    if !client.is_empty() {
+        builder = builder.options(client);
+    }
+    Ok(Operator::new(builder))
+}
+
 fn map_err(path: &str, e: opendal::Error) -> LakeError {
     let path = path.to_string();
+    // The HDFS client reports the namenode's refusal as an unexpected error: it is the
+    // user's permissions, not the source being away.
+    // Its message carries the namenode's Java stack: the first line says it all.
+    if e.kind() == ErrorKind::Unexpected && e.to_string().contains("AccessControlException") {
+        let message = e.to_string();
+        return LakeError::PermissionDenied {
+            path: if path.is_empty() { "/".into() } else { path },
+            message: message.lines().next().unwrap_or_default().to_string(),
+        };
+    }
     match e.kind() {
         ErrorKind::NotFound => LakeError::NotFound { path },
         ErrorKind::ConditionNotMatch | ErrorKind::RangeNotSatisfied => LakeError::Changed {
@@ -95,7 +147,7 @@ fn map_err(path: &str, e: opendal::Error) -> LakeError {
             expected: String::new(),
         },
         ErrorKind::PermissionDenied => LakeError::PermissionDenied {
-            path,
+            path: if path.is_empty() { "/".into() } else { path },
             message: e.to_string(),
         },
         ErrorKind::ConfigInvalid
@@ -213,26 +265,35 @@ impl Source for OpendalSource {
         }
         let mut req = self.op.read_with(path).range(start..end);
         // A weak ETag (`W/"…"`) cannot be an If-Match condition.
-        if self.if_match
+        let conditional = self.if_match
             && !version.is_empty()
             && !version.starts_with(SYNTHETIC_VERSION)
-            && !version.starts_with("W/")
-        {
+            && !version.starts_with("W/");
+        if conditional {
             req = req.if_match(&format!("\"{version}\""));
         }
+        let changed = || LakeError::Changed {
+            path: path.to_string(),
+            expected: version.to_string(),
+        };
         let buf = self.bounded(path, req).await.map_err(|e| match e {
-            LakeError::Changed { path, .. } => LakeError::Changed {
-                path,
-                expected: version.to_string(),
-            },
+            LakeError::Changed { .. } => changed(),
             e => e,
         })?;
         let bytes = buf.to_bytes();
         if bytes.len() as u64 != end - start {
-            return Err(LakeError::Changed {
-                path: path.to_string(),
-                expected: version.to_string(),
-            });
+            return Err(changed());
+        }
+        if !conditional && !version.is_empty() {
+            // No store-side condition (HDFS, local files, weak ETags): the version is asked
+            // for again after the bytes came. An object rewritten before or while they were
+            // read has a new modification time or length by then, so its bytes are never
+            // mixed with the old version's blocks; the price is one metadata call per block
+            // read from the lake.
+            let now = self.bounded(path, self.op.stat(path)).await?;
+            if version_of(&now) != version {
+                return Err(changed());
+            }
         }
         Ok(bytes)
     }
@@ -272,5 +333,40 @@ mod tests {
             src.stat("nope").await,
             Err(LakeError::NotFound { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn an_object_rewritten_without_if_match_is_never_read_mixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.bin");
+        std::fs::write(&file, vec![1u8; 4096]).unwrap();
+        let src = OpendalSource::new(&SourceSpec::new(format!("file://{}", dir.path().display())))
+            .unwrap();
+        assert!(!src.if_match, "local files have no If-Match");
+        let old = src.stat("f.bin").await.unwrap();
+        assert!(old.version.starts_with(SYNTHETIC_VERSION), "{old:?}");
+        assert_eq!(
+            &src.read("f.bin", &old.version, 0, 8).await.unwrap()[..],
+            [1u8; 8]
+        );
+        // Same length, new bytes: only the modification time tells.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&file, vec![2u8; 4096]).unwrap();
+        let e = src.read("f.bin", &old.version, 8, 16).await.unwrap_err();
+        assert!(matches!(e, LakeError::Changed { .. }), "{e}");
+        let new = src.stat("f.bin").await.unwrap();
+        assert_eq!(
+            &src.read("f.bin", &new.version, 8, 16).await.unwrap()[..],
+            [2u8; 8]
+        );
+    }
+
+    #[test]
+    fn an_hdfs_user_not_in_the_environment_is_refused_clearly() {
+        let spec = SourceSpec::new("hdfs://127.0.0.1:1/x").option("user", "nobody-lakecache");
+        let Err(e) = OpendalSource::new(&spec) else {
+            panic!("built an HDFS source whose user the client would not use");
+        };
+        assert!(e.to_string().contains("HADOOP_USER_NAME"), "{e}");
     }
 }

@@ -41,12 +41,21 @@ pub fn is_secret_option(key: &str) -> bool {
         || SECRET_OPTION_PATTERNS.iter().any(|p| key.contains(p))
 }
 
+/// The OpenDAL service `hdfs://` URIs resolve to: the pure-Rust HDFS client (no JVM, no
+/// libhdfs).
+pub const HDFS_SERVICE: &str = "hdfs-native";
+/// The option naming the HDFS user (simple authentication); see [`SourceSpec::process_env`].
+pub const HDFS_USER_OPTION: &str = "user";
+/// Where the HDFS client reads its user from.
+pub const HDFS_USER_ENV: &str = "HADOOP_USER_NAME";
+
 /// Where a source is and how to read it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SourceSpec {
     /// `s3://bucket/prefix`, `oss://bucket/prefix`, `gs://bucket/prefix`,
-    /// `azblob://container/prefix`, `file:///path`, or `memory://`.
+    /// `azblob://container/prefix`, `hdfs://namenode:port/prefix`, `file:///path`, or
+    /// `memory://`.
     pub uri: String,
     /// Service options passed to OpenDAL (`endpoint`, `region`, …).
     #[serde(default)]
@@ -106,6 +115,20 @@ impl SourceSpec {
         }
     }
 
+    /// Environment variables this source needs in the process before it starts any thread.
+    /// The HDFS client takes its user only from `HADOOP_USER_NAME`, so the `user` option of an
+    /// `hdfs://` source becomes that variable; the binaries that read lakes (`lakecache` and
+    /// `lakecache-worker`) set these first thing in `main`.
+    pub fn process_env(&self) -> Result<Vec<(&'static str, String)>, SpecError> {
+        let resolved = self.resolve()?;
+        Ok(match resolved.config.get(HDFS_USER_OPTION) {
+            Some(user) if resolved.scheme == HDFS_SERVICE => {
+                vec![(HDFS_USER_ENV, user.clone())]
+            }
+            _ => Vec::new(),
+        })
+    }
+
     /// Resolves the URI and every option source into an OpenDAL scheme and configuration.
     pub fn resolve(&self) -> Result<Resolved, SpecError> {
         let (scheme, rest) = self
@@ -148,15 +171,22 @@ impl SourceSpec {
             }
             "memory" => "memory",
             "hdfs" => {
-                return Err(SpecError::Unsupported(
-                    "hdfs: this build has no HDFS service (it needs libhdfs and a JVM); \
-                     read HDFS through its S3 gateway or build with HDFS support"
-                        .into(),
-                ));
+                // hdfs://namenode:8020/prefix, hdfs://nn1:8020,nn2:8020/prefix (an HA pair), or
+                // hdfs://nameservice/prefix with the name service in the options.
+                let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if authority.is_empty() {
+                    return Err(SpecError::BadUri(
+                        self.uri.clone(),
+                        "the namenode is empty: hdfs://namenode:8020/prefix".into(),
+                    ));
+                }
+                cfg.insert("name_node".into(), format!("hdfs://{authority}"));
+                cfg.insert("root".into(), format!("/{}", crate::normalize(prefix)));
+                HDFS_SERVICE
             }
             other => {
                 return Err(SpecError::Unsupported(format!(
-                    "{other}: use s3, oss, gs, azblob or file"
+                    "{other}: use s3, oss, gs, azblob, hdfs or file"
                 )));
             }
         };
@@ -322,6 +352,26 @@ mod tests {
         let r = SourceSpec::new("azblob://c/p").resolve().unwrap();
         assert_eq!(r.scheme, "azblob");
         assert_eq!(r.config["container"], "c");
+    }
+
+    #[test]
+    fn hdfs_uri_becomes_name_node_and_root_and_the_user_an_environment_variable() {
+        let r = SourceSpec::new("hdfs://nn1:8020,nn2:8020/data/train/")
+            .resolve()
+            .unwrap();
+        assert_eq!(r.scheme, HDFS_SERVICE);
+        assert_eq!(r.config["name_node"], "hdfs://nn1:8020,nn2:8020");
+        assert_eq!(r.config["root"], "/data/train");
+        let spec = SourceSpec::new("hdfs://ns1/x").option("user", "alice");
+        assert_eq!(
+            spec.process_env().unwrap(),
+            vec![(HDFS_USER_ENV, "alice".to_string())]
+        );
+        // `user` means nothing to other services.
+        let s3 = SourceSpec::new("s3://b").option("user", "alice");
+        assert!(s3.process_env().unwrap().is_empty());
+        let e = SourceSpec::new("hdfs:///x").resolve().unwrap_err();
+        assert!(e.to_string().contains("namenode is empty"), "{e}");
     }
 
     #[test]

@@ -157,7 +157,10 @@ fn bad_or_missing_sources_fail_clearly() {
     let mnt = work.path().join("mnt");
     let mnt = mnt.to_str().unwrap();
     let err = must_fail(&["local", "--source", "ftp://x/y", "--mount", mnt]);
-    assert!(err.contains("use s3, oss, gs, azblob or file"), "{err}");
+    assert!(
+        err.contains("use s3, oss, gs, azblob, hdfs or file"),
+        "{err}"
+    );
     let missing = work.path().join("no-such-lake");
     let uri = format!("file://{}", missing.display());
     let err = must_fail(&["local", "--source", &uri, "--mount", mnt]);

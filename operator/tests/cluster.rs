@@ -205,7 +205,7 @@ async fn crds_teach_with_explain_and_refuse_malformed_objects() -> anyhow::Resul
     };
     let cases: Vec<(Value, &str)> = vec![
         (
-            edit(&["spec", "source", "uri"], json!("hdfs://namenode/x")),
+            edit(&["spec", "source", "uri"], json!("ftp://namenode/x")),
             "source.uri must be s3://",
         ),
         (
