@@ -1,6 +1,7 @@
 //! A TCP proxy that can black-hole traffic: while `blackhole` is on, new connections are
 //! accepted but never answered, and bytes on existing ones stop flowing. That is what a lake
-//! behind a broken network looks like: no error, only silence.
+//! behind a broken network looks like: no error, only silence. While `down` is on, it is a
+//! server that died instead: every connection, old or new, is closed at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,7 @@ pub struct Proxy {
     pub port: u16,
     host: String,
     blackhole: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -31,11 +33,18 @@ impl Proxy {
         let port = listener.local_addr()?.port();
         let upstream = (upstream.0.to_string(), upstream.1);
         let blackhole = Arc::new(AtomicBool::new(false));
+        let down = Arc::new(AtomicBool::new(false));
         let bh = blackhole.clone();
+        let dn = down.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let bh = bh.clone();
+                let dn = dn.clone();
                 let upstream = upstream.clone();
+                if dn.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 tokio::spawn(async move {
                     if bh.load(Ordering::SeqCst) {
                         // Hold the connection open and silent.
@@ -49,8 +58,8 @@ impl Proxy {
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let a = tokio::spawn(pump(cr, sw, bh.clone()));
-                    let b = tokio::spawn(pump(sr, cw, bh));
+                    let a = tokio::spawn(pump(cr, sw, bh.clone(), dn.clone()));
+                    let b = tokio::spawn(pump(sr, cw, bh, dn));
                     let _ = tokio::join!(a, b);
                 });
             }
@@ -59,6 +68,7 @@ impl Proxy {
             port,
             host: host.to_string(),
             blackhole,
+            down,
             task,
         })
     }
@@ -70,19 +80,32 @@ impl Proxy {
     pub fn set_blackhole(&self, on: bool) {
         self.blackhole.store(on, Ordering::SeqCst);
     }
+
+    /// While on, the upstream looks dead: connections are closed as they come, and open ones
+    /// are closed at their next byte (or within 50 ms).
+    pub fn set_down(&self, on: bool) {
+        self.down.store(on, Ordering::SeqCst);
+    }
 }
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     bh: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let read = tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf));
+        let n = match read.await {
+            Err(_) if down.load(Ordering::SeqCst) => return,
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => n,
         };
+        if down.load(Ordering::SeqCst) {
+            return;
+        }
         while bh.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -1,4 +1,6 @@
-//! A real S3-compatible server for tests: moto's server (in-memory), on a free loopback port.
+//! Real S3-compatible servers for tests, on free loopback ports: moto's server (in memory),
+//! which accepts any signature, and [`S3Gateway`] (versitygw over a directory), which checks
+//! them.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -136,5 +138,59 @@ mod reqwest_like {
             resp.lines().next().unwrap_or("")
         );
         Ok(())
+    }
+}
+
+/// versitygw (the benchmark's lake, built by `scripts/setup`) serving a directory as S3, with
+/// one account whose signatures it checks: the server for "wrong credentials". (moto checks
+/// signatures only when asked to, and then refuses correct ones on listings.)
+pub struct S3Gateway {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl S3Gateway {
+    pub const ACCESS_KEY: &str = "lakecache-gateway";
+    pub const SECRET_KEY: &str = "lakecache-gateway-secret";
+
+    /// Starts versitygw (`$LAKECACHE_VERSITYGW`) with `bucket` made, and waits until it
+    /// answers.
+    pub fn start(bucket: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir(dir.path().join(bucket))?;
+        let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
+        let bin = std::env::var("LAKECACHE_VERSITYGW")
+            .context("LAKECACHE_VERSITYGW is not set: run `eval \"$(scripts/setup --env)\"`")?;
+        let child = Command::new(&bin)
+            .args(["--access", Self::ACCESS_KEY, "--secret", Self::SECRET_KEY])
+            .args(["--region", "us-east-1", "--quiet", "--port"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("posix")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let gateway = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("{bin} did not listen on port {port} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(gateway)
+    }
+}
+
+impl Drop for S3Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
