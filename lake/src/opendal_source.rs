@@ -80,7 +80,19 @@ impl OpendalSource {
         path: &str,
         fut: impl IntoFuture<Output = opendal::Result<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.deadline, fut.into_future()).await {
+        self.bounded_until(tokio::time::Instant::now() + self.deadline, path, fut)
+            .await
+    }
+
+    /// [`Self::bounded`] with the deadline of a call that made others before (a read and its
+    /// version check share one).
+    async fn bounded_until<T>(
+        &self,
+        until: tokio::time::Instant,
+        path: &str,
+        fut: impl IntoFuture<Output = opendal::Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout_at(until, fut.into_future()).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(map_err(path, e)),
             Err(_) => Err(LakeError::Unavailable(format!(
@@ -110,17 +122,10 @@ fn hdfs_operator(
             )));
         }
     }
-    let mut builder = opendal::services::HdfsNative::default();
-    let mut client = std::collections::HashMap::new();
-    for (k, v) in config {
-        match k.as_str() {
-            "name_node" => builder = builder.name_node(v),
-            "root" => builder = builder.root(v),
-            HDFS_USER_OPTION => {}
-            _ => {
-                client.insert(k.clone(), v.clone());
-            }
-        }
+    let (name_node, client) = hdfs_client_settings(config);
+    let mut builder = opendal::services::HdfsNative::default().name_node(&name_node);
+    if let Some(root) = config.get("root") {
+        builder = builder.root(root);
     }
     if !client.is_empty() {
         builder = builder.options(client);
@@ -128,19 +133,91 @@ fn hdfs_operator(
     Ok(Operator::new(builder))
 }
 
+/// The name service OpenDAL's `hdfs-native` service always connects to: it turns its
+/// `name_node` (`hdfs://nn1:8020,nn2:8020`) into this service's namenodes.
+const OPENDAL_NAME_SERVICE: &str = "nameservice";
+/// The namenode's RPC port when a URI gives a host without one.
+const HDFS_DEFAULT_PORT: u16 = 8020;
+
+/// The `name_node` to give OpenDAL and the client settings, from a resolved `hdfs://` source.
+/// An authority with ports (`nn:8020`, `nn1:8020,nn2:8020`) is used as it is. An authority
+/// without one is a name service when the options configure it (`dfs.ha.namenodes.NS`): as
+/// OpenDAL always asks for its own name service, every setting keyed by `NS` is renamed to
+/// it. Otherwise it is a host, on port 8020.
+fn hdfs_client_settings(
+    config: &std::collections::BTreeMap<String, String>,
+) -> (String, std::collections::HashMap<String, String>) {
+    let name_node = config.get("name_node").cloned().unwrap_or_default();
+    let authority = name_node.trim_start_matches("hdfs://").to_string();
+    let name_service = !authority.contains([':', ',', '['])
+        && config.contains_key(&format!("dfs.ha.namenodes.{authority}"));
+    let mut client = std::collections::HashMap::new();
+    for (k, v) in config {
+        if matches!(k.as_str(), "name_node" | "root" | HDFS_USER_OPTION) {
+            continue;
+        }
+        let key = if name_service {
+            let segment = format!(".{authority}.");
+            let suffix = format!(".{authority}");
+            if k.contains(&segment) {
+                k.replace(&segment, &format!(".{OPENDAL_NAME_SERVICE}."))
+            } else if let Some(head) = k.strip_suffix(&suffix) {
+                format!("{head}.{OPENDAL_NAME_SERVICE}")
+            } else {
+                k.clone()
+            }
+        } else {
+            k.clone()
+        };
+        client.insert(key, v.clone());
+    }
+    let name_node = if name_service || authority.contains([':', ',']) {
+        name_node
+    } else {
+        format!("hdfs://{authority}:{HDFS_DEFAULT_PORT}")
+    };
+    (name_node, client)
+}
+
+/// `message` with every URL's query string cut off: a signed URL carries its signature there,
+/// and an Azure SAS token is one (`…?sv=…&sig=…`). OpenDAL puts request URLs in its errors.
+fn without_queries(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("://") {
+        let (before, url) = rest.split_at(at);
+        out.push_str(before);
+        let end = url
+            .find(|c: char| c.is_whitespace() || matches!(c, ',' | '}' | ')' | '"' | '\''))
+            .unwrap_or(url.len());
+        let (url, after) = url.split_at(end);
+        match url.find('?') {
+            Some(q) => {
+                out.push_str(&url[..q]);
+                out.push_str("?…");
+            }
+            None => out.push_str(url),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
 fn map_err(path: &str, e: opendal::Error) -> LakeError {
     let path = path.to_string();
-    // The HDFS client reports the namenode's refusal as an unexpected error: it is the
-    // user's permissions, not the source being away.
-    // Its message carries the namenode's Java stack: the first line says it all.
-    if e.kind() == ErrorKind::Unexpected && e.to_string().contains("AccessControlException") {
-        let message = e.to_string();
+    let kind = e.kind();
+    let message = without_queries(&e.to_string());
+    // The HDFS client reports the namenode's refusal as an unexpected error: it is the user's
+    // permissions, not the source being away. Its message carries the namenode's Java stack:
+    // the first line says it all.
+    if kind == ErrorKind::Unexpected && message.contains("AccessControlException") {
         return LakeError::PermissionDenied {
             path: if path.is_empty() { "/".into() } else { path },
             message: message.lines().next().unwrap_or_default().to_string(),
         };
     }
-    match e.kind() {
+    match kind {
         ErrorKind::NotFound => LakeError::NotFound { path },
         ErrorKind::ConditionNotMatch | ErrorKind::RangeNotSatisfied => LakeError::Changed {
             path,
@@ -148,16 +225,13 @@ fn map_err(path: &str, e: opendal::Error) -> LakeError {
         },
         ErrorKind::PermissionDenied => LakeError::PermissionDenied {
             path: if path.is_empty() { "/".into() } else { path },
-            message: e.to_string(),
+            message,
         },
         ErrorKind::ConfigInvalid
         | ErrorKind::Unsupported
         | ErrorKind::IsADirectory
-        | ErrorKind::NotADirectory => LakeError::Other {
-            path,
-            message: e.to_string(),
-        },
-        _ => LakeError::Unavailable(format!("{path}: {e}")),
+        | ErrorKind::NotADirectory => LakeError::Other { path, message },
+        _ => LakeError::Unavailable(format!("{path}: {message}")),
     }
 }
 
@@ -276,21 +350,28 @@ impl Source for OpendalSource {
             path: path.to_string(),
             expected: version.to_string(),
         };
-        let buf = self.bounded(path, req).await.map_err(|e| match e {
-            LakeError::Changed { .. } => changed(),
-            e => e,
-        })?;
+        let until = tokio::time::Instant::now() + self.deadline;
+        let buf = self
+            .bounded_until(until, path, req)
+            .await
+            .map_err(|e| match e {
+                LakeError::Changed { .. } => changed(),
+                e => e,
+            })?;
         let bytes = buf.to_bytes();
         if bytes.len() as u64 != end - start {
             return Err(changed());
         }
-        if !conditional && !version.is_empty() {
-            // No store-side condition (HDFS, local files, weak ETags): the version is asked
+        if !self.if_match && !version.is_empty() {
+            // A store with no conditional read at all (HDFS, local files): the version is asked
             // for again after the bytes came. An object rewritten before or while they were
             // read has a new modification time or length by then, so its bytes are never
             // mixed with the old version's blocks; the price is one metadata call per block
-            // read from the lake.
-            let now = self.bounded(path, self.op.stat(path)).await?;
+            // read from the lake. There, listings and stat give the same fields, so an
+            // unchanged object always compares equal. (Not on the stores with If-Match: an
+            // S3-compatible store may list no ETag and times in milliseconds, and answer a
+            // HEAD with an ETag and whole seconds.)
+            let now = self.bounded_until(until, path, self.op.stat(path)).await?;
             if version_of(&now) != version {
                 return Err(changed());
             }
@@ -359,6 +440,57 @@ mod tests {
             &src.read("f.bin", &new.version, 8, 16).await.unwrap()[..],
             [2u8; 8]
         );
+    }
+
+    #[test]
+    fn an_hdfs_name_service_is_renamed_to_the_one_opendal_asks_for() {
+        let config = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let (nn, client) = hdfs_client_settings(&config(&[
+            ("name_node", "hdfs://prod"),
+            ("root", "/x"),
+            ("user", "alice"),
+            ("dfs.ha.namenodes.prod", "a,b"),
+            ("dfs.namenode.rpc-address.prod.a", "nn-a:8020"),
+            ("dfs.namenode.rpc-address.prod.b", "nn-b:8020"),
+            ("dfs.client.socket-timeout", "20000"),
+        ]));
+        assert_eq!(nn, "hdfs://prod");
+        let want = config(&[
+            ("dfs.ha.namenodes.nameservice", "a,b"),
+            ("dfs.namenode.rpc-address.nameservice.a", "nn-a:8020"),
+            ("dfs.namenode.rpc-address.nameservice.b", "nn-b:8020"),
+            ("dfs.client.socket-timeout", "20000"),
+        ]);
+        assert_eq!(
+            client
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            want
+        );
+        // A host without a port is a namenode on the default one; ports are kept.
+        let (nn, _) = hdfs_client_settings(&config(&[("name_node", "hdfs://nn")]));
+        assert_eq!(nn, "hdfs://nn:8020");
+        let (nn, _) = hdfs_client_settings(&config(&[("name_node", "hdfs://a:1,b:2")]));
+        assert_eq!(nn, "hdfs://a:1,b:2");
+    }
+
+    #[test]
+    fn signed_urls_lose_their_query_in_messages() {
+        let m = "PermissionDenied at read, context: { uri: https://acct.blob.core.windows.net/c/a%20b?sv=2022&sig=SECRETSIG, url: http://h:1/p?X-Amz-Signature=abc }, tail";
+        let got = without_queries(m);
+        assert!(!got.contains("SECRETSIG") && !got.contains("abc"), "{got}");
+        assert!(
+            got.contains("https://acct.blob.core.windows.net/c/a%20b?…,")
+                && got.contains("http://h:1/p?… }")
+                && got.ends_with(", tail"),
+            "{got}"
+        );
+        assert_eq!(without_queries("no url here"), "no url here");
     }
 
     #[test]
