@@ -27,7 +27,9 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// loopback port of its own, which the namenode hands out, and clients connect to it directly
 /// for the data (so a proxy in front of the namenode does not see the bytes). Owned by the user
 /// running the tests, who is HDFS's superuser; `/private` (0700, holding `/private/secret.bin`)
-/// is there for checking that another user (`HADOOP_USER_NAME`) is refused.
+/// is there for checking that another user (`HADOOP_USER_NAME`) is refused, and `/shared`
+/// (0700, owned by the HDFS user `alice`, holding `/shared/alice.bin`) for checking that the
+/// right one is let in.
 ///
 /// Needs `LAKECACHE_HDFS_HOME`, which `scripts/setup --env` exports, and `java` on `PATH`.
 pub struct HdfsServer {

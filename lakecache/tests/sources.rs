@@ -126,7 +126,8 @@ fn spawn_local(access: &Access) -> anyhow::Result<(Child, tempfile::TempDir)> {
     }
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lakecache"));
     cmd.args(["local", "--workers", "2", "--memory", "64MiB"])
-        .args(["--block-size", "64KiB", "--source-timeout", "3s"])
+        .args(["--block-size", "64KiB", "--source-timeout"])
+        .arg(format!("{}s", SOURCE_TIMEOUT.as_secs()))
         .arg("--source")
         .arg(&access.uri)
         .arg("--mount")
@@ -145,12 +146,17 @@ fn spawn_local(access: &Access) -> anyhow::Result<(Child, tempfile::TempDir)> {
 
 impl Local {
     fn start(access: &Access) -> anyhow::Result<Self> {
-        let (mut child, dir) = spawn_local(access)?;
-        let mnt = dir.path().join("mnt");
+        let (child, dir) = spawn_local(access)?;
+        // The guard first: whatever goes wrong below, the process is stopped and unmounted.
+        let mut local = Self {
+            child,
+            mnt: dir.path().join("mnt"),
+            _dir: dir,
+        };
         let start = Instant::now();
-        while !mounted(&mnt) {
-            if let Some(status) = child.try_wait()? {
-                let err = std::fs::read_to_string(dir.path().join("stderr"))?;
+        while !mounted(&local.mnt) {
+            if let Some(status) = local.child.try_wait()? {
+                let err = std::fs::read_to_string(local._dir.path().join("stderr"))?;
                 bail!("lakecache local exited with {status}: {err}");
             }
             ensure!(
@@ -159,11 +165,7 @@ impl Local {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Self {
-            child,
-            mnt,
-            _dir: dir,
-        })
+        Ok(local)
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -180,16 +182,18 @@ impl Drop for Local {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&self.mnt)
-            .status();
+        if mounted(&self.mnt) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
+        }
     }
 }
 
@@ -214,22 +218,29 @@ fn names(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(v)
 }
 
-/// Reads a file in a blocking thread, with its duration.
+/// Reads a file in a blocking thread, with its duration. A read that has not ended after a
+/// minute fails the test (the mount is then stopped, which ends the read).
 async fn timed_read(path: PathBuf) -> (std::io::Result<Vec<u8>>, Duration) {
-    tokio::task::spawn_blocking(move || {
+    let shown = path.display().to_string();
+    let read = tokio::task::spawn_blocking(move || {
         let start = Instant::now();
         let r = std::fs::read(&path);
         (r, start.elapsed())
-    })
-    .await
-    .expect("read thread")
+    });
+    match tokio::time::timeout(Duration::from_secs(60), read).await {
+        Ok(r) => r.expect("read thread"),
+        Err(_) => panic!("reading {shown} has not ended after 60 s"),
+    }
 }
 
+/// `lakecache local`'s source timeout in this suite (`--source-timeout`).
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The suite. Each case says what it checks in its failure message.
-async fn behaves(lake: Lake) -> anyhow::Result<()> {
+async fn behaves(lake: &Lake) -> anyhow::Result<()> {
     let label = lake.label;
     let files = dataset();
-    fill(&lake, &files).await?;
+    fill(lake, &files).await?;
     let proxy = Proxy::start(lake.port).await?;
     let local =
         Local::start(&(lake.access)(proxy.port)).with_context(|| format!("{label}: mounting"))?;
@@ -311,7 +322,8 @@ async fn behaves(lake: Lake) -> anyhow::Result<()> {
                 Ok(b) if b == old => "all old".to_string(),
                 Ok(b) if b == new => "all new".to_string(),
                 Ok(b) => panic!("{label}: rewrite.bin read mixed bytes ({} bytes)", b.len()),
-                Err(e) => format!("an error ({e})"),
+                Err(e) if e.raw_os_error() == Some(nix::libc::ESTALE) => format!("{e}"),
+                Err(e) => panic!("{label}: rewrite.bin failed with {e}, not ESTALE"),
             };
             eprintln!("{label}: rewrite.bin after a rewrite: {outcome}");
         }
@@ -336,6 +348,10 @@ async fn behaves(lake: Lake) -> anyhow::Result<()> {
         assert!(
             r.with_context(|| format!("{label}: cached read while the source {how}"))? == *cached,
             "{label}: cached bytes while the source {how}"
+        );
+        assert!(
+            took < SOURCE_TIMEOUT,
+            "{label}: a cached read while the source {how} waited {took:?}"
         );
         let (r, took_lost) = timed_read(local.path("lost.bin")).await;
         let e = r.expect_err("an uncached read succeeded with the source away");
@@ -362,24 +378,8 @@ async fn behaves(lake: Lake) -> anyhow::Result<()> {
         Err(why) => eprintln!("{label}: bad-credentials case skipped: {why}"),
         Ok((bad, secret)) => {
             let access = bad(lake.port);
-            let (mut child, dir) = spawn_local(&access)?;
             let start = Instant::now();
-            let status = loop {
-                if let Some(s) = child.try_wait()? {
-                    break s;
-                }
-                if start.elapsed() > Duration::from_secs(60) {
-                    let _ = child.kill();
-                    bail!("{label}: lakecache local with bad credentials ran for 60 s");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            let err = std::fs::read_to_string(dir.path().join("stderr"))?;
-            assert!(!status.success(), "{label}: bad credentials were accepted");
-            assert!(
-                err.contains(&access.uri),
-                "{label}: the error does not name the source: {err}"
-            );
+            let err = refused(&access).with_context(|| format!("{label}: bad credentials"))?;
             if let Some(secret) = secret {
                 assert!(
                     !err.contains(secret.as_str()),
@@ -389,11 +389,44 @@ async fn behaves(lake: Lake) -> anyhow::Result<()> {
             eprintln!(
                 "{label}: bad credentials refused in {:.2?}: {}",
                 start.elapsed(),
-                err.trim()
+                err.lines().next().unwrap_or_default()
             );
         }
     }
     Ok(())
+}
+
+/// Runs `lakecache local` over `access`, which the source must refuse: the process must exit
+/// with an error that names the source and says access was denied. Returns its stderr.
+fn refused(access: &Access) -> anyhow::Result<String> {
+    let (child, dir) = spawn_local(access)?;
+    let mut local = Local {
+        child,
+        mnt: dir.path().join("mnt"),
+        _dir: dir,
+    };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = local.child.try_wait()? {
+            break s;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "lakecache local ran for 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(local._dir.path().join("stderr"))?;
+    ensure!(!status.success(), "it was accepted: {err}");
+    ensure!(
+        err.contains(&access.uri),
+        "the error does not name the source: {err}"
+    );
+    ensure!(
+        err.contains("source denied access"),
+        "the error does not say access was denied: {err}"
+    );
+    Ok(err)
 }
 
 async fn s3_lake() -> anyhow::Result<Lake> {
@@ -514,16 +547,24 @@ async fn gcs_lake() -> anyhow::Result<Lake> {
 
 async fn hdfs_lake() -> anyhow::Result<Lake> {
     let hdfs = HdfsServer::start()?;
+    // The lake by a name service (`hdfs://NS/…` and the client's `dfs.*` settings for it), as a
+    // cluster with an HA pair is named; this one has one namenode.
     let access = |port: u16| Access {
-        uri: format!("hdfs://127.0.0.1:{port}/{PREFIX}"),
-        options: BTreeMap::new(),
+        uri: format!("hdfs://lakens/{PREFIX}"),
+        options: map(&[
+            ("dfs.ha.namenodes.lakens", "nn1"),
+            (
+                "dfs.namenode.rpc-address.lakens.nn1",
+                &format!("127.0.0.1:{port}"),
+            ),
+        ]),
         credentials: BTreeMap::new(),
     };
     // HDFS's simple authentication has no secret: the wrong credentials are a user whom the
-    // namenode refuses a directory (/private is 0700, made by the launcher).
+    // namenode refuses a directory (/shared is alice's, 0700, made by the launcher).
     let bad = |port: u16| Access {
-        uri: format!("hdfs://127.0.0.1:{port}/private"),
-        options: map(&[("user", "nobody")]),
+        uri: format!("hdfs://127.0.0.1:{port}/shared"),
+        options: map(&[("user", "bob")]),
         credentials: BTreeMap::new(),
     };
     Ok(Lake {
@@ -538,25 +579,36 @@ async fn hdfs_lake() -> anyhow::Result<Lake> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_behaves() -> anyhow::Result<()> {
-    behaves(s3_lake().await?).await
+    behaves(&s3_lake().await?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oss_behaves() -> anyhow::Result<()> {
-    behaves(oss_lake().await?).await
+    behaves(&oss_lake().await?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn azblob_behaves() -> anyhow::Result<()> {
-    behaves(azblob_lake().await?).await
+    behaves(&azblob_lake().await?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gcs_behaves() -> anyhow::Result<()> {
-    behaves(gcs_lake().await?).await
+    behaves(&gcs_lake().await?).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hdfs_behaves() -> anyhow::Result<()> {
-    behaves(hdfs_lake().await?).await
+    let lake = hdfs_lake().await?;
+    behaves(&lake).await?;
+    // The `user` option is the user the namenode sees: alice reads her 0700 directory (bob
+    // was refused it above, and the superuser running the tests is not asked).
+    let alices = Access {
+        uri: format!("hdfs://127.0.0.1:{}/shared", lake.port),
+        options: map(&[("user", "alice")]),
+        credentials: BTreeMap::new(),
+    };
+    let local = Local::start(&alices).context("mounting /shared as alice")?;
+    assert_eq!(std::fs::read(local.path("alice.bin"))?, b"for alice\n");
+    Ok(())
 }

@@ -5,7 +5,8 @@
 //       MiniHdfs <namenode-port, 0 for a free one> <base-dir>
 //
 // Once the cluster is up it creates /private (0700, owned by the launching user) holding
-// /private/secret.bin, so tests can see another HDFS user being refused; then prints exactly one
+// /private/secret.bin, and /shared (0700, owned by the HDFS user `alice`) holding
+// /shared/alice.bin, so tests can see one HDFS user let in and another refused; then prints exactly one
 // line, `READY <namenode-port>`, on stdout, and serves until stdin reaches EOF or SIGTERM comes,
 // when it shuts the cluster down. Everything else (Hadoop's logs, errors) goes to stderr; any
 // startup error exits non-zero.
@@ -135,6 +136,17 @@ public final class MiniHdfs {
         try (FSDataOutputStream out = fs.create(new Path(dir, "secret.bin"), false)) {
             out.write("not for other users\n".getBytes(StandardCharsets.UTF_8));
         }
+        Path shared = new Path("/shared");
+        Path alices = new Path(shared, "alice.bin");
+        if (!fs.mkdirs(shared)) {
+            throw new IOException("could not create " + shared);
+        }
+        try (FSDataOutputStream out = fs.create(alices, false)) {
+            out.write("for alice\n".getBytes(StandardCharsets.UTF_8));
+        }
+        fs.setPermission(shared, new FsPermission((short) 0700));
+        fs.setOwner(shared, "alice", null);
+        fs.setOwner(alices, "alice", null);
     }
 
     private static synchronized void stop() {
