@@ -888,6 +888,17 @@ fn expected_examples() -> BTreeMap<&'static str, Vec<(&'static str, &'static str
             ],
         ),
         (
+            "cachenamespace-azure.yaml",
+            vec![
+                ("Secret", "laion-azure-credentials"),
+                ("CacheNamespace", "laion"),
+            ],
+        ),
+        (
+            "cachenamespace-hdfs.yaml",
+            vec![("CacheNamespace", "clicklogs")],
+        ),
+        (
             "cachepreload.yaml",
             vec![("CachePreload", "imagenet-train")],
         ),
