@@ -136,7 +136,8 @@ pub struct WorkerFlags {
     /// Worker id in the ring.
     #[arg(long, env = "LAKECACHE_WORKER_ID")]
     pub id: Option<String>,
-    /// Source URI (s3://bucket/prefix, oss://…, gs://…, azblob://…, file:///path).
+    /// Source URI (s3://bucket/prefix, oss://…, gs://…, azblob://…, hdfs://namenode:8020/…,
+    /// file:///path).
     #[arg(long, env = "LAKECACHE_SOURCE")]
     pub source: Option<String>,
     #[command(flatten)]

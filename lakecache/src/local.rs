@@ -20,7 +20,8 @@ use lakecache_worker::store::TierKind;
 
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
-    /// Source URI: s3://bucket/prefix, oss://bucket/prefix, gs://…, azblob://…, file:///path.
+    /// Source URI: s3://bucket/prefix, oss://bucket/prefix, gs://…, azblob://…,
+    /// hdfs://namenode:8020/prefix, file:///path.
     #[arg(long, env = "LAKECACHE_SOURCE")]
     pub source: String,
     /// Where to mount the cache (a directory).
