@@ -137,7 +137,8 @@ pub struct CacheNamespaceSpec {
 pub struct SourceSpec {
     /// The dataset's location: `s3://bucket/prefix`, `oss://bucket/prefix` (Alibaba Cloud OSS),
     /// `gs://bucket/prefix`, `azblob://container/prefix`, `hdfs://namenode:8020/prefix`
-    /// (`hdfs://nn1:8020,nn2:8020/prefix` for an HA pair; the user is the option `user`), or
+    /// (`hdfs://nn1:8020,nn2:8020/prefix` for an HA pair, `hdfs://NAMESERVICE/prefix` with the
+    /// client's `dfs.ha.namenodes.NAMESERVICE` options; the user is the option `user`), or
     /// `file:///path` (a directory that exists on every node that runs a worker).
     #[x_kube(validation = Rule::new("self.matches('^(s3|oss|gs|azblob)://[A-Za-z0-9][A-Za-z0-9._-]*(/.*)?$') || self.matches('^hdfs://[A-Za-z0-9][A-Za-z0-9.,:_-]*(/.*)?$') || self.matches('^file:///.*')").message("source.uri must be s3://bucket/prefix, oss://bucket/prefix, gs://bucket/prefix, azblob://container/prefix, hdfs://namenode:port/prefix or file:///path"))]
     #[schemars(length(max = 1024))]
@@ -481,10 +482,16 @@ impl CacheNamespaceSpec {
     pub fn validate(&self) -> Result<ValidSpec, SpecError> {
         let block_size = self.block_size_bytes()?;
         let src = &self.source;
+        // As the CEL rule: a bucket, container or namenode that starts with a letter or digit.
         let uri_ok = src.uri.starts_with("file:///")
             || ["s3://", "oss://", "gs://", "azblob://", "hdfs://"]
                 .iter()
-                .any(|p| src.uri.len() > p.len() && src.uri.starts_with(p));
+                .any(|p| {
+                    src.uri
+                        .strip_prefix(p)
+                        .and_then(|rest| rest.chars().next())
+                        .is_some_and(|c| c.is_ascii_alphanumeric())
+                });
         if !uri_ok {
             return Err(SpecError::new(
                 "spec.source.uri",
@@ -634,6 +641,24 @@ mod tests {
     }
 
     #[test]
+    fn every_source_kind_is_a_good_uri() {
+        for uri in [
+            "s3://b/p",
+            "oss://b",
+            "gs://b/p",
+            "azblob://c/p",
+            "hdfs://nn:8020/p",
+            "hdfs://nn1:8020,nn2:8020/p",
+            "hdfs://prod/p",
+            "file:///data",
+        ] {
+            let mut s = spec();
+            s.source.uri = uri.into();
+            assert!(s.validate().is_ok(), "{uri}");
+        }
+    }
+
+    #[test]
     fn bad_specs_name_the_field() {
         type Edit = Box<dyn Fn(&mut CacheNamespaceSpec)>;
         let cases: Vec<(Edit, &str)> = vec![
@@ -647,6 +672,10 @@ mod tests {
             ),
             (
                 Box::new(|s| s.source.uri = "ftp://nn/x".into()),
+                "spec.source.uri",
+            ),
+            (
+                Box::new(|s| s.source.uri = "hdfs:///x".into()),
                 "spec.source.uri",
             ),
             (
