@@ -47,8 +47,14 @@ impl Proxy {
                 }
                 tokio::spawn(async move {
                     if bh.load(Ordering::SeqCst) {
-                        // Hold the connection open and silent.
-                        tokio::time::sleep(Duration::from_secs(600)).await;
+                        // Hold the connection open and silent (for at most 600 s), until the
+                        // upstream is made to look dead: then it is closed like the others.
+                        for _ in 0..12_000 {
+                            if dn.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                         drop(client);
                         return;
                     }
@@ -82,7 +88,7 @@ impl Proxy {
     }
 
     /// While on, the upstream looks dead: connections are closed as they come, and open ones
-    /// are closed at their next byte (or within 50 ms).
+    /// are closed at their next byte or within 50 ms, those held silent by the black hole too.
     pub fn set_down(&self, on: bool) {
         self.down.store(on, Ordering::SeqCst);
     }
