@@ -19,16 +19,7 @@ fn main() -> anyhow::Result<()> {
     lakecache_telemetry::install_crypto_provider();
     lakecache_telemetry::init_logging(cli.log_format, "info");
     let cfg = WorkerConfig::from_flags(&cli.worker)?;
-    for (key, value) in cfg.source.process_env()? {
-        // SAFETY: no other thread exists yet (the runtime is built below).
-        #[allow(unsafe_code)]
-        unsafe {
-            std::env::set_var(key, value)
-        };
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = lakecache_telemetry::runtime_with_env(cfg.source.process_env()?)?;
     rt.block_on(async move {
         let worker = Worker::start(cfg).await?;
         lakecache_telemetry::shutdown_signal().await;

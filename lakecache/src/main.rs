@@ -42,18 +42,11 @@ fn main() -> anyhow::Result<()> {
     lakecache_telemetry::install_crypto_provider();
     // An interactive command: warnings only, unless RUST_LOG says otherwise.
     lakecache_telemetry::init_logging(cli.log_format, "warn");
-    if let Command::Local(a) = &cli.command {
-        for (key, value) in a.source_spec()?.process_env()? {
-            // SAFETY: no other thread exists yet (the runtime is built below).
-            #[allow(unsafe_code)]
-            unsafe {
-                std::env::set_var(key, value)
-            };
-        }
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let env = match &cli.command {
+        Command::Local(a) => a.source_spec()?.process_env()?,
+        Command::Demo(_) => Vec::new(),
+    };
+    let rt = lakecache_telemetry::runtime_with_env(env)?;
     rt.block_on(async move {
         match cli.command {
             Command::Local(a) => local::run(a).await,

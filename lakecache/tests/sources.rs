@@ -111,9 +111,7 @@ struct Local {
 }
 
 fn mounted(at: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let at = at.to_string_lossy();
-    mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*at))
+    lakecache_e2e::mountinfo::is_mount_point(at).unwrap_or(false)
 }
 
 /// Starts `lakecache local` over `access` (credentials from a directory, as from a Secret).

@@ -9,7 +9,8 @@
 //!   gRPC port is bound).
 //! - [`shutdown_signal`]: resolves on SIGINT or SIGTERM, so binaries stop gracefully.
 //! - [`install_crypto_provider`]: one TLS provider for the process.
-#![forbid(unsafe_code)]
+//! - [`runtime_with_env`]: the process's tokio runtime, built after the environment a source
+//!   needs is set (the one place that sets environment variables, so the one `unsafe`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,36 @@ impl std::str::FromStr for LogFormat {
 /// OpenDAL's HTTP client brings it with `aws-lc-rs`; with both compiled in (a workspace build
 /// unifies them) rustls refuses to choose, and the first TLS connection would panic. Every
 /// binary calls this first; later calls do nothing.
+/// Sets `vars` in the process's environment, then builds the multi-threaded tokio runtime.
+/// Setting a variable is sound only while no other thread may read the environment, so this
+/// refuses unless the calling thread is the process's only one: call it from `main`, before
+/// anything starts a thread.
+pub fn runtime_with_env(
+    vars: impl IntoIterator<Item = (&'static str, String)>,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    let vars: Vec<_> = vars.into_iter().collect();
+    if !vars.is_empty() {
+        let threads = std::fs::read_dir("/proc/self/task")?.count();
+        if threads != 1 {
+            return Err(std::io::Error::other(format!(
+                "cannot set {:?} with {threads} threads running: set them before any starts",
+                vars.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+            )));
+        }
+        for (key, value) in vars {
+            // SAFETY: this thread is the only one (checked above), and only it could start
+            // another, which it does not do before the loop ends.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::env::set_var(key, value)
+            };
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -204,6 +235,17 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_environment_is_set_only_by_a_lone_thread() {
+        // The test harness runs tests on threads of their own: this one is not alone.
+        let e = runtime_with_env([("LAKECACHE_TELEMETRY_TEST", "x".to_string())]).unwrap_err();
+        assert!(e.to_string().contains("threads running"), "{e}");
+        assert!(std::env::var("LAKECACHE_TELEMETRY_TEST").is_err());
+        // Nothing to set: a runtime, whatever runs.
+        assert!(runtime_with_env([]).is_ok());
+    }
+
     use super::*;
     use prometheus_client::metrics::counter::Counter;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
