@@ -1157,10 +1157,14 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() -> anyhow::Res
         Ok((leaders.len() == 1).then(|| leaders[0]))
     })
     .await?;
-    // Both answer their probes.
+    // Both answer their probes: the follower at once, the leader once its watches synced (it
+    // shows itself leader before that).
     for o in ops.iter().flatten() {
-        let r = o.get("/readyz").await;
-        ensure!(r.split_whitespace().nth(1) == Some("200"), "{r}");
+        wait("a ready replica", || async {
+            let r = o.get("/readyz").await;
+            Ok((r.split_whitespace().nth(1) == Some("200")).then_some(()))
+        })
+        .await?;
     }
     let cns: Api<CacheNamespace> = Api::namespaced(client.clone(), NS);
     let cn = |name: &str| {
