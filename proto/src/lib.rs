@@ -9,6 +9,10 @@
 //!
 //! All are compiled at build time from `proto/` by `protox`, so building needs no `protoc`.
 #![allow(clippy::all, missing_docs, rust_2018_idioms)]
+//!
+//! [`blocks`] is the framing of the block transport, which carries ReadBlock's bytes beside gRPC.
+
+pub mod blocks;
 
 pub mod csi {
     pub mod v1 {
