@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 
 use crate::meta::MetadataCache;
 use crate::metrics::WorkerMetrics;
-use crate::store::{BlockStore, Lookup, TierKind};
+use crate::store::{BlockStore, Body, Lookup, TierKind};
 
 /// Where a block came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,21 +125,41 @@ impl BlockCache {
     /// Block `key` if a tier holds it with the right length; never asks the source, and a block
     /// not held is not a miss (the caller asked only in case it was here).
     pub async fn cached(&self, key: &BlockKey, size: u64) -> Option<(Bytes, Origin)> {
+        let (body, origin) = self.cached_body(key, size, false).await?;
+        Some((body.into_bytes().ok()?, origin))
+    }
+
+    /// As [`BlockCache::cached`]; with `files`, a checked Memory tier block comes as its open
+    /// file (see [`BlockStore::get_file`]).
+    pub async fn cached_body(
+        &self,
+        key: &BlockKey,
+        size: u64,
+        files: bool,
+    ) -> Option<(Body, Origin)> {
         let metrics = &self.loader.metrics;
         let size = self.loader.known_size(key).unwrap_or(size);
         let (start, end) = key.range(self.loader.block_size, size);
         if start >= end {
             return None;
         }
-        match self.loader.store.get(key).await {
-            Lookup::Hit { bytes, tier } if bytes.len() as u64 == end - start => {
+        match self.lookup(key, files).await {
+            Lookup::Hit { body, tier } if body.len() == end - start => {
                 metrics
                     .hits
                     .get_or_create(&metrics.tier(tier.label()))
                     .inc();
-                Some((bytes, Origin::Tier(tier)))
+                Some((body, Origin::Tier(tier)))
             }
             _ => None,
+        }
+    }
+
+    async fn lookup(&self, key: &BlockKey, files: bool) -> Lookup {
+        if files {
+            self.loader.store.get_file(key).await
+        } else {
+            self.loader.store.get(key).await
         }
     }
 
@@ -148,6 +168,21 @@ impl BlockCache {
     /// `size` is the reader's word for the object's size; the worker's own metadata, when it
     /// has the object at the key's version, takes precedence (see [`Loader::load`]).
     pub async fn get(&self, key: &BlockKey, size: u64) -> Result<(Bytes, Origin), BlockError> {
+        let (body, origin) = self.get_body(key, size, false).await?;
+        let bytes = body.into_bytes().map_err(|e| {
+            BlockError::Lake(LakeError::Unavailable(format!("reading a block file: {e}")))
+        })?;
+        Ok((bytes, origin))
+    }
+
+    /// As [`BlockCache::get`]; with `files`, a checked Memory tier block comes as its open
+    /// file (see [`BlockStore::get_file`]).
+    pub async fn get_body(
+        &self,
+        key: &BlockKey,
+        size: u64,
+        files: bool,
+    ) -> Result<(Body, Origin), BlockError> {
         let started = Instant::now();
         let metrics = &self.loader.metrics;
         let size = self.loader.known_size(key).unwrap_or(size);
@@ -160,26 +195,29 @@ impl BlockCache {
             });
         }
         if start == end {
-            return Ok((Bytes::new(), Origin::Source));
+            return Ok((Body::Bytes(Bytes::new()), Origin::Source));
         }
-        let (bytes, origin) = match self.loader.store.get(key).await {
+        let (body, origin) = match self.lookup(key, files).await {
             // The key does not include the object's size: a block cached for a caller that
             // claimed another size is not this caller's block. Fetch it again; the fetch finds
             // out which length is right and the store keeps that one.
-            Lookup::Hit { bytes, .. } if bytes.len() as u64 != end - start => {
+            Lookup::Hit { body, .. } if body.len() != end - start => {
                 metrics.misses.inc();
-                (self.fetch(key, 0, size).await?, Origin::Source)
+                (Body::Bytes(self.fetch(key, 0, size).await?), Origin::Source)
             }
-            Lookup::Hit { bytes, tier } => {
+            Lookup::Hit { body, tier } => {
                 metrics
                     .hits
                     .get_or_create(&metrics.tier(tier.label()))
                     .inc();
-                (bytes, Origin::Tier(tier))
+                (body, Origin::Tier(tier))
             }
             Lookup::Miss { past } => {
                 metrics.misses.inc();
-                (self.fetch(key, past, size).await?, Origin::Source)
+                (
+                    Body::Bytes(self.fetch(key, past, size).await?),
+                    Origin::Source,
+                )
             }
         };
         let label = metrics.tier(origin.label());
@@ -187,7 +225,7 @@ impl BlockCache {
             .block_latency
             .get_or_create(&label)
             .observe(started.elapsed().as_secs_f64());
-        Ok((bytes, origin))
+        Ok((body, origin))
     }
 
     async fn fetch(&self, key: &BlockKey, past: u8, size: u64) -> Result<Bytes, BlockError> {
@@ -445,7 +483,7 @@ mod tests {
         store.put(&key, 0, Bytes::from_static(b"ab")).await;
         store.put(&key, 0, Bytes::from_static(b"abcd")).await;
         match store.get(&key).await {
-            Lookup::Hit { bytes, .. } => assert_eq!(&bytes[..], b"abcd"),
+            Lookup::Hit { body, .. } => assert_eq!(&body.into_bytes().unwrap()[..], b"abcd"),
             Lookup::Miss { .. } => panic!("the replacement was not stored"),
         }
         let usage = store.usage();

@@ -3,11 +3,13 @@
 //! A worker keeps blocks of one source in a Memory tier and a Disk tier ([`store`]), admits and
 //! evicts them by a scan-resistant policy ([`policy`]), fetches misses from the source once per
 //! block ([`cache`]), caches metadata ([`meta`]), preloads paths ([`preload`]), and serves all of
-//! it over gRPC ([`server`]) with metrics and probes on an admin port.
+//! it over gRPC ([`server`]) with metrics and probes on an admin port. Block bytes also go out
+//! through the block transport ([`blocks`]), on the same port.
 //!
 //! [`Worker::start`] wires a [`config::WorkerConfig`] into a running worker; the binary and
 //! `lakecache local` both use it.
 
+pub mod blocks;
 pub mod cache;
 pub mod config;
 pub mod meta;
@@ -25,7 +27,7 @@ use lakecache_lake::{OpendalSource, Source};
 use lakecache_proto::lakecache::v1::cache_worker_server::CacheWorkerServer;
 use lakecache_telemetry::{AdminServer, Readiness, Registry};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::cache::BlockCache;
@@ -61,6 +63,9 @@ pub struct Worker {
     pub metrics: Arc<WorkerMetrics>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    /// Turned true when the worker stops: the accept loop stops and block connections close.
+    stop_accepting: watch::Sender<bool>,
+    accept: JoinHandle<()>,
     _admin: AdminServer,
     /// The private memory tier made for this worker, removed when it stops.
     _memory_dir: Option<PrivateDir>,
@@ -170,6 +175,11 @@ impl Worker {
         let check = TokenCheck {
             expected: token.map(Arc::from),
         };
+        let blocks = Arc::new(blocks::BlockServer {
+            cache: cache.clone(),
+            metrics: metrics.clone(),
+            check: check.clone(),
+        });
         let svc = tonic::service::interceptor::InterceptedService::new(
             CacheWorkerServer::new(service)
                 .max_decoding_message_size(16 << 20)
@@ -177,16 +187,12 @@ impl Worker {
             check,
         );
         let (tx, rx) = oneshot::channel::<()>();
-        // `Server::tcp_nodelay` applies only to listeners tonic binds itself: set it on each
-        // accepted stream, or Nagle's algorithm meets delayed ACKs and every miss pays 40 ms.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |conn| {
-                conn.inspect(|s| {
-                    let _ = s.set_nodelay(true);
-                })
-            },
-        );
+        // One port for both: block transport connections are served by `blocks`, the rest
+        // reach tonic (with TCP_NODELAY set, which `Server::tcp_nodelay` does only for
+        // listeners tonic binds itself).
+        let (stop_accepting, stopped) = watch::channel(false);
+        let (incoming, accept) = blocks::accept(listener, blocks, stopped);
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
         let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
@@ -212,6 +218,8 @@ impl Worker {
             metrics,
             shutdown: Some(tx),
             task,
+            stop_accepting,
+            accept,
             _admin: admin,
             _memory_dir: memory_dir,
         })
@@ -219,20 +227,24 @@ impl Worker {
 
     /// Stops accepting calls, lets calls under way finish, and returns.
     pub async fn stop(mut self) {
+        self.stop_accepting.send_replace(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        let _ = (&mut self.accept).await;
         let _ = (&mut self.task).await;
     }
 
     /// Stops at once, dropping every connection (as a crash would).
     pub fn kill(self) {
+        self.accept.abort();
         self.task.abort();
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        self.accept.abort();
         self.task.abort();
     }
 }

@@ -31,6 +31,11 @@ pub struct WorkerMetrics {
     pub misses: Counter,
     /// Bytes sent to readers, by where they came from (`memory`, `disk`, `source`).
     pub bytes_served: Family<TierLabel, Counter>,
+    /// Of those, bytes the block transport handed to the kernel from Memory tier files
+    /// (`sendfile`), never copied in the worker.
+    pub bytes_sendfile: Counter,
+    /// Block transport connections open now.
+    pub block_connections: Gauge,
     pub source_requests: Counter,
     pub source_bytes: Counter,
     pub source_errors: Counter,
@@ -62,6 +67,8 @@ impl Default for WorkerMetrics {
             hits: Default::default(),
             misses: Default::default(),
             bytes_served: Default::default(),
+            bytes_sendfile: Default::default(),
+            block_connections: Default::default(),
             source_requests: Default::default(),
             source_bytes: Default::default(),
             source_errors: Default::default(),
@@ -99,6 +106,16 @@ impl WorkerMetrics {
             "served_bytes",
             "Bytes sent to readers by origin",
             self.bytes_served.clone(),
+        );
+        r.register(
+            "sendfile_bytes",
+            "Bytes sent to readers from Memory tier files with sendfile, without a copy",
+            self.bytes_sendfile.clone(),
+        );
+        r.register(
+            "block_connections",
+            "Block transport connections open",
+            self.block_connections.clone(),
         );
         r.register(
             "source_requests",

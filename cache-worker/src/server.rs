@@ -48,7 +48,7 @@ fn lake_status(e: &LakeError) -> Status {
     s
 }
 
-fn block_status(e: &BlockError) -> Status {
+pub(crate) fn block_status(e: &BlockError) -> Status {
     match e {
         BlockError::OutOfRange { .. } => Status::out_of_range(e.to_string()),
         BlockError::Lake(l) => lake_status(l),
@@ -126,6 +126,63 @@ fn list_pages(
     })
 }
 
+/// The block a ReadBlock request names and its object's size, once the request is checked.
+pub(crate) fn block_request(
+    req: &pb::ReadBlockRequest,
+    block_size: u64,
+) -> Result<(BlockKey, u64), Status> {
+    let key = req
+        .key
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("key is required"))?;
+    if key.path.is_empty() {
+        return Err(Status::invalid_argument("key.path is required"));
+    }
+    if req.block_size != block_size {
+        return Err(Status::failed_precondition(format!(
+            "block size mismatch: the reader uses {} bytes, this worker {block_size}; \
+             configure readers and workers alike",
+            req.block_size
+        )));
+    }
+    Ok((
+        BlockKey::new(key.path.clone(), key.version.clone(), key.index),
+        key.object_size,
+    ))
+}
+
+/// The answer to a `cached_only` read of a block this worker does not hold.
+pub(crate) fn not_cached() -> Status {
+    let mut s = Status::not_found("block not cached here");
+    s.metadata_mut()
+        .insert(NOT_CACHED_KEY, "1".parse().expect("ascii"));
+    s
+}
+
+/// The part `[start, end)` of a block of `len` bytes that a request's `offset` and `length`
+/// (0: to the end) ask for.
+pub(crate) fn asked_range(len: usize, offset: u64, length: u64) -> (usize, usize) {
+    let start = (offset as usize).min(len);
+    let end = if length == 0 {
+        len
+    } else {
+        start.saturating_add(length as usize).min(len)
+    };
+    (start, end)
+}
+
+/// Counts `n` bytes served from `origin`, and says which tier that is on the wire.
+pub(crate) fn served(metrics: &WorkerMetrics, origin: Origin, n: usize) -> i32 {
+    metrics
+        .bytes_served
+        .get_or_create(&metrics.tier(origin.label()))
+        .inc_by(n as u64);
+    (match origin {
+        Origin::Tier(t) => tier_pb(t),
+        Origin::Source => pb::Tier::Source,
+    }) as i32
+}
+
 /// A block (or the asked range of it) as chunks of at most [`CHUNK`] bytes.
 fn chunks(
     metrics: &WorkerMetrics,
@@ -134,21 +191,9 @@ fn chunks(
     offset: u64,
     length: u64,
 ) -> Vec<Result<pb::Chunk, Status>> {
-    let start = (offset as usize).min(bytes.len());
-    let end = if length == 0 {
-        bytes.len()
-    } else {
-        start.saturating_add(length as usize).min(bytes.len())
-    };
+    let (start, end) = asked_range(bytes.len(), offset, length);
     let data: Bytes = bytes.slice(start..end);
-    metrics
-        .bytes_served
-        .get_or_create(&metrics.tier(origin.label()))
-        .inc_by(data.len() as u64);
-    let served = match origin {
-        Origin::Tier(t) => tier_pb(t),
-        Origin::Source => pb::Tier::Source,
-    } as i32;
+    let served = served(metrics, origin, data.len());
     let mut chunks = Vec::with_capacity(data.len() / CHUNK + 1);
     let mut off = 0;
     loop {
@@ -177,27 +222,12 @@ impl CacheWorker for WorkerService {
         req: Request<pb::ReadBlockRequest>,
     ) -> Result<Response<Self::ReadBlockStream>, Status> {
         let req = req.into_inner();
-        let key = req
-            .key
-            .ok_or_else(|| Status::invalid_argument("key is required"))?;
-        if key.path.is_empty() {
-            return Err(Status::invalid_argument("key.path is required"));
-        }
-        let bs = self.cache.block_size();
-        if req.block_size != bs {
-            return Err(Status::failed_precondition(format!(
-                "block size mismatch: the reader uses {} bytes, this worker {bs}; \
-                 configure readers and workers alike",
-                req.block_size
-            )));
-        }
-        let bkey = BlockKey::new(key.path, key.version, key.index);
+        let (bkey, object_size) = block_request(&req, self.cache.block_size())?;
         // An empty chunk goes out at once, and another every HEARTBEAT until the block is
         // ready: the reader then knows this worker is alive and working on its block, whether
         // the block comes from a tier or from a slow lake. The lookup runs in a task of its
         // own, so the stream's task is free to send them meanwhile.
         let cache = self.cache.clone();
-        let object_size = key.object_size;
         let cached_only = req.cached_only;
         let lookup = tokio::spawn(async move {
             if cached_only {
@@ -209,12 +239,7 @@ impl CacheWorker for WorkerService {
         let (offset, length, metrics) = (req.offset, req.length, self.metrics.clone());
         let answer = move |found| match found {
             Ok(Ok(Some((bytes, origin)))) => chunks(&metrics, bytes, origin, offset, length),
-            Ok(Ok(None)) => {
-                let mut s = Status::not_found("block not cached here");
-                s.metadata_mut()
-                    .insert(NOT_CACHED_KEY, "1".parse().expect("ascii"));
-                vec![Err(s)]
-            }
+            Ok(Ok(None)) => vec![Err(not_cached())],
             Ok(Err(e)) => vec![Err(block_status(&e))],
             // The worker's own failure, not its source's: the reader may ask another.
             Err(e) => vec![Err(Status::internal(format!(
@@ -402,15 +427,14 @@ pub struct TokenCheck {
     pub expected: Option<Arc<str>>,
 }
 
-impl tonic::service::Interceptor for TokenCheck {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+impl TokenCheck {
+    /// Whether a call whose `authorization` is this (`Bearer <token>`) may go on; the token is
+    /// compared in constant time.
+    pub fn accepts(&self, authorization: Option<&str>) -> bool {
         let Some(expected) = &self.expected else {
-            return Ok(req);
+            return true;
         };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
+        let given = authorization
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         let (a, b) = (given.as_bytes(), expected.as_bytes());
@@ -418,12 +442,27 @@ impl tonic::service::Interceptor for TokenCheck {
         for i in 0..a.len().min(b.len()) {
             diff |= (a[i] ^ b[i]) as usize;
         }
-        if diff == 0 {
+        diff == 0
+    }
+
+    /// The answer to a call whose token [`TokenCheck::accepts`] refused.
+    pub fn refusal() -> Status {
+        Status::unauthenticated(
+            "missing or wrong data-plane token: readers need the CacheNamespace's token",
+        )
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if self.accepts(given) {
             Ok(req)
         } else {
-            Err(Status::unauthenticated(
-                "missing or wrong data-plane token: readers need the CacheNamespace's token",
-            ))
+            Err(Self::refusal())
         }
     }
 }

@@ -339,11 +339,55 @@ impl BufferPool {
     }
 }
 
+/// A cached block's bytes: read into memory, or the open file of a Memory tier block that
+/// passed its check, which the block transport hands to the kernel (`sendfile`) unread.
+///
+/// An open file is a consistent copy: block files appear by rename and are never written in
+/// place, so a block moved to another tier or evicted while its file is open keeps its bytes
+/// for whoever holds the descriptor.
+#[derive(Debug)]
+pub enum Body {
+    Bytes(Bytes),
+    File { file: std::fs::File, len: u64 },
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Bytes(b) => b.len() as u64,
+            Body::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, read from the file if need be.
+    pub fn into_bytes(self) -> std::io::Result<Bytes> {
+        match self {
+            Body::Bytes(b) => Ok(b),
+            Body::File { file, len } => {
+                use std::io::Read;
+                let mut buf = Vec::with_capacity(len as usize);
+                file.take(len).read_to_end(&mut buf)?;
+                if buf.len() as u64 != len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("block file ended after {} of {len} bytes", buf.len()),
+                    ));
+                }
+                Ok(Bytes::from(buf))
+            }
+        }
+    }
+}
+
 /// What [`BlockStore::get`] found.
 #[derive(Debug)]
 pub enum Lookup {
     Hit {
-        bytes: Bytes,
+        body: Body,
         tier: TierKind,
     },
     /// Not cached; `past` is how often it was requested before (for admission).
@@ -427,6 +471,16 @@ impl BlockStore {
 
     /// Looks a block up, records the request for admission, and reads it if cached.
     pub async fn get(&self, key: &BlockKey) -> Lookup {
+        self.lookup(key, false).await
+    }
+
+    /// As [`BlockStore::get`], but a Memory tier block that passed its check comes as its open
+    /// file, unread ([`Body::File`]).
+    pub async fn get_file(&self, key: &BlockKey) -> Lookup {
+        self.lookup(key, true).await
+    }
+
+    async fn lookup(&self, key: &BlockKey, files: bool) -> Lookup {
         let id = key.id();
         let (past, found) = {
             let mut inner = self.shared.inner.lock();
@@ -441,6 +495,15 @@ impl BlockStore {
         let Some((t, entry)) = found else {
             return Lookup::Miss { past };
         };
+        if files
+            && t == 0
+            && let Some(body) = self.shared.open_trusted(id, t, entry)
+        {
+            return Lookup::Hit {
+                body,
+                tier: TierKind::Memory,
+            };
+        }
         let shared = self.shared.clone();
         let read = tokio::task::spawn_blocking(move || {
             let hit = shared.read_verified(id, t, entry);
@@ -454,7 +517,10 @@ impl BlockStore {
         })
         .await;
         match read {
-            Ok(Some((bytes, kind))) => Lookup::Hit { bytes, tier: kind },
+            Ok(Some((bytes, kind))) => Lookup::Hit {
+                body: Body::Bytes(bytes),
+                tier: kind,
+            },
             _ => Lookup::Miss { past },
         }
     }
@@ -546,6 +612,24 @@ impl Shared {
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         self.run_actions(vec![Action::Delete { id, dir }]);
         None
+    }
+
+    /// The open file of block `id` when tier `t` is a Memory tier and the block passed its
+    /// check there, with the length its entry says; `None` sends the caller to the read that
+    /// checks (a file moved away meanwhile is found there). Opening a file on a tmpfs does not
+    /// block, so this runs on the caller's thread.
+    fn open_trusted(&self, id: BlockId, t: usize, entry: Entry) -> Option<Body> {
+        let path = {
+            let inner = self.inner.lock();
+            let tier = inner.tiers.get(t)?;
+            if tier.spec.kind != TierKind::Memory || !entry.verified {
+                return None;
+            }
+            tier.block_path(id)
+        };
+        let file = std::fs::File::open(&path).ok()?;
+        let len = file.metadata().ok()?.len();
+        (len == entry.len).then_some(Body::File { file, len })
     }
 
     /// Records that a Memory tier block passed its check.
@@ -1031,7 +1115,7 @@ mod tests {
         );
         for i in 0..5 {
             match s.get(&key(i)).await {
-                Lookup::Hit { bytes, .. } => assert_eq!(bytes, data(i)),
+                Lookup::Hit { body, .. } => assert_eq!(body.into_bytes().unwrap(), data(i)),
                 Lookup::Miss { .. } => panic!("block {i} lost across restart"),
             }
         }
@@ -1076,7 +1160,8 @@ mod tests {
         fill(&s, 1).await;
         for _ in 0..2 {
             match s.get(&key(1)).await {
-                Lookup::Hit { bytes, tier } => {
+                Lookup::Hit { body, tier } => {
+                    let bytes = body.into_bytes().unwrap();
                     assert_eq!(bytes, data(1));
                     assert_eq!(tier, TierKind::Memory);
                 }
@@ -1091,7 +1176,7 @@ mod tests {
         let s = store(m.path(), d.path(), 4, 4);
         fill(&s, 0).await;
         let hit = |l: Lookup| match l {
-            Lookup::Hit { bytes, .. } => bytes,
+            Lookup::Hit { body, .. } => body.into_bytes().unwrap(),
             Lookup::Miss { .. } => panic!("missed"),
         };
         let first = hit(s.get(&key(0)).await);

@@ -107,7 +107,8 @@ async fn a_full_disk_tier_loses_nothing_and_leaks_nothing() {
     for round in 0..3 {
         for i in 0..60 {
             match store.get(&key(i)).await {
-                Lookup::Hit { bytes, tier } => {
+                Lookup::Hit { body, tier } => {
+                    let bytes = body.into_bytes().unwrap();
                     assert!(
                         bytes == data(i),
                         "round {round}: block {i} from {tier:?} has wrong bytes"
@@ -158,7 +159,7 @@ async fn a_full_disk_tier_loses_nothing_and_leaks_nothing() {
     // The store still serves: a new block goes in and comes back.
     store.put(&key(1000), 255, data(1000)).await;
     match store.get(&key(1000)).await {
-        Lookup::Hit { bytes, .. } => assert!(bytes == data(1000)),
+        Lookup::Hit { body, .. } => assert!(body.into_bytes().unwrap() == data(1000)),
         Lookup::Miss { .. } => panic!("a new block was not stored after the disk filled"),
     }
 }
