@@ -5,6 +5,8 @@
 //! - [`reader`]: metadata (listings and attributes, cached with entry TTLs or forever for
 //!   `Immutable` data) and blocks, each asked of its rendezvous owner, failing over to the next
 //!   owner and finally to the source, so a dead worker costs speed, never a failed read.
+//! - [`blocks`]: the block transport, which carries block bytes beside gRPC on a pool of plain
+//!   connections per worker.
 //! - [`health`]: deadlines that follow the workers' latency, hedged reads, and ejection of a
 //!   worker that stops answering, so that a hung worker costs about a second once.
 //! - [`prefetch`]: a per-open-file read-ahead window that doubles on sequential reads and resets
@@ -13,6 +15,7 @@
 //!   without a mount; [`fuse`]: the thin fuser adapter that mounts it.
 #![forbid(unsafe_code)]
 
+pub mod blocks;
 pub mod fs;
 pub mod fuse;
 pub mod health;

@@ -104,6 +104,8 @@ pub struct Conn {
     previous_ok: AtomicU64,
     /// 1 + the token generation in which this worker took the current token (0: not yet).
     current_ok: AtomicU64,
+    /// Block transport connections to the worker (`None`: its endpoint is not plain HTTP).
+    pub blocks: Option<Arc<crate::blocks::BlockPool>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +132,8 @@ pub struct Membership {
     /// Bumped by every change of the member list; see [`Membership::member_changes`].
     member_generation: tokio::sync::watch::Sender<u64>,
     rotates: std::sync::atomic::AtomicBool,
+    /// Whether block reads use the block transport where workers speak it.
+    block_transport: std::sync::atomic::AtomicBool,
 }
 
 impl Membership {
@@ -145,7 +149,33 @@ impl Membership {
             token_generation: tokio::sync::watch::Sender::new(0),
             member_generation: tokio::sync::watch::Sender::new(0),
             rotates: Default::default(),
+            block_transport: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Whether block reads go over the block transport (on by default) or gRPC only.
+    pub fn set_block_transport(&self, on: bool) {
+        self.block_transport.store(on, Ordering::Relaxed);
+    }
+
+    /// The block transport connections of `conn`, if block reads use that transport now.
+    pub fn block_pool<'a>(&self, conn: &'a Conn) -> Option<&'a Arc<crate::blocks::BlockPool>> {
+        conn.blocks
+            .as_ref()
+            .filter(|p| self.block_transport.load(Ordering::Relaxed) && p.supported())
+    }
+
+    /// What a call carries as `authorization` when it carries nothing else (see
+    /// [`Membership::call`]): `Bearer <current token>`, or nothing without a token.
+    pub fn authorization(&self) -> String {
+        self.auth
+            .header
+            .read()
+            .current
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Replaces the data-plane token of every worker's client (a rotation), and keeps the one
@@ -335,6 +365,7 @@ impl Membership {
             let client = CacheWorkerClient::with_interceptor(channel, self.auth.clone())
                 .max_decoding_message_size(16 << 20);
             next.push(Arc::new(Conn {
+                blocks: crate::blocks::BlockPool::for_endpoint(&m.endpoint).map(Arc::new),
                 member: m,
                 client,
                 previous_ok: AtomicU64::new(0),

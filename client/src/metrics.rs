@@ -13,8 +13,16 @@ pub struct OriginLabel {
     pub origin: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `blocks` (the block transport), `grpc`, or `local` (a worker in this process).
+    pub transport: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct ReaderMetrics {
+    /// Blocks workers answered, by how they came.
+    pub worker_reads: Family<TransportLabel, Counter>,
     pub blocks: Family<OriginLabel, Counter>,
     pub bytes: Family<OriginLabel, Counter>,
     /// Worker calls that failed and moved to the next owner.
@@ -44,6 +52,11 @@ impl ReaderMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register("blocks", "Blocks read, by origin", self.blocks.clone());
         r.register("bytes", "Bytes read, by origin", self.bytes.clone());
+        r.register(
+            "worker_block_reads",
+            "Blocks workers answered, by transport (blocks, grpc, local)",
+            self.worker_reads.clone(),
+        );
         r.register(
             "failovers",
             "Worker calls that failed over",

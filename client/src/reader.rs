@@ -21,9 +21,10 @@ use lakecache_proto::lakecache::v1::{NOT_CACHED_KEY, SOURCE_ERROR_KEY};
 use parking_lot::Mutex;
 use tonic::Code;
 
+use crate::blocks::{BlockStream, Event, StartError};
 use crate::health::Health;
 use crate::membership::{Conn, Membership};
-use crate::metrics::{OriginLabel, ReaderMetrics};
+use crate::metrics::{OriginLabel, ReaderMetrics, TransportLabel};
 
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
@@ -262,6 +263,7 @@ struct BlockCall {
     worker_timeout: Duration,
     health: Arc<Health>,
     membership: Arc<Membership>,
+    metrics: Arc<ReaderMetrics>,
 }
 
 impl BlockCall {
@@ -310,6 +312,7 @@ impl BlockCall {
             return match tokio::time::timeout(self.worker_timeout, call).await {
                 Ok(Ok(found)) => {
                     self.health.alive(id);
+                    self.transport("local");
                     Ok(found)
                 }
                 Ok(Err(e)) => Err(Miss::Final(e)),
@@ -334,19 +337,11 @@ impl BlockCall {
         };
         // The call waits on the worker until its last message; each message is a sign of life.
         let waiting = self.health.waiting(id);
-        // The first sign of life: the worker's empty first chunk, sent as soon as it takes the
-        // call (or, from an older worker, the first chunk of data).
-        // Either token of a rotation (see `Membership::call`).
-        let first = self.membership.call(&conn, req, |req| {
-            let mut client = conn.client.clone();
-            async move {
-                let mut stream = client.read_block(req).await?.into_inner();
-                let first = stream.message().await?;
-                Ok::<_, tonic::Status>((stream, first))
-            }
-        });
-        let first = tokio::time::timeout(self.first_deadline, first).await;
-        let (mut stream, first) = match first {
+        // The first sign of life: the worker's heartbeat, sent as soon as it takes the call (or
+        // the block itself when it is ready at once, or, from an older worker over gRPC, the
+        // first chunk of data).
+        let first = tokio::time::timeout(self.first_deadline, self.first(&conn, req)).await;
+        let first = match first {
             Ok(Ok(found)) => found,
             Ok(Err(s)) => return Err(self.refused(s, &what, id)),
             Err(_) => {
@@ -360,54 +355,165 @@ impl BlockCall {
         self.health.answered(id, started.elapsed());
         let (start, end) = self.key.range(self.block_size, self.size);
         let want = (end - start) as usize;
+        let transport = match &first {
+            First::Grpc(..) => "grpc",
+            First::Blocks(..) => "blocks",
+        };
         let rest = async {
-            let mut origin = None;
-            let mut parts: Vec<Bytes> = Vec::new();
-            let mut received = 0usize;
-            let mut next = first;
-            while let Some(c) = next {
-                // A block is at most `want` bytes: a worker that sends more (broken, or not a
-                // worker at all) fails the call before its bytes are kept, so one call never
-                // holds more than a block plus one message (at most the client's message size).
-                received = received.saturating_add(c.data.len());
-                if received > want {
-                    return Err(tonic::Status::data_loss(format!(
-                        "the worker sent more than the block's {want} bytes"
-                    )));
-                }
-                if origin.is_none() && c.served_from != pb::Tier::Unspecified as i32 {
-                    origin = Some(match pb::Tier::try_from(c.served_from) {
-                        Ok(pb::Tier::Memory) => "memory",
-                        Ok(pb::Tier::Disk) => "disk",
-                        _ => "source",
-                    });
-                }
-                if !c.data.is_empty() {
-                    parts.push(c.data);
-                }
-                next = stream.message().await?;
-                // Each message (data, or the worker's heartbeat while it waits on its lake)
-                // shows the worker alive.
-                self.health.progress(id);
+            match first {
+                First::Grpc(stream, first) => self.rest_grpc(id, stream, first, want).await,
+                First::Blocks(stream, first) => self.rest_blocks(id, stream, first, want).await,
             }
-            Ok::<_, tonic::Status>((parts, origin.unwrap_or("source")))
         };
         // Past the first answer the worker is alive; a slow disk or lake gets the whole timeout,
         // and running out of it is slowness, not the worker's fault (a worker that dies
         // meanwhile breaks the stream, or keepalive drops its connection).
-        let (parts, origin) = match tokio::time::timeout(self.worker_timeout, rest).await {
+        let (bytes, origin) = match tokio::time::timeout(self.worker_timeout, rest).await {
             Ok(Ok(found)) => found,
             Ok(Err(s)) => return Err(self.refused(s, &what, id)),
             Err(_) => return Err(Miss::Next),
         };
         waiting.end();
-        let bytes = join(parts, want);
         if bytes.len() != want {
             tracing::warn!(worker = id, %what, got = bytes.len(), want,
                 "short block from worker; trying the next");
             return Err(Miss::Next);
         }
+        self.transport(transport);
         Ok((bytes, origin))
+    }
+
+    fn transport(&self, transport: &'static str) {
+        self.metrics
+            .worker_reads
+            .get_or_create(&TransportLabel { transport })
+            .inc();
+    }
+
+    /// Asks worker `conn` for the block and waits for its first answer: over the block
+    /// transport when the worker speaks it, else over gRPC. Either token of a rotation (see
+    /// `Membership::call`).
+    async fn first(&self, conn: &Conn, req: pb::ReadBlockRequest) -> Result<First, tonic::Status> {
+        if let Some(pool) = self.membership.block_pool(conn) {
+            let started = self
+                .membership
+                .call(conn, req.clone(), |call| {
+                    let authorization = call
+                        .metadata()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                        .unwrap_or_else(|| self.membership.authorization());
+                    let pool = pool.clone();
+                    async move {
+                        match pool.start(authorization, call.into_inner()).await {
+                            Ok(found) => Ok(Some(found)),
+                            Err(StartError::Unsupported) => Ok(None),
+                            Err(StartError::Status(s)) => Err(s),
+                        }
+                    }
+                })
+                .await?;
+            if let Some((stream, first)) = started {
+                return Ok(First::Blocks(stream, first));
+            }
+        }
+        let (stream, first) = self
+            .membership
+            .call(conn, req, |req| {
+                let mut client = conn.client.clone();
+                async move {
+                    let mut stream = client.read_block(req).await?.into_inner();
+                    let first = stream.message().await?;
+                    Ok::<_, tonic::Status>((stream, first))
+                }
+            })
+            .await?;
+        Ok(First::Grpc(stream, first))
+    }
+
+    /// The rest of a gRPC answer: its chunks, joined.
+    async fn rest_grpc(
+        &self,
+        id: &str,
+        mut stream: tonic::Streaming<pb::Chunk>,
+        first: Option<pb::Chunk>,
+        want: usize,
+    ) -> Result<(Bytes, &'static str), tonic::Status> {
+        let mut origin = None;
+        let mut parts: Vec<Bytes> = Vec::new();
+        let mut received = 0usize;
+        let mut next = first;
+        while let Some(c) = next {
+            // A block is at most `want` bytes: a worker that sends more (broken, or not a
+            // worker at all) fails the call before its bytes are kept, so one call never
+            // holds more than a block plus one message (at most the client's message size).
+            received = received.saturating_add(c.data.len());
+            if received > want {
+                return Err(tonic::Status::data_loss(format!(
+                    "the worker sent more than the block's {want} bytes"
+                )));
+            }
+            if origin.is_none() && c.served_from != pb::Tier::Unspecified as i32 {
+                origin = Some(tier_label(c.served_from));
+            }
+            if !c.data.is_empty() {
+                parts.push(c.data);
+            }
+            next = stream.message().await?;
+            // Each message (data, or the worker's heartbeat while it waits on its lake)
+            // shows the worker alive.
+            self.health.progress(id);
+        }
+        Ok((join(parts, want), origin.unwrap_or("source")))
+    }
+
+    /// The rest of a block transport answer: heartbeats, then the bytes, received into one
+    /// buffer.
+    async fn rest_blocks(
+        &self,
+        id: &str,
+        mut stream: BlockStream,
+        first: Event,
+        want: usize,
+    ) -> Result<(Bytes, &'static str), tonic::Status> {
+        let mut next = first;
+        loop {
+            match next {
+                Event::Beat => {
+                    next = stream.next().await?;
+                    self.health.progress(id);
+                }
+                Event::Data(d) => {
+                    // As over gRPC: never more than the block's bytes are taken in.
+                    if d.length > want as u64 {
+                        return Err(tonic::Status::data_loss(format!(
+                            "the worker sent {} bytes for a block of {want}",
+                            d.length
+                        )));
+                    }
+                    let bytes = stream
+                        .body(d.length as usize, || self.health.progress(id))
+                        .await?;
+                    return Ok((bytes, tier_label(d.served_from)));
+                }
+            }
+        }
+    }
+}
+
+/// A worker's first answer to a block read, on either transport.
+enum First {
+    Grpc(tonic::Streaming<pb::Chunk>, Option<pb::Chunk>),
+    Blocks(BlockStream, Event),
+}
+
+/// The origin label of a tier as a worker sends it.
+fn tier_label(served_from: i32) -> &'static str {
+    match pb::Tier::try_from(served_from) {
+        Ok(pb::Tier::Memory) => "memory",
+        Ok(pb::Tier::Disk) => "disk",
+        _ => "source",
     }
 }
 
@@ -826,6 +932,7 @@ impl Reader {
             worker_timeout: self.cfg.worker_timeout,
             health: self.health.clone(),
             membership: self.membership.clone(),
+            metrics: self.metrics.clone(),
         });
         let started = tokio::time::Instant::now();
         let mut running = Attempts(Vec::new());
