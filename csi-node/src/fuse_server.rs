@@ -215,6 +215,7 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<Reade
         Membership::new(token.as_deref(), Duration::from_secs(2))
             .context("the data-plane token")?,
     );
+    membership.set_block_transport(cfg.block_transport);
     if let (Some(path), Some(token)) = (&cfg.token_file, token) {
         follow_token_file(path.clone(), membership.clone(), token);
     }

@@ -117,6 +117,11 @@ struct PluginArgs {
     /// directory larger than this is still listed, and kept alone.
     #[arg(long, env = "LAKECACHE_LISTING_BUDGET", default_value_t = lakecache_csi_node::node::DEFAULT_LISTING_BUDGET)]
     listing_budget: usize,
+    /// Whether FUSE servers read block bytes over the block transport (a plain connection
+    /// beside gRPC on the worker's port, with `sendfile` on the worker) where workers speak it;
+    /// `false` reads every block over gRPC.
+    #[arg(long, env = "LAKECACHE_BLOCK_TRANSPORT", default_value_t = true, action = clap::ArgAction::Set)]
+    block_transport: bool,
     /// How long a CSI call may wait on a filesystem call (a look into the cache mount, which
     /// asks the workers; a bind mount) before it answers Unavailable.
     #[arg(long, env = "LAKECACHE_FS_TIMEOUT", default_value = "20s")]
@@ -230,6 +235,7 @@ async fn plugin(a: PluginArgs) -> anyhow::Result<()> {
                 |o| o.as_u64(),
             ),
             listing_budget: a.listing_budget,
+            block_transport: a.block_transport,
             fs_timeout: *a.fs_timeout,
         },
     };

@@ -71,6 +71,8 @@ pub struct PluginConfig {
     pub fuse_server_overhead: u64,
     /// Entries of directory listings each FUSE server keeps.
     pub listing_budget: usize,
+    /// Whether FUSE servers read blocks over the block transport (gRPC otherwise).
+    pub block_transport: bool,
     /// How long a filesystem call of a CSI handler may take (a look at the mounted cache, a
     /// bind mount): a mount whose workers hang must not hold the handler for minutes.
     pub fs_timeout: Duration,
@@ -506,6 +508,7 @@ impl Plugin {
                 local_cache_dir: self.local_cache_dir(&rec.volume_id),
                 local_cache_size: ctx.local_cache_size.unwrap_or(self.cfg.local_cache_size),
                 listing_budget: Some(self.cfg.listing_budget),
+                block_transport: self.cfg.block_transport,
                 startup_timeout: self.cfg.startup_timeout,
             };
             let json =
@@ -1373,6 +1376,7 @@ mod tests {
             mounter_memory: 0,
             fuse_server_overhead: 0,
             listing_budget: DEFAULT_LISTING_BUDGET,
+            block_transport: true,
             fs_timeout: Duration::from_secs(5),
         };
         (Plugin::new(cfg, state.clone()), state, mounted)
@@ -1391,6 +1395,7 @@ mod tests {
             mounter_memory,
             fuse_server_overhead: overhead,
             listing_budget: DEFAULT_LISTING_BUDGET,
+            block_transport: true,
             fs_timeout: Duration::from_secs(1),
         }
     }

@@ -326,9 +326,17 @@ pub struct FuseServerConfig {
     /// `None` (configurations written before it) is the reader's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listing_budget: Option<usize>,
+    /// Read blocks over the block transport where workers speak it (gRPC otherwise); on
+    /// unless the plugin's `--block-transport=false` says otherwise.
+    #[serde(default = "yes")]
+    pub block_transport: bool,
     /// How long to wait for a first worker to answer before the mount fails.
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl std::fmt::Debug for FuseServerConfig {
@@ -580,6 +588,7 @@ mod tests {
             local_cache_dir: None,
             local_cache_size: 0,
             listing_budget: None,
+            block_transport: true,
             startup_timeout: Duration::from_secs(1),
         };
         assert!(!format!("{c:?}").contains("s3cr3t"));

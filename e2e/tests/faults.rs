@@ -230,6 +230,13 @@ impl FuseServer {
             self.counter("lakecache_fuse_hedges_total"),
             self.counter("lakecache_fuse_hedge_wins_total"),
         );
+        // What pods get: blocks over the block transport, so its hangs are the ones measured.
+        let blocks = self.counter("lakecache_fuse_worker_block_reads_total{transport=\"blocks\"}");
+        let grpc = self.counter("lakecache_fuse_worker_block_reads_total{transport=\"grpc\"}");
+        ensure!(
+            blocks > 0.0 && grpc == 0.0,
+            "{what}: {blocks} blocks over the block transport and {grpc} over gRPC"
+        );
         Ok(())
     }
 
