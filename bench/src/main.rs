@@ -70,8 +70,10 @@ struct Cli {
         default_value = "/tmp/lakecache-bench/work"
     )]
     work: PathBuf,
-    /// Systems to run, comma-separated (default: all): lakecache-1w, lakecache-3w, rclone,
-    /// s3fs, direct, tmpfs, fuse-copy.
+    /// Systems to run, comma-separated (default: all but lakecache-3w-csi-grpc):
+    /// lakecache-1w, lakecache-3w, lakecache-1w-local, lakecache-3w-csi, lakecache-3w-csi-grpc
+    /// (the CSI path reading over gRPC only), rclone, s3fs, direct, tmpfs, fuse-copy; any
+    /// lakecache-<N>w… from 1 to 16 workers.
     #[arg(long, env = "LAKECACHE_BENCH_SYSTEMS", value_delimiter = ',')]
     systems: Option<Vec<SystemKind>>,
     /// Workloads to run, comma-separated (default: all): metadata, shards, images, preload,

@@ -77,8 +77,8 @@ pub enum SystemKind {
     LakecacheLocal(usize),
     /// The data path of a CSI-mounted volume: this many `lakecache-worker` processes and the
     /// `lakecache-csi-node fuse-server` that the CSI plugin's mounter runs per volume, reading
-    /// the workers over gRPC as in a cluster.
-    LakecacheCsi(usize),
+    /// the workers over the network as in a cluster, by this transport.
+    LakecacheCsi(usize, CsiTransport),
     Rclone,
     S3fs,
     /// Ranged GETs straight from the store, no cache.
@@ -90,12 +90,25 @@ pub enum SystemKind {
     FuseCopy,
 }
 
+/// How the CSI data path's FUSE server reads block bytes from the workers (its
+/// `blockTransport` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CsiTransport {
+    /// The block transport (`"blockTransport": true`, the default): plain TCP, Memory tier
+    /// blocks sent with `sendfile` by the workers.
+    Blocks,
+    /// gRPC only (`"blockTransport": false`): the data path before the block transport.
+    Grpc,
+}
+
 impl SystemKind {
     pub fn label(&self) -> String {
         match self {
             SystemKind::Lakecache(n) => format!("lakecache-{n}w"),
             SystemKind::LakecacheLocal(n) => format!("lakecache-{n}w-local"),
-            SystemKind::LakecacheCsi(n) => format!("lakecache-{n}w-csi"),
+            SystemKind::LakecacheCsi(n, CsiTransport::Blocks) => format!("lakecache-{n}w-csi"),
+            SystemKind::LakecacheCsi(n, CsiTransport::Grpc) => format!("lakecache-{n}w-csi-grpc"),
             SystemKind::Rclone => "rclone".into(),
             SystemKind::S3fs => "s3fs".into(),
             SystemKind::Direct => "direct".into(),
@@ -107,7 +120,16 @@ impl SystemKind {
     pub fn is_lakecache(&self) -> bool {
         matches!(
             self,
-            SystemKind::Lakecache(_) | SystemKind::LakecacheLocal(_) | SystemKind::LakecacheCsi(_)
+            SystemKind::Lakecache(_) | SystemKind::LakecacheLocal(_) | SystemKind::LakecacheCsi(..)
+        )
+    }
+
+    /// Whether lakecache's workers run in the process the mount lives in (`lakecache local`),
+    /// so their CPU time is the reader's.
+    pub fn workers_in_reader(&self) -> bool {
+        matches!(
+            self,
+            SystemKind::Lakecache(_) | SystemKind::LakecacheLocal(_)
         )
     }
 
@@ -128,7 +150,7 @@ impl SystemKind {
     pub fn bounded_cache(&self) -> bool {
         matches!(
             self,
-            SystemKind::Lakecache(_) | SystemKind::LakecacheCsi(_) | SystemKind::Rclone
+            SystemKind::Lakecache(_) | SystemKind::LakecacheCsi(..) | SystemKind::Rclone
         )
     }
 
@@ -150,6 +172,8 @@ impl FromStr for SystemKind {
             _ => {
                 let (rest, variant) = if let Some(r) = s.strip_suffix("-local") {
                     (r, "local")
+                } else if let Some(r) = s.strip_suffix("-csi-grpc") {
+                    (r, "csi-grpc")
                 } else if let Some(r) = s.strip_suffix("-csi") {
                     (r, "csi")
                 } else {
@@ -162,12 +186,13 @@ impl FromStr for SystemKind {
                     .filter(|n| (1..=16).contains(n));
                 n.map(|n| match variant {
                     "local" => SystemKind::LakecacheLocal(n),
-                    "csi" => SystemKind::LakecacheCsi(n),
+                    "csi" => SystemKind::LakecacheCsi(n, CsiTransport::Blocks),
+                    "csi-grpc" => SystemKind::LakecacheCsi(n, CsiTransport::Grpc),
                     _ => SystemKind::Lakecache(n),
                 })
                 .ok_or_else(|| {
                     format!(
-                        "{s}: expected lakecache-<N>w, lakecache-<N>w-local, lakecache-<N>w-csi, rclone, s3fs, direct, tmpfs or fuse-copy"
+                        "{s}: expected lakecache-<N>w, lakecache-<N>w-local, lakecache-<N>w-csi, lakecache-<N>w-csi-grpc, rclone, s3fs, direct, tmpfs or fuse-copy"
                     )
                 })
             }
@@ -294,7 +319,7 @@ pub fn default_systems() -> Vec<SystemKind> {
         SystemKind::Lakecache(1),
         SystemKind::Lakecache(3),
         SystemKind::LakecacheLocal(1),
-        SystemKind::LakecacheCsi(3),
+        SystemKind::LakecacheCsi(3, CsiTransport::Blocks),
         SystemKind::Rclone,
         SystemKind::S3fs,
         SystemKind::Direct,
@@ -394,7 +419,7 @@ impl Plan {
         for s in &self.systems {
             if let SystemKind::Lakecache(n)
             | SystemKind::LakecacheLocal(n)
-            | SystemKind::LakecacheCsi(n) = s
+            | SystemKind::LakecacheCsi(n, _) = s
                 && self.runs(Workload::Partial)
                 && half / (*n as u64) < LAKECACHE_BLOCK
             {
@@ -436,10 +461,22 @@ mod tests {
 
     #[test]
     fn system_names_round_trip() {
-        for s in default_systems() {
+        let grpc = SystemKind::LakecacheCsi(3, CsiTransport::Grpc);
+        assert!(
+            !default_systems().contains(&grpc),
+            "selected with --systems only"
+        );
+        for s in default_systems().into_iter().chain([grpc]) {
             assert_eq!(s.label().parse::<SystemKind>(), Ok(s));
         }
+        assert_eq!(grpc.label(), "lakecache-3w-csi-grpc");
+        assert_eq!(
+            "lakecache-2w-csi".parse::<SystemKind>(),
+            Ok(SystemKind::LakecacheCsi(2, CsiTransport::Blocks))
+        );
         assert!("lakecache-0w".parse::<SystemKind>().is_err());
+        assert!("lakecache-3w-grpc".parse::<SystemKind>().is_err());
+        assert!("lakecache-3w-local-grpc".parse::<SystemKind>().is_err());
         assert!("minio".parse::<SystemKind>().is_err());
         assert_eq!("partial".parse::<Workload>(), Ok(Workload::Partial));
     }

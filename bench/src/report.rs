@@ -42,8 +42,16 @@ pub struct Row {
     pub files_s: f64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
-    /// CPU seconds of the cache process during the epoch.
+    /// CPU seconds of the cache process during the epoch (summed over the processes of a
+    /// system that has several).
     pub cpu_seconds: Option<f64>,
+    /// CPU seconds per 10^9 bytes read of the reader: the process the mount lives in
+    /// (`lakecache local` with its workers, the CSI path's fuse-server, rclone, s3fs, bindfs).
+    /// `None` without bytes or without a process.
+    pub reader_cpu_s_per_gb: Option<f64>,
+    /// The same for the separate worker processes together (the CSI path); `None` where the
+    /// workers run in the reader's process or there are none.
+    pub worker_cpu_s_per_gb: Option<f64>,
     /// Peak resident memory of the cache process during the epoch.
     pub peak_rss: Option<u64>,
     /// lakecache: bytes in the Memory tier (a tmpfs, not in the process's RSS) and the Disk
@@ -52,6 +60,9 @@ pub struct Row {
     pub disk_tier_used: Option<u64>,
     /// lakecache: block hits / block requests at the workers during the epoch.
     pub hit_ratio: Option<f64>,
+    /// lakecache: bytes the workers' block transport sent from Memory tier files with
+    /// `sendfile` during the epoch (0 where the reader does not use that transport).
+    pub sendfile_bytes: Option<u64>,
     pub vs_tmpfs: Option<f64>,
     pub vs_best_peer: Option<f64>,
     pub note: Option<String>,
@@ -72,13 +83,26 @@ impl Row {
             p50_ms: m.quantile(0.5),
             p99_ms: m.quantile(0.99),
             cpu_seconds: None,
+            reader_cpu_s_per_gb: None,
+            worker_cpu_s_per_gb: None,
             peak_rss: None,
             memory_tier_used: None,
             disk_tier_used: None,
             hit_ratio: None,
+            sendfile_bytes: None,
             vs_tmpfs: None,
             vs_best_peer: None,
             note: None,
+        }
+    }
+
+    /// Sets the reader's and the workers' CPU per GB from their CPU seconds in the epoch
+    /// (nothing for a row without bytes).
+    pub fn set_cpu_per_gb(&mut self, reader: f64, workers: Option<f64>) {
+        let gb = self.bytes as f64 / 1e9;
+        if gb > 0.0 {
+            self.reader_cpu_s_per_gb = Some(reader / gb);
+            self.worker_cpu_s_per_gb = workers.map(|w| w / gb);
         }
     }
 
@@ -100,11 +124,35 @@ impl Row {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Target {
     pub system: String,
+    /// What holds, in words: "≥" where higher is better, "≤" where lower is.
     pub target: String,
     pub measured: Option<f64>,
     pub threshold: f64,
+    /// Which side of the threshold is good.
+    pub better: Better,
+    /// `measured ≥ threshold` (`better: higher`) or `measured ≤ threshold` (`lower`); `None`
+    /// when not measured.
     pub holds: Option<bool>,
     pub detail: String,
+}
+
+/// Which way a target's measure is good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Better {
+    /// The target holds at the threshold or above (throughput, ratios of it, hit ratio).
+    Higher,
+    /// The target holds at the threshold or below (memory, CPU).
+    Lower,
+}
+
+impl Better {
+    fn holds(self, measured: f64, threshold: f64) -> bool {
+        match self {
+            Better::Higher => measured >= threshold,
+            Better::Lower => measured <= threshold,
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -229,29 +277,29 @@ impl Results {
 
     fn check_targets(&self) -> Vec<Target> {
         let mut out = Vec::new();
-        let lakecaches: Vec<String> = self
-            .plan
-            .systems
-            .iter()
-            .filter(|k| k.is_lakecache())
-            .map(|k| k.label())
-            .collect();
         let raw = self.raw_link.as_ref().map(|r| r.mb_s);
-        for sys in &lakecaches {
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        for kind in self.plan.systems.iter().filter(|k| k.is_lakecache()) {
+            let sys = kind.label();
+            let sys = sys.as_str();
             let fig = |w: Workload, phase: &str| self.find(sys, w, phase).map(|r| r.figure());
-            let mut push = |target: &str, measured: Option<f64>, threshold: f64, detail: String| {
+            let mut push = |target: &str,
+                            measured: Option<f64>,
+                            threshold: f64,
+                            better: Better,
+                            detail: String| {
                 out.push(Target {
-                    system: sys.clone(),
+                    system: sys.to_string(),
                     target: target.to_string(),
                     measured,
                     threshold,
-                    holds: measured.map(|m| m >= threshold),
+                    better,
+                    holds: measured.map(|m| better.holds(m, threshold)),
                     detail,
                 })
-            };
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
             };
             let warm = fig(Workload::Shards, "warm");
             if self.whole_on_node {
@@ -262,6 +310,7 @@ impl Results {
                         self.find("tmpfs", Workload::Shards, "warm").map(|r| r.mb_s),
                     ),
                     0.9,
+                    Better::Higher,
                     "× tmpfs, MB/s".into(),
                 );
             }
@@ -273,6 +322,7 @@ impl Results {
                         .map(|r| r.mb_s),
                 ),
                 0.8,
+                Better::Higher,
                 "× fuse-copy (bindfs over tmpfs), MB/s".into(),
             );
             let peer_warm = self.best_peer(Workload::Images, "warm");
@@ -283,6 +333,7 @@ impl Results {
                     peer_warm.map(|p| p.0.files_s),
                 ),
                 5.0,
+                Better::Higher,
                 format!(
                     "× {}",
                     peer_warm.map(|p| p.0.system.as_str()).unwrap_or("no peer")
@@ -292,6 +343,7 @@ impl Results {
                 "cold shards ≥ 0.95× raw link",
                 ratio(fig(Workload::Shards, "cold"), raw),
                 0.95,
+                Better::Higher,
                 "× raw link, MB/s".into(),
             );
             let peer_cold = self.best_peer(Workload::Images, "cold");
@@ -302,38 +354,31 @@ impl Results {
                     peer_cold.map(|p| p.0.files_s),
                 ),
                 1.0,
+                Better::Higher,
                 format!(
                     "× {}",
                     peer_cold.map(|p| p.0.system.as_str()).unwrap_or("no peer")
                 ),
             );
-            let hits: Vec<f64> = self
-                .rows
-                .iter()
-                .filter(|r| &r.system == sys && r.workload == Workload::Partial)
-                .filter(|r| r.phase != "epoch 1")
-                .filter_map(|r| r.hit_ratio)
-                .collect();
-            if self
-                .plan
-                .systems
-                .iter()
-                .any(|k| k.label() == *sys && k.bounded_cache())
-            {
+            if kind.bounded_cache() {
+                let hits = self
+                    .rows
+                    .iter()
+                    .filter(|r| r.system == sys && r.workload == Workload::Partial)
+                    .filter(|r| r.phase != "epoch 1")
+                    .filter_map(|r| r.hit_ratio)
+                    .reduce(f64::min);
                 push(
                     "partial-cache hit ratio ≥ 0.45 in epochs 2–3",
-                    hits.iter().copied().reduce(f64::min),
+                    hits,
                     0.45,
+                    Better::Higher,
                     "lowest of epochs 2 and 3".into(),
                 );
             }
             // The CSI path's preload is the operator's CachePreload on the same workers: the
             // benchmark leaves it out there (see the runner).
-            let csi = self
-                .plan
-                .systems
-                .iter()
-                .any(|k| k.label() == *sys && matches!(k, SystemKind::LakecacheCsi(_)));
+            let csi = matches!(kind, SystemKind::LakecacheCsi(..));
             if !csi {
                 push(
                     "preload ≥ 0.9× raw link",
@@ -342,15 +387,16 @@ impl Results {
                         raw,
                     ),
                     0.9,
+                    Better::Higher,
                     "lakecache local --preload '**', MB/s".into(),
                 );
             }
             // Memory: the process's peak RSS plus what its Memory tier (a tmpfs) holds, against
-            // the tier's size; the smaller this is the better, so the check is inverted.
+            // the tier's size; the smaller this is the better.
             let main: Vec<&Row> = self
                 .rows
                 .iter()
-                .filter(|r| &r.system == sys && r.workload != Workload::Partial)
+                .filter(|r| r.system == sys && r.workload != Workload::Partial)
                 .collect();
             let rss = main.iter().filter_map(|r| r.peak_rss).max();
             let tier = main.iter().filter_map(|r| r.memory_tier_used).max();
@@ -358,13 +404,12 @@ impl Results {
                 (Some(r), Some(t)) => Some((r + t) as f64 / self.plan.memory.max(1) as f64),
                 _ => None,
             };
-            out.push(Target {
-                system: sys.clone(),
-                target: "worker memory ≤ Memory tier + 15%".into(),
-                measured: footprint,
-                threshold: 1.15,
-                holds: footprint.map(|f| f <= 1.15),
-                detail: format!(
+            push(
+                "worker memory ≤ Memory tier + 15%",
+                footprint,
+                1.15,
+                Better::Lower,
+                format!(
                     "(peak RSS {} + tier used {}) / tier {}",
                     rss.map(|r| ByteSize::b(r).to_string())
                         .unwrap_or("?".into()),
@@ -372,7 +417,49 @@ impl Results {
                         .unwrap_or("?".into()),
                     ByteSize::b(self.plan.memory)
                 ),
-            });
+            );
+            if csi {
+                // The CSI path against the same workers in one process (`lakecache-1w`, where
+                // the reader calls its worker directly): what crossing processes costs.
+                let one = SystemKind::Lakecache(1).label();
+                let warm_of = |s: &str, w: Workload| self.find(s, w, "warm");
+                push(
+                    "warm shards ≥ 0.8× lakecache-1w (in process)",
+                    ratio(warm, warm_of(&one, Workload::Shards).map(|r| r.mb_s)),
+                    0.8,
+                    Better::Higher,
+                    format!("× {one}, MB/s"),
+                );
+                push(
+                    "warm images ≥ 0.8× lakecache-1w (in process)",
+                    ratio(
+                        warm_of(sys, Workload::Images).map(|r| r.files_s),
+                        warm_of(&one, Workload::Images).map(|r| r.files_s),
+                    ),
+                    0.8,
+                    Better::Higher,
+                    format!("× {one}, files/s"),
+                );
+                for w in [Workload::Shards, Workload::Images] {
+                    let cpu = |s: &str| warm_of(s, w).and_then(|r| r.reader_cpu_s_per_gb);
+                    let (mine, theirs) = (cpu(sys), cpu(&one));
+                    let shown = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or("?".into());
+                    push(
+                        &format!(
+                            "reader CPU per warm GB ≤ 1.5× lakecache-1w's ({})",
+                            w.label()
+                        ),
+                        ratio(mine, theirs),
+                        1.5,
+                        Better::Lower,
+                        format!(
+                            "CPU s per GB: fuse-server {} / lakecache local {}",
+                            shown(mine),
+                            shown(theirs)
+                        ),
+                    );
+                }
+            }
         }
         out
     }
@@ -471,8 +558,13 @@ impl Results {
             s,
             "\nMB/s are 10^6 bytes per second. \"× tmpfs\" and \"× best peer\" compare the \
              same workload and phase (metadata by files/s); the best peer is the best of rclone, \
-             s3fs and direct. CPU and peak RSS are the cache process's during that epoch \
-             (lakecache's Memory tier is a tmpfs, shown apart)."
+             s3fs and direct. CPU s and peak RSS are the cache process's during that epoch \
+             (summed over the CSI path's processes; lakecache's Memory tier is a tmpfs, shown \
+             apart). Reader and worker CPU s/GB are CPU seconds per 10^9 bytes read: the reader \
+             is the process the mount lives in (`lakecache local` with its workers, \
+             \"in reader\"; the CSI path's fuse-server; rclone; s3fs; bindfs), the worker the \
+             CSI path's worker processes together. In the targets, \"≥\" means higher is \
+             better and \"≤\" lower."
         );
         for w in Workload::ALL {
             let rows: Vec<&Row> = self.rows.iter().filter(|r| r.workload == w).collect();
@@ -482,12 +574,23 @@ impl Results {
             let _ = writeln!(s, "\n## {}\n", workload_title(w));
             let _ = writeln!(
                 s,
-                "| system | phase | time s | MB/s | files/s | p50 ms | p99 ms | CPU s | peak RSS | tiers used | hit ratio | × tmpfs | × best peer |"
+                "| system | phase | time s | MB/s | files/s | p50 ms | p99 ms | CPU s | reader CPU s/GB | worker CPU s/GB | peak RSS | tiers used | hit ratio | × tmpfs | × best peer |"
             );
-            let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+            let _ = writeln!(
+                s,
+                "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+            );
             for r in rows {
                 let opt = |v: Option<f64>, prec: usize| {
                     v.map(|v| format!("{v:.prec$}")).unwrap_or("–".into())
+                };
+                let worker_cpu = match r.worker_cpu_s_per_gb {
+                    None if r.reader_cpu_s_per_gb.is_some()
+                        && r.kind().is_some_and(|k| k.workers_in_reader()) =>
+                    {
+                        "in reader".into()
+                    }
+                    w => opt(w, 2),
                 };
                 let tiers = match (r.memory_tier_used, r.disk_tier_used) {
                     (Some(m), Some(d)) => format!("{} + {}", ByteSize::b(m), ByteSize::b(d)),
@@ -495,7 +598,7 @@ impl Results {
                 };
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {:.2} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {:.2} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     r.system,
                     r.phase,
                     r.seconds,
@@ -508,6 +611,8 @@ impl Results {
                     opt(r.p50_ms, 2),
                     opt(r.p99_ms, 2),
                     opt(r.cpu_seconds, 2),
+                    opt(r.reader_cpu_s_per_gb, 2),
+                    worker_cpu,
                     r.peak_rss
                         .map(|b| ByteSize::b(b).to_string())
                         .unwrap_or("–".into()),
@@ -566,7 +671,7 @@ pub fn workload_title(w: Workload) -> &'static str {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::plan::{LinkName, Overrides, ProfileName};
+    use crate::plan::{CsiTransport, LinkName, Overrides, ProfileName};
 
     pub fn row(system: &str, w: Workload, phase: &str, mb_s: f64, files_s: f64) -> Row {
         Row {
@@ -581,10 +686,13 @@ pub(crate) mod tests {
             p50_ms: Some(1.0),
             p99_ms: Some(2.0),
             cpu_seconds: None,
+            reader_cpu_s_per_gb: None,
+            worker_cpu_s_per_gb: None,
             peak_rss: None,
             memory_tier_used: None,
             disk_tier_used: None,
             hit_ratio: None,
+            sendfile_bytes: None,
             vs_tmpfs: None,
             vs_best_peer: None,
             note: None,
@@ -636,6 +744,45 @@ pub(crate) mod tests {
         r
     }
 
+    /// [`sample`] with the CSI path over both transports, CPU per GB on the warm rows.
+    fn with_csi() -> Results {
+        use Workload::*;
+        let mut r = sample();
+        for (sys, w, reader, worker) in [
+            ("lakecache-1w", Shards, 1.0, None),
+            ("lakecache-1w", Images, 4.0, None),
+            ("lakecache-3w-csi", Shards, 1.2, Some(0.5)),
+            ("lakecache-3w-csi", Images, 6.4, Some(2.0)),
+            ("lakecache-3w-csi-grpc", Shards, 2.0, Some(1.5)),
+            ("lakecache-3w-csi-grpc", Images, 6.0, Some(3.0)),
+        ] {
+            if r.find(sys, w, "warm").is_none() {
+                // 0.9 of lakecache-1w's rates over the block transport, half over gRPC.
+                let k = if sys.ends_with("grpc") { 0.5 } else { 0.9 };
+                let (mb_s, files_s) = if w == Shards {
+                    (900.0 * k, 1.0)
+                } else {
+                    (2000.0 * k, 2000.0 * k)
+                };
+                r.push(row(sys, w, "cold", 90.0, 45.0));
+                r.push(row(sys, w, "warm", mb_s, files_s));
+            }
+            let row = r
+                .rows
+                .iter_mut()
+                .find(|x| x.system == sys && x.workload == w && x.phase == "warm")
+                .unwrap();
+            row.reader_cpu_s_per_gb = Some(reader);
+            row.worker_cpu_s_per_gb = worker;
+        }
+        r.plan.systems.extend([
+            SystemKind::LakecacheCsi(3, CsiTransport::Blocks),
+            SystemKind::LakecacheCsi(3, CsiTransport::Grpc),
+        ]);
+        r.finish();
+        r
+    }
+
     #[test]
     fn ratios_and_targets() {
         let r = sample();
@@ -656,6 +803,104 @@ pub(crate) mod tests {
         assert_eq!(holds("preload"), Some(true));
         // (10 MiB + 50 MiB) / 64 MiB
         assert_eq!(holds("worker memory"), Some(true));
+        assert_eq!(t["worker memory ≤ Memory tier + 15%"].better, Better::Lower);
+        assert_eq!(t["cold images ≥ best peer"].better, Better::Higher);
+        // No CSI system ran: no target against lakecache-1w.
+        assert!(!r.targets.iter().any(|t| t.target.contains("lakecache-1w")));
+    }
+
+    #[test]
+    fn csi_targets_compare_with_lakecache_1w() {
+        let r = with_csi();
+        let of = |sys: &str, prefix: &str| -> Vec<&Target> {
+            r.targets
+                .iter()
+                .filter(|t| t.system == sys && t.target.starts_with(prefix))
+                .collect()
+        };
+        for sys in ["lakecache-3w-csi", "lakecache-3w-csi-grpc"] {
+            assert_eq!(of(sys, "warm shards ≥ 0.8× lakecache-1w").len(), 1, "{sys}");
+            assert_eq!(of(sys, "warm images ≥ 0.8× lakecache-1w").len(), 1, "{sys}");
+            let cpu = of(sys, "reader CPU per warm GB ≤ 1.5× lakecache-1w's");
+            assert_eq!(cpu.len(), 2, "{sys}: shards and images");
+            assert!(cpu.iter().all(|t| t.better == Better::Lower));
+        }
+        let one = |sys: &str, prefix: &str| {
+            let t = of(sys, prefix);
+            assert_eq!(t.len(), 1, "{sys} {prefix}");
+            (t[0].measured.unwrap(), t[0].holds.unwrap())
+        };
+        let close = |(m, h): (f64, bool), want: f64, holds: bool| {
+            assert!((m - want).abs() < 1e-9, "{m} against {want}");
+            assert_eq!(h, holds);
+        };
+        let cpu = "reader CPU per warm GB ≤ 1.5× lakecache-1w's";
+        close(
+            one("lakecache-3w-csi", "warm shards ≥ 0.8× lakecache-1w"),
+            0.9,
+            true,
+        );
+        close(
+            one("lakecache-3w-csi", "warm images ≥ 0.8× lakecache-1w"),
+            0.9,
+            true,
+        );
+        close(
+            one("lakecache-3w-csi-grpc", "warm shards ≥ 0.8× lakecache-1w"),
+            0.5,
+            false,
+        );
+        // Smaller is better: 1.2 / 1.0 and 6.0 / 4.0 hold, 6.4 / 4.0 and 2.0 / 1.0 do not.
+        close(
+            one("lakecache-3w-csi", &format!("{cpu} (shards)")),
+            1.2,
+            true,
+        );
+        close(
+            one("lakecache-3w-csi", &format!("{cpu} (images)")),
+            1.6,
+            false,
+        );
+        close(
+            one("lakecache-3w-csi-grpc", &format!("{cpu} (shards)")),
+            2.0,
+            false,
+        );
+        close(
+            one("lakecache-3w-csi-grpc", &format!("{cpu} (images)")),
+            1.5,
+            true,
+        );
+        // lakecache-1w itself has none of these.
+        assert!(of("lakecache-1w", "reader CPU").is_empty());
+
+        // Without lakecache-1w in the run they are there, not measured.
+        let mut r = with_csi();
+        r.rows.retain(|x| x.system != "lakecache-1w");
+        r.plan.systems.retain(|k| *k != SystemKind::Lakecache(1));
+        r.finish();
+        let vs_1w: Vec<&Target> = r
+            .targets
+            .iter()
+            .filter(|t| t.target.contains("lakecache-1w"))
+            .collect();
+        assert_eq!(vs_1w.len(), 2 * 4);
+        assert!(
+            vs_1w
+                .iter()
+                .all(|t| t.measured.is_none() && t.holds.is_none())
+        );
+    }
+
+    #[test]
+    fn cpu_per_gb_needs_bytes() {
+        let mut r = row("x", Workload::Shards, "warm", 500.0, 1.0);
+        r.set_cpu_per_gb(1.0, Some(0.25));
+        assert_eq!(r.reader_cpu_s_per_gb, Some(2.0));
+        assert_eq!(r.worker_cpu_s_per_gb, Some(0.5));
+        let mut m = row("x", Workload::Metadata, "warm", 0.0, 100.0);
+        m.set_cpu_per_gb(1.0, Some(0.25));
+        assert_eq!((m.reader_cpu_s_per_gb, m.worker_cpu_s_per_gb), (None, None));
     }
 
     #[test]
@@ -672,5 +917,11 @@ pub(crate) mod tests {
         }
         assert!(md.contains("| lakecache-1w | warm | 1.00 | 900.0 |"));
         assert!(md.contains("**no**"));
+        let md = with_csi().markdown();
+        assert!(md.contains("| reader CPU s/GB | worker CPU s/GB |"), "{md}");
+        // lakecache local's workers are in its reader; the CSI path's are apart.
+        assert!(md.contains("| 1.00 | in reader |"), "{md}");
+        assert!(md.contains("| 1.20 | 0.50 |"), "{md}");
+        assert!(md.contains("(shards) | 1.20 | yes |"), "{md}");
     }
 }

@@ -200,15 +200,17 @@ pub fn run(plan: &Plan, setup: &Setup, janitor: &Arc<Janitor>) -> anyhow::Result
                 k if k.is_ceiling() || k == SystemKind::Direct => {}
                 // Its workers are the same code as lakecache-3w's, and a preload in a cluster
                 // is the operator's CachePreload, not something the mount does.
-                SystemKind::LakecacheCsi(_) => {}
+                SystemKind::LakecacheCsi(..) => {}
                 k if k.is_lakecache() => {
                     // `lakecache local --preload '**'`: every worker loads its share at once.
                     drop_caches(&mut results);
                     let (sys, m) = systems::start_lakecache_preload(&env, k, whole, &["**"])?;
                     let mut row = Row::from_measured(&kind, Workload::Preload, "preload", &m);
-                    if let Some(s) = sys.stats() {
+                    // Since the start, which is when the preload began.
+                    if let Some((s, cpu)) = sys.sample() {
                         row.cpu_seconds = Some(s.cpu_seconds);
                         row.peak_rss = Some(s.peak_rss);
+                        row.set_cpu_per_gb(cpu.reader, cpu.workers);
                     }
                     row.note =
                         Some("lakecache local --preload '**' (time the workers report)".into());
@@ -283,7 +285,8 @@ impl Ctx<'_> {
     }
 
     /// Runs one epoch after dropping the page cache, within the workload bound; adds the cache
-    /// process's CPU time, peak memory and (lakecache) hit ratio to the row.
+    /// processes' CPU time (summed, and per GB for the reader and the workers apart), peak
+    /// memory and (lakecache) hit ratio to the row.
     fn measure(
         &self,
         sys: &Running,
@@ -295,7 +298,7 @@ impl Ctx<'_> {
         let what = format!("{} {} {phase}", self.kind, workload.label());
         drop_caches(results);
         sys.check()?;
-        let before = sys.stats();
+        let before = sys.sample();
         let counters_before = sys.counters()?;
         sys.reset_peak();
         let m = {
@@ -305,9 +308,13 @@ impl Ctx<'_> {
         };
         sys.check()?;
         let mut row = Row::from_measured(&self.kind, workload, phase, &m);
-        if let (Some(b), Some(a)) = (before, sys.stats()) {
+        if let (Some((b, b_cpu)), Some((a, a_cpu))) = (before, sys.sample()) {
             row.cpu_seconds = Some(a.cpu_seconds - b.cpu_seconds);
             row.peak_rss = Some(a.peak_rss);
+            row.set_cpu_per_gb(
+                a_cpu.reader - b_cpu.reader,
+                a_cpu.workers.zip(b_cpu.workers).map(|(a, b)| a - b),
+            );
         }
         if let (Some(b), Some(a)) = (counters_before, sys.counters()?) {
             let hits = a.hits - b.hits;
@@ -317,6 +324,7 @@ impl Ctx<'_> {
             }
             row.memory_tier_used = Some(a.memory_used as u64);
             row.disk_tier_used = Some(a.disk_used as u64);
+            row.sendfile_bytes = Some((a.sendfile_bytes - b.sendfile_bytes) as u64);
         }
         self.log.say(format!(
             "{what}: {:.2} s, {:.1} MB/s, {:.0} files/s{}",

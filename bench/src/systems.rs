@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 
 use crate::janitor::{Guard, Janitor};
 use crate::net::{self, ACCESS_KEY, BUCKET, REGION, SECRET_KEY};
-use crate::plan::SystemKind;
+use crate::plan::{CsiTransport, SystemKind};
 use crate::proc::{self, Proc, ProcStats};
 use crate::readers::Measured;
 use crate::s3::Direct;
@@ -75,9 +75,11 @@ impl Env {
 pub struct Running {
     pub kind: SystemKind,
     pub access: Access,
-    /// The cache process, if the system has one (the FUSE server where there are several).
+    /// The cache process, if the system has one (the FUSE server where there are several): the
+    /// reader, whose CPU per GB the rows show apart.
     pub proc: Option<Proc>,
-    /// Its other processes (separate workers), counted with it in CPU and memory.
+    /// Its other processes (separate workers), counted with it in CPU and memory; their CPU
+    /// per GB is the rows' worker figure.
     helpers: Vec<Proc>,
     /// lakecache workers' admin addresses (`/metrics`).
     pub admin: Vec<SocketAddr>,
@@ -94,23 +96,37 @@ pub struct WorkerCounters {
     pub misses: f64,
     pub memory_used: f64,
     pub disk_used: f64,
+    /// Bytes the block transport sent from Memory tier files with `sendfile`.
+    pub sendfile_bytes: f64,
+}
+
+/// CPU seconds of a system's processes, the reader and its separate workers apart.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuApart {
+    /// The process the mount lives in (for `lakecache local`, its workers too).
+    pub reader: f64,
+    /// The separate worker processes, summed; `None` when there are none.
+    pub workers: Option<f64>,
 }
 
 impl Running {
-    /// CPU and peak RSS of the cache's processes, summed (a sum of peaks: an upper bound on the
-    /// peak of the sum).
-    pub fn stats(&self) -> Option<ProcStats> {
+    /// One reading of the cache's processes: their CPU and peak RSS summed (a sum of peaks: an
+    /// upper bound on the peak of the sum), and their CPU with the reader (`proc`, where the
+    /// mount lives) and the separate workers (`helpers`) apart.
+    pub fn sample(&self) -> Option<(ProcStats, CpuApart)> {
         let main = self.proc.as_ref().and_then(|p| p.stats().ok())?;
-        Some(
-            self.helpers
-                .iter()
-                .filter_map(|p| p.stats().ok())
-                .fold(main, |a, b| ProcStats {
-                    cpu_seconds: a.cpu_seconds + b.cpu_seconds,
-                    peak_rss: a.peak_rss + b.peak_rss,
-                    rss: a.rss + b.rss,
-                }),
-        )
+        let helpers: Vec<ProcStats> = self.helpers.iter().filter_map(|p| p.stats().ok()).collect();
+        let apart = CpuApart {
+            reader: main.cpu_seconds,
+            workers: (!self.helpers.is_empty())
+                .then(|| helpers.iter().map(|s| s.cpu_seconds).sum()),
+        };
+        let sum = helpers.iter().fold(main, |a, b| ProcStats {
+            cpu_seconds: a.cpu_seconds + b.cpu_seconds,
+            peak_rss: a.peak_rss + b.peak_rss,
+            rss: a.rss + b.rss,
+        });
+        Some((sum, apart))
     }
 
     pub fn reset_peak(&self) {
@@ -136,6 +152,7 @@ impl Running {
             sum.misses += c.misses;
             sum.memory_used += c.memory_used;
             sum.disk_used += c.disk_used;
+            sum.sendfile_bytes += c.sendfile_bytes;
         }
         Ok(Some(sum))
     }
@@ -181,6 +198,7 @@ pub fn parse_metrics(text: &str) -> WorkerCounters {
             "lakecache_worker_tier_used_bytes" if labels.contains("tier=\"disk\"") => {
                 c.disk_used += v
             }
+            "lakecache_worker_sendfile_bytes_total" => c.sendfile_bytes += v,
             _ => {}
         }
     }
@@ -223,7 +241,9 @@ pub fn start(env: &Env, kind: SystemKind, cache: CacheSize) -> anyhow::Result<Ru
     match kind {
         SystemKind::Lakecache(n) => start_lakecache(env, kind, n, cache, &[]),
         SystemKind::LakecacheLocal(n) => start_lakecache(env, kind, n, cache, &[]),
-        SystemKind::LakecacheCsi(n) => start_lakecache_csi(env, kind, n, cache),
+        SystemKind::LakecacheCsi(n, transport) => {
+            start_lakecache_csi(env, kind, n, transport, cache)
+        }
         SystemKind::Rclone => start_rclone(env, cache),
         SystemKind::S3fs => start_s3fs(env),
         SystemKind::Direct => Ok(Running {
@@ -422,11 +442,12 @@ fn write_credentials(cache_dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// The data path of a CSI-mounted volume, without Kubernetes: `workers` `lakecache-worker`
 /// processes and one `lakecache-csi-node fuse-server`, configured as the CSI plugin configures
-/// it (static workers, the data-plane token), reading the workers over gRPC on loopback.
+/// it (static workers, the data-plane token), reading the workers on loopback by `transport`.
 fn start_lakecache_csi(
     env: &Env,
     kind: SystemKind,
     workers: usize,
+    transport: CsiTransport,
     cache: CacheSize,
 ) -> anyhow::Result<Running> {
     let label = kind.label();
@@ -528,6 +549,7 @@ fn start_lakecache_csi(
         "metadataTtl": null,
         "prefetchBudget": 512u64 << 20,
         "fuseThreads": 2,
+        "blockTransport": transport == CsiTransport::Blocks,
         "startupTimeout": "30s",
     });
     let file = cache_dir.join("fuse.json");
@@ -542,9 +564,19 @@ fn start_lakecache_csi(
     let log = env.logs.join(format!("{label}-{n}-fuse.log"));
     let proc = Proc::spawn(&env.janitor, &label, cmd, &log, Duration::from_secs(20))?;
     wait_mounted(&proc, &mnt)?;
+    let reads = match transport {
+        CsiTransport::Blocks => {
+            "block bytes over the block transport on loopback, Memory tier blocks sent with \
+             sendfile by the workers"
+        }
+        CsiTransport::Grpc => {
+            "block bytes over gRPC on loopback, blockTransport false: the data path before the \
+             block transport"
+        }
+    };
     let settings = format!(
         "{workers} lakecache-worker processes (Memory {} + Disk {} each) and \
-         lakecache-csi-node fuse-server over them (gRPC on loopback; 512 MiB prefetch budget, \
+         lakecache-csi-node fuse-server over them ({reads}; 512 MiB prefetch budget, \
          2 FUSE threads, 4 MiB blocks): the processes a CSI-mounted volume runs",
         bytesize::ByteSize::b(per(cache.memory)),
         bytesize::ByteSize::b(per(cache.disk)),
@@ -788,7 +820,8 @@ mod tests {
                     lakecache_worker_block_misses_total 5\n\
                     lakecache_worker_tier_used_bytes{tier=\"memory\"} 1024\n\
                     lakecache_worker_tier_used_bytes{tier=\"disk\"} 2048\n\
-                    lakecache_worker_tier_capacity_bytes{tier=\"memory\"} 4096\n";
+                    lakecache_worker_tier_capacity_bytes{tier=\"memory\"} 4096\n\
+                    lakecache_worker_sendfile_bytes_total 512\n";
         let c = parse_metrics(text);
         assert_eq!(
             c,
@@ -796,7 +829,8 @@ mod tests {
                 hits: 10.0,
                 misses: 5.0,
                 memory_used: 1024.0,
-                disk_used: 2048.0
+                disk_used: 2048.0,
+                sendfile_bytes: 512.0,
             }
         );
     }

@@ -1,9 +1,9 @@
 //! The whole benchmark at tiny sizes, inside the test command: the real lake (versitygw in a
 //! network namespace behind tbf and toxiproxy), every system (the real `lakecache local`
 //! binary with 1 and 3 workers and with local copies, the CSI data path of worker processes and
-//! a `lakecache-csi-node fuse-server`, rclone, s3fs, direct reads, tmpfs, bindfs), every
-//! workload, and the three result files; then that a run leaves nothing behind, also when it is
-//! interrupted.
+//! a `lakecache-csi-node fuse-server` over both of its transports, rclone, s3fs, direct reads,
+//! tmpfs, bindfs), every workload, and the three result files; then that a run leaves nothing
+//! behind, also when it is interrupted.
 //!
 //! Needs root and what `scripts/setup --env` exports (`scripts/test` provides both). The
 //! `lakecache` binary is `$LAKECACHE_BENCH_LAKECACHE`, or the one next to this test, built or
@@ -16,11 +16,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const SYSTEMS: [&str; 9] = [
+/// The default systems and the CSI path over gRPC only (not a default: it is the data path
+/// before the block transport, for an A/B).
+const SYSTEMS: [&str; 10] = [
     "lakecache-1w",
     "lakecache-3w",
     "lakecache-1w-local",
     "lakecache-3w-csi",
+    "lakecache-3w-csi-grpc",
     "rclone",
     "s3fs",
     "direct",
@@ -202,7 +205,8 @@ fn small_profile_measures_every_system_and_writes_every_file() {
     let out = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let mut child = bench(out.path(), work.path(), &[])
+    let systems = SYSTEMS.join(",");
+    let mut child = bench(out.path(), work.path(), &["--systems", &systems])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -244,6 +248,8 @@ fn small_profile_measures_every_system_and_writes_every_file() {
         let lakecache = sys.starts_with("lakecache");
         // Local copies: warm opens go to the kernel (passthrough), not to the workers.
         let local_copies = sys.ends_with("-local");
+        // The CSI path: a FUSE server and worker processes apart.
+        let csi = sys.contains("-csi");
         for (workload, bytes) in [
             ("metadata", 0),
             ("shards", shards_bytes),
@@ -269,6 +275,22 @@ fn small_profile_measures_every_system_and_writes_every_file() {
                     assert!(f(&row["peak_rss"]) > 0.0, "{what}: peak RSS");
                     assert!(f(&row["cpu_seconds"]) >= 0.0, "{what}: CPU");
                 }
+                // CPU per GB: the reader is the process the mount lives in, the worker the
+                // CSI path's worker processes; CPU ticks are 10 ms, so a short epoch may
+                // measure none.
+                let (reader, worker) = (&row["reader_cpu_s_per_gb"], &row["worker_cpu_s_per_gb"]);
+                if cache_process && workload != "metadata" {
+                    let cpu = f(reader);
+                    assert!(cpu.is_finite() && cpu >= 0.0, "{what}: reader CPU/GB {cpu}");
+                } else {
+                    assert!(reader.is_null(), "{what}: reader CPU/GB {reader}");
+                }
+                if csi && workload != "metadata" {
+                    let cpu = f(worker);
+                    assert!(cpu.is_finite() && cpu >= 0.0, "{what}: worker CPU/GB {cpu}");
+                } else {
+                    assert!(worker.is_null(), "{what}: worker CPU/GB {worker}");
+                }
             }
             if lakecache && workload != "metadata" {
                 assert!(f(&rs[0]["hit_ratio"]) < 0.05, "{sys} {workload} cold hits");
@@ -280,9 +302,23 @@ fn small_profile_measures_every_system_and_writes_every_file() {
                 assert!(f(&rs[1]["memory_tier_used"]) > 0.0, "{sys}: tier used");
             }
         }
+        // The block transport sends warm Memory tier blocks with sendfile; gRPC never does, nor
+        // lakecache local, whose reader calls its workers in the process.
+        if lakecache {
+            let sent: f64 = ["shards", "images"]
+                .iter()
+                .flat_map(|w| rows(&r, sys, w))
+                .map(|row| f(&row["sendfile_bytes"]))
+                .sum();
+            if sys == "lakecache-3w-csi" {
+                assert!(sent > 0.0, "{sys}: nothing went out with sendfile");
+            } else {
+                assert_eq!(sent, 0.0, "{sys}: bytes went out with sendfile");
+            }
+        }
         let preload = rows(&r, sys, "preload");
         match sys {
-            "direct" | "fuse-copy" | "lakecache-3w-csi" => {
+            "direct" | "fuse-copy" | "lakecache-3w-csi" | "lakecache-3w-csi-grpc" => {
                 assert!(preload.is_empty(), "{sys} has no preload")
             }
             _ => {
@@ -319,17 +355,57 @@ fn small_profile_measures_every_system_and_writes_every_file() {
         assert!(f(&row["vs_tmpfs"]) > 0.0);
         assert!(f(&row["vs_best_peer"]) > 0.0);
     }
+    let settings = |sys: &str| {
+        r["systems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == sys)
+            .map(|s| s["settings"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no settings for {sys}"))
+    };
+    assert!(settings("lakecache-3w-csi").contains("block transport"));
+    assert!(settings("lakecache-3w-csi-grpc").contains("over gRPC"));
     let targets = r["targets"].as_array().unwrap();
     assert_eq!(
         targets.len(),
-        2 * 8 + 7 + 7,
-        "eight targets for each lakecache system (seven without the partial-cache run, or \
-         without the preload on the CSI path)"
+        2 * 8 + 7 + 2 * 11,
+        "eight targets for each lakecache system (seven without the partial-cache run); on the \
+         CSI path none for preload, four more against lakecache-1w"
     );
-    assert!(
-        targets.iter().all(|t| t["measured"].is_number()),
-        "{targets:?}"
-    );
+    let reader_cpu = |w: &str| f(&rows(&r, "lakecache-1w", w)[1]["reader_cpu_s_per_gb"]);
+    for t in targets {
+        let what = t["target"].as_str().unwrap();
+        // A ratio to lakecache-1w's reader CPU has no value if that epoch measured none.
+        let no_base = ["shards", "images"]
+            .iter()
+            .any(|w| what.ends_with(&format!("lakecache-1w's ({w})")) && reader_cpu(w) == 0.0);
+        assert!(t["measured"].is_number() || no_base, "{t}");
+        let better = if what.contains('≤') {
+            "lower"
+        } else {
+            "higher"
+        };
+        assert_eq!(t["better"], better, "{t}");
+    }
+    for sys in ["lakecache-3w-csi", "lakecache-3w-csi-grpc"] {
+        let vs_1w: Vec<&str> = targets
+            .iter()
+            .filter(|t| t["system"] == sys)
+            .map(|t| t["target"].as_str().unwrap())
+            .filter(|t| t.contains("lakecache-1w"))
+            .collect();
+        assert_eq!(
+            vs_1w,
+            [
+                "warm shards ≥ 0.8× lakecache-1w (in process)",
+                "warm images ≥ 0.8× lakecache-1w (in process)",
+                "reader CPU per warm GB ≤ 1.5× lakecache-1w's (shards)",
+                "reader CPU per warm GB ≤ 1.5× lakecache-1w's (images)",
+            ],
+            "{sys}"
+        );
+    }
 
     let md = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     for needle in SYSTEMS.iter().chain(&[
@@ -340,6 +416,8 @@ fn small_profile_measures_every_system_and_writes_every_file() {
         "## Partial cache",
         "## Targets",
         "raw link",
+        "reader CPU s/GB",
+        "in reader",
     ]) {
         assert!(md.contains(needle), "results.md lacks {needle}");
     }
