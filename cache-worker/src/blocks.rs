@@ -39,8 +39,15 @@ pub const IDLE: Duration = Duration::from_secs(90);
 /// does not hold the connection's task for ever.
 const SEND: Duration = Duration::from_secs(60);
 
+/// The most a heartbeat, a failure frame or the preface may take to leave: a reader that sends
+/// requests and never reads the answers does not hold the connection's task for ever.
+const SMALL_SEND: Duration = Duration::from_secs(10);
+
 /// How long a stopping worker lets block connections finish the request under way.
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// The longest message a failure frame carries (a frame is at most `MAX_FRAME`).
+const MAX_MESSAGE: usize = 4096;
 
 pub struct BlockServer {
     pub cache: Arc<BlockCache>,
@@ -84,11 +91,10 @@ pub fn accept(
                         let mut first = [0u8; 1];
                         match tokio::time::timeout(FIRST_BYTES, stream.peek(&mut first)).await {
                             Ok(Ok(1)) if first[0] == PREFACE[0] => {
-                                server.metrics.block_connections.inc();
+                                let _open = Open::new(&server.metrics.block_connections);
                                 if let Err(e) = server.serve(stream, stop).await {
                                     tracing::debug!(error = %e, "block connection closed");
                                 }
-                                server.metrics.block_connections.dec();
                             }
                             Ok(Ok(n)) if n > 0 => {
                                 let _ = grpc.send(Ok(stream)).await;
@@ -112,6 +118,34 @@ pub fn accept(
         }
     });
     (incoming, task)
+}
+
+/// Counts a connection open while it lives, however its task ends (aborted included).
+struct Open(prometheus_client::metrics::gauge::Gauge);
+
+impl Open {
+    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Open(g.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Writes `bytes` within `limit`.
+async fn send(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
+    tokio::time::timeout(limit, stream.write_all(bytes))
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the reader took no bytes for too long",
+            ))
+        })
 }
 
 /// Resolves once the worker stops (or the stop sender is gone).
@@ -138,7 +172,7 @@ impl BlockServer {
         if preface != PREFACE {
             return Err(invalid("not the block transport's preface"));
         }
-        stream.write_all(&PREFACE).await?;
+        send(&mut stream, &PREFACE, SMALL_SEND).await?;
         loop {
             let mut header = [0u8; HEADER];
             tokio::select! {
@@ -190,7 +224,7 @@ impl BlockServer {
         let found = match (&mut lookup).now_or_never() {
             Some(found) => found,
             None => {
-                stream.write_all(&BEAT).await?;
+                send(stream, &BEAT, SMALL_SEND).await?;
                 let mut tick =
                     tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -198,7 +232,7 @@ impl BlockServer {
                     tokio::select! {
                         biased;
                         found = &mut lookup => break found,
-                        _ = tick.tick() => stream.write_all(&BEAT).await?,
+                        _ = tick.tick() => send(stream, &BEAT, SMALL_SEND).await?,
                     }
                 }
             }
@@ -241,8 +275,16 @@ impl BlockServer {
 
 /// Sends a failure frame.
 async fn fail(stream: &mut TcpStream, status: Status) -> std::io::Result<()> {
-    let f = blocks::frame(FrameKind::Failure, &pb::BlockFailure::from_status(&status));
-    stream.write_all(&f).await
+    let mut failure = pb::BlockFailure::from_status(&status);
+    if failure.message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !failure.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        failure.message.truncate(cut);
+    }
+    let f = blocks::frame(FrameKind::Failure, &failure);
+    send(stream, &f, SMALL_SEND).await
 }
 
 /// Sends `len` bytes of `file` from `offset` with `sendfile(2)`: the kernel moves them from the
@@ -267,7 +309,11 @@ async fn send_file(
                 ));
             }
             Ok(n) => len -= n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => return Err(e),
         }
     }

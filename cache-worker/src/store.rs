@@ -497,7 +497,7 @@ impl BlockStore {
         };
         if files
             && t == 0
-            && let Some(body) = self.shared.open_trusted(id, t, entry)
+            && let Some(body) = self.shared.open_trusted(id, t)
         {
             return Lookup::Hit {
                 body,
@@ -618,16 +618,18 @@ impl Shared {
     /// check there, with the length its entry says; `None` sends the caller to the read that
     /// checks (a file moved away meanwhile is found there). Opening a file on a tmpfs does not
     /// block, so this runs on the caller's thread.
-    fn open_trusted(&self, id: BlockId, t: usize, entry: Entry) -> Option<Body> {
-        let path = {
-            let inner = self.inner.lock();
-            let tier = inner.tiers.get(t)?;
-            if tier.spec.kind != TierKind::Memory || !entry.verified {
-                return None;
-            }
-            tier.block_path(id)
-        };
-        let file = std::fs::File::open(&path).ok()?;
+    fn open_trusted(&self, id: BlockId, t: usize) -> Option<Body> {
+        // The entry as it is now, and the file opened under the same lock: a block moved out
+        // and back since the lookup (unchecked again) is not taken for the checked one. Opening
+        // a file on a tmpfs is quick.
+        let inner = self.inner.lock();
+        let tier = inner.tiers.get(t)?;
+        let entry = *tier.lru.get(&id)?;
+        if tier.spec.kind != TierKind::Memory || !entry.verified {
+            return None;
+        }
+        let file = std::fs::File::open(tier.block_path(id)).ok()?;
+        drop(inner);
         let len = file.metadata().ok()?.len();
         (len == entry.len).then_some(Body::File { file, len })
     }

@@ -36,6 +36,15 @@ pub const IDLE_FOR: Duration = Duration::from_secs(60);
 /// again (it may be upgraded in place).
 pub const RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// The longest a worker may stay silent once it took a request: it sends a heartbeat every
+/// 50 ms until the block is ready, then the bytes at once. A worker silent for longer (a stopped
+/// process, a partition, a vanished host: the kernel may still keep the connection up) fails
+/// the read as its fault, as HTTP/2 keepalive (1 s ping, 2 s timeout) fails a gRPC stream.
+pub const SILENCE: Duration = Duration::from_secs(3);
+
+/// The longest message a failure frame carries; longer ones are cut.
+pub const MAX_MESSAGE: usize = 4096;
+
 /// The block connections to one worker.
 #[derive(Debug)]
 pub struct BlockPool {
@@ -70,7 +79,9 @@ impl BlockPool {
     pub fn for_endpoint(endpoint: &str) -> Option<Self> {
         let rest = endpoint.strip_prefix("http://")?;
         let addr = rest.split('/').next().unwrap_or_default();
-        if addr.is_empty() {
+        // `host:port` or `[v6]:port`; without a port, gRPC's default applies: use gRPC.
+        let port = addr.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
+        if addr.is_empty() || port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         Some(Self {
@@ -103,8 +114,27 @@ impl BlockPool {
 
     fn give_back(&self, stream: TcpStream) {
         let mut idle = self.idle.lock();
+        idle.retain(|(_, since)| since.elapsed() < IDLE_FOR);
         if idle.len() < KEEP_IDLE {
             idle.push((stream, Instant::now()));
+        }
+    }
+
+    /// Makes sure a connection that speaks the transport is ready: a kept one, or a new one
+    /// whose worker answered the preface. `Ok(false)`: the worker does not speak it (read it
+    /// over gRPC). Asked before a request is made, so that a worker that does not speak the
+    /// transport never counts as having taken or refused a token (see `Membership::call`).
+    pub async fn ready(&self) -> Result<bool, Status> {
+        if !self.idle.lock().is_empty() {
+            return Ok(true);
+        }
+        match self.connect().await {
+            Ok(s) => {
+                self.give_back(s);
+                Ok(true)
+            }
+            Err(StartError::Unsupported) => Ok(false),
+            Err(StartError::Status(s)) => Err(s),
         }
     }
 
@@ -119,7 +149,7 @@ impl BlockPool {
         s.set_nodelay(true).map_err(io)?;
         s.write_all(&PREFACE).await.map_err(io)?;
         let mut back = [0u8; PREFACE.len()];
-        s.read_exact(&mut back).await.map_err(io)?;
+        within(s.read_exact(&mut back)).await.map_err(io)?;
         if back != PREFACE {
             tracing::info!(worker = %self.addr,
                 "the worker does not speak the block transport; reading it over gRPC");
@@ -150,6 +180,13 @@ impl BlockPool {
                 read: Some(read),
             },
         );
+        if frame.len() > HEADER + blocks::MAX_FRAME {
+            return Err(StartError::Status(Status::invalid_argument(format!(
+                "a block request of {} bytes (a path that long?); the block transport takes {}",
+                frame.len() - HEADER,
+                blocks::MAX_FRAME
+            ))));
+        }
         // A kept connection may have been closed by the worker meanwhile: then once more on a
         // new one. A new connection's failure is the worker's.
         if let Some(stream) = self.take_idle() {
@@ -160,10 +197,11 @@ impl BlockPool {
             match call.send_and_wait(&frame).await {
                 Ok(first) => return Ok((call, first)),
                 Err(Answer::Status(s)) => return Err(StartError::Status(s)),
-                Err(Answer::Io(e)) => {
+                Err(Answer::Io(e)) if closed(&e) => {
                     tracing::debug!(worker = %self.addr, error = %e,
                         "a kept block connection was closed; trying a new one");
                 }
+                Err(Answer::Io(e)) => return Err(StartError::Status(self.unavailable(&e))),
             }
         }
         let stream = self.connect().await?;
@@ -183,6 +221,28 @@ impl BlockPool {
 enum Answer {
     Status(Status),
     Io(std::io::Error),
+}
+
+/// Whether an error says the peer closed the connection (what a kept connection the worker
+/// closed meanwhile shows at its next use), not that it is silent or broken otherwise.
+fn closed(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
+}
+
+/// `io` within [`SILENCE`]; past it, a `TimedOut` error.
+async fn within<T>(
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(SILENCE, io).await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the worker was silent for {SILENCE:?}"),
+        ))
+    })
 }
 
 fn invalid(msg: impl Into<String>) -> std::io::Error {
@@ -207,11 +267,15 @@ impl BlockStream {
     async fn event(&mut self) -> Result<Event, Answer> {
         let stream = self.stream.as_mut().expect("open until done");
         let mut header = [0u8; HEADER];
-        stream.read_exact(&mut header).await.map_err(Answer::Io)?;
+        within(stream.read_exact(&mut header))
+            .await
+            .map_err(Answer::Io)?;
         let (kind, len) =
             blocks::parse_header(header).map_err(|e| Answer::Io(invalid(e.to_string())))?;
         let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).await.map_err(Answer::Io)?;
+        within(stream.read_exact(&mut payload))
+            .await
+            .map_err(Answer::Io)?;
         match kind {
             FrameKind::Beat => Ok(Event::Beat),
             FrameKind::Data => pb::BlockData::decode(&payload[..])
@@ -255,9 +319,7 @@ impl BlockStream {
         while buf.len() < len {
             // `read_buf` fills the spare capacity; `take` keeps it to this body's bytes.
             let want = len - buf.len();
-            let n = (&mut *stream)
-                .take(want as u64)
-                .read_buf(&mut buf)
+            let n = within((&mut *stream).take(want as u64).read_buf(&mut buf))
                 .await
                 .map_err(|e| self.pool.unavailable(&e))?;
             if n == 0 {

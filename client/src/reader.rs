@@ -367,7 +367,8 @@ impl BlockCall {
         };
         // Past the first answer the worker is alive; a slow disk or lake gets the whole timeout,
         // and running out of it is slowness, not the worker's fault (a worker that dies
-        // meanwhile breaks the stream, or keepalive drops its connection).
+        // meanwhile breaks the stream, or falls silent: HTTP/2 keepalive drops a gRPC
+        // connection, the block transport's silence bound its connection, both as its fault).
         let (bytes, origin) = match tokio::time::timeout(self.worker_timeout, rest).await {
             Ok(Ok(found)) => found,
             Ok(Err(s)) => return Err(self.refused(s, &what, id)),
@@ -394,10 +395,14 @@ impl BlockCall {
     /// transport when the worker speaks it, else over gRPC. Either token of a rotation (see
     /// `Membership::call`).
     async fn first(&self, conn: &Conn, req: pb::ReadBlockRequest) -> Result<First, tonic::Status> {
-        if let Some(pool) = self.membership.block_pool(conn) {
-            let started = self
+        if let Some(pool) = self.membership.block_pool(conn)
+            // Whether the worker speaks the transport is settled before the call: an old worker
+            // must not count as having taken (or refused) a token during a rotation.
+            && pool.ready().await?
+        {
+            let (stream, first) = self
                 .membership
-                .call(conn, req.clone(), |call| {
+                .call(conn, req, |call| {
                     let authorization = call
                         .metadata()
                         .get("authorization")
@@ -406,17 +411,21 @@ impl BlockCall {
                         .unwrap_or_else(|| self.membership.authorization());
                     let pool = pool.clone();
                     async move {
-                        match pool.start(authorization, call.into_inner()).await {
-                            Ok(found) => Ok(Some(found)),
-                            Err(StartError::Unsupported) => Ok(None),
-                            Err(StartError::Status(s)) => Err(s),
-                        }
+                        pool.start(authorization, call.into_inner())
+                            .await
+                            .map_err(|e| match e {
+                                StartError::Status(s) => s,
+                                // A kept connection was closed and the new one found a worker
+                                // that no longer speaks the transport (rolled back): this read
+                                // fails over, the next ones use gRPC.
+                                StartError::Unsupported => tonic::Status::unavailable(
+                                    "the worker stopped speaking the block transport",
+                                ),
+                            })
                     }
                 })
                 .await?;
-            if let Some((stream, first)) = started {
-                return Ok(First::Blocks(stream, first));
-            }
+            return Ok(First::Blocks(stream, first));
         }
         let (stream, first) = self
             .membership
@@ -486,10 +495,10 @@ impl BlockCall {
                 }
                 Event::Data(d) => {
                     // As over gRPC: never more than the block's bytes are taken in.
-                    if d.length > want as u64 {
+                    if d.offset != 0 || d.length > want as u64 {
                         return Err(tonic::Status::data_loss(format!(
-                            "the worker sent {} bytes for a block of {want}",
-                            d.length
+                            "the worker sent {} bytes at {} for a whole block of {want}",
+                            d.length, d.offset
                         )));
                     }
                     let bytes = stream

@@ -300,3 +300,120 @@ async fn a_worker_that_refuses_costs_a_failover() {
         "a dead worker stalled the file for {took:?}"
     );
 }
+
+/// During a token rotation the reader holds the new token and the previous one; a worker that
+/// still takes only the previous one is read over the block transport with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_reads_a_worker_still_on_the_previous_token() {
+    let l = lake(1).await;
+    let r = reader(members(&l), true);
+    assert!(r.membership().set_token("the-next-one").unwrap());
+    assert!(read(&r, "big.rec").await == pattern(7, BIG));
+    assert!(reads(&r, "blocks") >= 13);
+    assert_eq!(reads(&r, "grpc"), 0);
+    assert!(
+        r.membership().has_previous_token(),
+        "the previous token was dropped while a worker still needs it"
+    );
+}
+
+/// A fake worker that speaks the transport, takes each request, sends the data frame and half
+/// the bytes, and then falls silent with the connection open (a process stopped mid-send).
+async fn stalling_worker() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use lakecache_proto::blocks::{self, FrameKind, HEADER, PREFACE};
+    use lakecache_proto::lakecache::v1 as pb;
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut preface = [0u8; 8];
+            if s.read_exact(&mut preface).await.is_err() || preface != PREFACE {
+                continue;
+            }
+            s.write_all(&PREFACE).await.unwrap();
+            let mut h = [0u8; HEADER];
+            if s.read_exact(&mut h).await.is_err() {
+                continue;
+            }
+            let (_, len) = blocks::parse_header(h).unwrap();
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.unwrap();
+            let req = pb::BlockRequest::decode(&payload[..]).unwrap();
+            let read = req.read.unwrap();
+            let key = read.key.unwrap();
+            let start = key.index * read.block_size;
+            let want = read.block_size.min(key.object_size - start);
+            let head = blocks::frame(
+                FrameKind::Data,
+                &pb::BlockData {
+                    served_from: pb::Tier::Memory as i32,
+                    offset: 0,
+                    length: want,
+                },
+            );
+            s.write_all(&head).await.unwrap();
+            s.write_all(&vec![0u8; (want / 2) as usize]).await.unwrap();
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+/// A worker that stops mid-block, alone (no other owner to hedge to): each read waits the
+/// transport's silence bound, not the worker timeout (30 s here), then reads the source. (With
+/// other owners, the reader moves on sooner: a worker silent while calls wait on it is suspect
+/// after 4× the p99 of first answers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_mid_block_costs_the_silence_bound() {
+    let l = lake(0).await;
+    let (addr, task) = stalling_worker().await;
+    let m = Arc::new(Membership::new(Some("secret"), Duration::from_secs(1)).unwrap());
+    m.set(vec![Member {
+        id: "stalls".into(),
+        endpoint: format!("http://{addr}"),
+    }])
+    .unwrap();
+    let source: Arc<dyn lakecache_lake::Source> = Arc::new(
+        lakecache_lake::OpendalSource::new(&SourceSpec::new(format!(
+            "file://{}",
+            l.dir.path().display()
+        )))
+        .unwrap(),
+    );
+    let cfg = ReaderConfig {
+        block_size: BS,
+        // Far above the silence bound: a stall must not cost this.
+        worker_timeout: Duration::from_secs(30),
+        read_timeout: Duration::from_secs(60),
+        metadata_ttl: None,
+        direct_fallback: true,
+    };
+    let r = Arc::new(Reader::new(cfg, m, Some(source)));
+    let silence = lakecache_client::blocks::SILENCE;
+    for round in 0..2 {
+        let started = Instant::now();
+        assert_eq!(read(&r, "small.jpg").await, pattern(8, 5000));
+        let took = started.elapsed();
+        eprintln!("read {round} with a worker stopped mid-block: {took:.2?}");
+        assert!(
+            took >= silence - Duration::from_millis(500),
+            "the stalled worker was not waited for ({took:?}): the test proves nothing"
+        );
+        assert!(
+            took < silence + Duration::from_secs(2),
+            "a stall mid-block cost {took:?}"
+        );
+    }
+    let direct = r
+        .metrics
+        .blocks
+        .get_or_create(&lakecache_client::metrics::OriginLabel {
+            origin: "direct".into(),
+        })
+        .get();
+    assert_eq!(direct, 2, "the blocks did not come from the source");
+    task.abort();
+}

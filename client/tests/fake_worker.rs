@@ -215,4 +215,14 @@ async fn blocks_a_greedy_worker_owns_are_read_from_the_next_worker() {
     // Its refusals count against it: it is ejected, as a worker at fault.
     assert!(r.metrics.ejections.get() >= 1 || r.metrics.failovers.get() >= 1);
     assert!(honest.calls.load(Ordering::Acquire) >= 16 - greedy.calls.load(Ordering::Acquire));
+    // These gRPC-only workers answer the block transport's preface with HTTP/2: every block
+    // came over gRPC, and none was lost to the attempt.
+    let by = |transport| {
+        r.metrics
+            .worker_reads
+            .get_or_create(&lakecache_client::metrics::TransportLabel { transport })
+            .get()
+    };
+    assert_eq!(by("blocks"), 0);
+    assert!(by("grpc") >= 16, "{} blocks over gRPC", by("grpc"));
 }

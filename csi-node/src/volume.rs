@@ -355,6 +355,9 @@ impl std::fmt::Debug for FuseServerConfig {
             .field("fuse_threads", &self.fuse_threads)
             .field("local_cache_dir", &self.local_cache_dir)
             .field("local_cache_size", &self.local_cache_size)
+            .field("listing_budget", &self.listing_budget)
+            .field("block_transport", &self.block_transport)
+            .field("startup_timeout", &self.startup_timeout)
             .finish()
     }
 }
