@@ -102,7 +102,8 @@ impl AzuriteServer {
         )
         .await
         .with_context(|| format!("creating container {name}"))?;
-        if response.status != 201 {
+        let made_by_a_retry = response.retried && response.status == 409;
+        if response.status != 201 && !made_by_a_retry {
             bail!(
                 "creating container {name}: {} {}",
                 response.status_line,
@@ -229,11 +230,40 @@ pub(crate) struct Response {
     pub status_line: String,
     /// The body (de-chunked), as text: for error messages.
     pub body: String,
+    /// The request was sent more than once (see [`http_request`]).
+    pub retried: bool,
 }
 
-/// One bare HTTP/1.1 request to 127.0.0.1:`port` (10 s at most): what the harness needs to set
-/// up an emulator's containers or buckets, which OpenDAL cannot.
+/// One bare HTTP/1.1 request to 127.0.0.1:`port`: what the harness needs to set up an
+/// emulator's containers or buckets, which OpenDAL cannot. An emulator that has just started
+/// listening may still reset a connection (Azurite once did, in CI): a request whose connection
+/// fails before any answer is sent again, five times at most, 300 ms apart; a request that
+/// gets no answer within 10 s fails. `Response::retried` says whether it was sent again (a
+/// create that then finds its object exists made it itself).
 pub(crate) async fn http_request(
+    port: u16,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<Response> {
+    let mut attempt = 0;
+    loop {
+        match http_request_once(port, method, path_and_query, headers, body).await {
+            Err(e) if attempt < 4 && e.root_cause().downcast_ref::<std::io::Error>().is_some() => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok(mut r) => {
+                r.retried = attempt > 0;
+                return Ok(r);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn http_request_once(
     port: u16,
     method: &str,
     path_and_query: &str,
@@ -282,6 +312,7 @@ pub(crate) async fn http_request(
         status,
         status_line,
         body,
+        retried: false,
     })
 }
 

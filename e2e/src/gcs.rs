@@ -84,7 +84,8 @@ impl GcsServer {
         )
         .await
         .with_context(|| format!("creating bucket {name}"))?;
-        if response.status != 200 {
+        let made_by_a_retry = response.retried && response.status == 409;
+        if response.status != 200 && !made_by_a_retry {
             bail!(
                 "creating bucket {name}: {} {}",
                 response.status_line,
