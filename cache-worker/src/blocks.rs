@@ -46,9 +46,6 @@ const SMALL_SEND: Duration = Duration::from_secs(10);
 /// How long a stopping worker lets block connections finish the request under way.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// The longest message a failure frame carries (a frame is at most `MAX_FRAME`).
-const MAX_MESSAGE: usize = 4096;
-
 pub struct BlockServer {
     pub cache: Arc<BlockCache>,
     pub metrics: Arc<WorkerMetrics>,
@@ -212,16 +209,15 @@ impl BlockServer {
         let cached_only = read.cached_only;
         // Not spawned: a source fetch runs in a task of the cache's own, so a reader that goes
         // away does not cancel it for the others, and a tier read needs nobody else.
-        let mut lookup = async move {
+        let mut lookup = std::pin::pin!(async move {
             if cached_only {
                 Ok(cache.cached_body(&key, object_size, true).await)
             } else {
                 cache.get_body(&key, object_size, true).await.map(Some)
             }
-        }
-        .boxed();
+        });
         // A Memory tier hit is ready at once and goes out without a heartbeat before it.
-        let found = match (&mut lookup).now_or_never() {
+        let found = match lookup.as_mut().now_or_never() {
             Some(found) => found,
             None => {
                 send(stream, &BEAT, SMALL_SEND).await?;
@@ -231,7 +227,7 @@ impl BlockServer {
                 loop {
                     tokio::select! {
                         biased;
-                        found = &mut lookup => break found,
+                        found = lookup.as_mut() => break found,
                         _ = tick.tick() => send(stream, &BEAT, SMALL_SEND).await?,
                     }
                 }
@@ -275,14 +271,7 @@ impl BlockServer {
 
 /// Sends a failure frame.
 async fn fail(stream: &mut TcpStream, status: Status) -> std::io::Result<()> {
-    let mut failure = pb::BlockFailure::from_status(&status);
-    if failure.message.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE;
-        while !failure.message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        failure.message.truncate(cut);
-    }
+    let failure = pb::BlockFailure::from_status(&status);
     let f = blocks::frame(FrameKind::Failure, &failure);
     send(stream, &f, SMALL_SEND).await
 }

@@ -42,9 +42,6 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// the read as its fault, as HTTP/2 keepalive (1 s ping, 2 s timeout) fails a gRPC stream.
 pub const SILENCE: Duration = Duration::from_secs(3);
 
-/// The longest message a failure frame carries; longer ones are cut.
-pub const MAX_MESSAGE: usize = 4096;
-
 /// The block connections to one worker.
 #[derive(Debug)]
 pub struct BlockPool {

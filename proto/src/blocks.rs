@@ -37,6 +37,10 @@ pub const HEADER: usize = 5;
 /// The largest payload of a frame (the raw bytes after a data frame are not a payload).
 pub const MAX_FRAME: usize = 64 << 10;
 
+/// The longest message a failure frame carries; a longer one is cut, so that every failure
+/// frame stays far below [`MAX_FRAME`].
+pub const MAX_MESSAGE: usize = 4096;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {
     /// A reader's [`crate::lakecache::v1::BlockRequest`].
@@ -113,11 +117,20 @@ pub fn parse_header(h: [u8; HEADER]) -> Result<(FrameKind, usize), FrameError> {
 }
 
 impl BlockFailure {
-    /// What a ReadBlock call would have answered with `status`.
+    /// What a ReadBlock call would have answered with `status`, its message cut at
+    /// [`MAX_MESSAGE`] bytes.
     pub fn from_status(status: &tonic::Status) -> Self {
+        let mut message = status.message();
+        if message.len() > MAX_MESSAGE {
+            let mut cut = MAX_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message = &message[..cut];
+        }
         BlockFailure {
             code: status.code() as i32,
-            message: status.message().to_string(),
+            message: message.to_string(),
             source_error: status.metadata().get(SOURCE_ERROR_KEY).is_some(),
             not_cached: status.metadata().get(NOT_CACHED_KEY).is_some(),
         }
@@ -188,5 +201,10 @@ mod tests {
         assert_eq!(back.message(), "block not cached here");
         assert!(back.metadata().get(NOT_CACHED_KEY).is_some());
         assert!(back.metadata().get(SOURCE_ERROR_KEY).is_none());
+        // A long message is cut on a character boundary.
+        let long = tonic::Status::internal("é".repeat(MAX_MESSAGE));
+        let cut = BlockFailure::from_status(&long).message;
+        assert!(cut.len() <= MAX_MESSAGE && cut.len() > MAX_MESSAGE - 2);
+        assert!(cut.chars().all(|c| c == 'é'));
     }
 }
