@@ -42,30 +42,24 @@ impl AzuriteServer {
         })?;
         let dir = tempfile::Builder::new().prefix("azurite-").tempdir()?;
         let log = dir.path().join("azurite.log");
-        let out = std::fs::File::create(&log)?;
-        let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
-        let child = Command::new(&bin)
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-            // Nothing on disk, any x-ms-version accepted, the account always from the path (the
-            // host is an IP anyway), no telemetry sent anywhere, no access log. (`--location`
-            // cannot go with `--inMemoryPersistence`: the working directory, a temporary one,
-            // takes its place should Azurite write anything.)
-            .args([
-                "--inMemoryPersistence",
-                "--skipApiVersionCheck",
-                "--disableProductStyleUrl",
-                "--disableTelemetry",
-                "--silent",
-            ])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {bin} (scripts/setup installs it)"))?;
-        let mut server = Self { child, port, dir };
-        wait_listening(&mut server.child, port, &bin, &log)?;
-        Ok(server)
+        let (child, port) = spawn_on_free_port(&bin, &log, |port| {
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+                // Nothing on disk, any x-ms-version accepted, the account always from the path
+                // (the host is an IP anyway), no telemetry sent anywhere, no access log.
+                // (`--location` cannot go with `--inMemoryPersistence`: the working directory,
+                // a temporary one, takes its place should Azurite write anything.)
+                .args([
+                    "--inMemoryPersistence",
+                    "--skipApiVersionCheck",
+                    "--disableProductStyleUrl",
+                    "--disableTelemetry",
+                    "--silent",
+                ])
+                .current_dir(dir.path());
+            cmd
+        })?;
+        Ok(Self { child, port, dir })
     }
 
     pub fn port(&self) -> u16 {
@@ -154,31 +148,88 @@ pub(crate) fn stop(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
-/// Waits (30 s at most) until something accepts connections on loopback `port`, failing early,
-/// with the end of `log`, when `child` exits.
-pub(crate) fn wait_listening(
-    child: &mut Child,
-    port: u16,
+/// Spawns `command(port)` for a free loopback port, its output appended to `log`, and waits
+/// (30 s at most) until *it* listens there: a port picked free may be taken by another process
+/// of a parallel test before the server binds it, and a connect would then reach that process
+/// (CI once saw an emulator's first request reset that way). So the listener is looked up in
+/// /proc and must be one of the child's sockets; a child that exits first (the port was taken)
+/// is started again on another port, three times at most.
+pub(crate) fn spawn_on_free_port(
     bin: &str,
     log: &std::path::Path,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "{bin} exited ({status}) before listening on port {port}:\n{}",
-                crate::cluster::tail(log, 20)
-            );
+    mut command: impl FnMut(u16) -> Command,
+) -> anyhow::Result<(Child, u16)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let mut child = command(port)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {bin} (scripts/setup installs it)"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if listens(child.id(), port) {
+                return Ok((child, port));
+            }
+            if let Some(status) = child.try_wait()? {
+                if attempt < 3 {
+                    break;
+                }
+                bail!(
+                    "{bin} exited ({status}) before listening on port {port}:\n{}",
+                    crate::cluster::tail(log, 20)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{bin} did not listen on port {port} within 30 s:\n{}",
+                    crate::cluster::tail(log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if Instant::now() > deadline {
-            bail!(
-                "{bin} did not listen on port {port} within 30 s:\n{}",
-                crate::cluster::tail(log, 20)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
+}
+
+/// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (IPv4 or IPv6).
+fn listens(pid: u32, port: u16) -> bool {
+    let port_hex = format!(":{port:04X}");
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    // local_address, state 0A (LISTEN), inode.
+                    (f.len() > 9 && f[1].ends_with(&port_hex) && f[3] == "0A")
+                        .then(|| f[9].to_string())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|l| {
+            let l = l.to_string_lossy();
+            inodes.iter().any(|i| l == format!("socket:[{i}]"))
+        })
+    })
 }
 
 /// The string a SharedKey signature covers (Azure's "Authorize with Shared Key", version

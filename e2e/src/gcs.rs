@@ -2,13 +2,12 @@
 //! the module pinned in tools/fake-gcs-server), in memory, on a free loopback port.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::azurite::{http_request, stop, wait_listening};
+use crate::azurite::{http_request, spawn_on_free_port, stop};
 
 pub struct GcsServer {
     child: Child,
@@ -29,11 +28,10 @@ impl GcsServer {
         })?;
         let dir = tempfile::Builder::new().prefix("fake-gcs-").tempdir()?;
         let log = dir.path().join("fake-gcs-server.log");
-        let out = std::fs::File::create(&log)?;
-        let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
-        let url = format!("http://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .args([
+        let (child, port) = spawn_on_free_port(&bin, &log, |port| {
+            let url = format!("http://127.0.0.1:{port}");
+            let mut cmd = Command::new(&bin);
+            cmd.args([
                 "-backend",
                 "memory",
                 "-scheme",
@@ -47,15 +45,10 @@ impl GcsServer {
             .arg("-data")
             .arg(dir.path().join("data"))
             .args(["-log-level", "error"])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {bin} (scripts/setup builds it)"))?;
-        let mut server = Self { child, port, dir };
-        wait_listening(&mut server.child, port, &bin, &log)?;
-        Ok(server)
+            .current_dir(dir.path());
+            cmd
+        })?;
+        Ok(Self { child, port, dir })
     }
 
     pub fn port(&self) -> u16 {
