@@ -16,6 +16,7 @@ use bytes::Bytes;
 use lakecache_lake::{Kind, ObjectMeta};
 use parking_lot::Mutex;
 
+use crate::handoff::{Journal, KernelInit, Record, Saved};
 use crate::local_cache::LocalFileCache;
 use crate::prefetch::{FileReader, PrefetchBudget};
 use crate::reader::{ReadError, Reader};
@@ -79,9 +80,32 @@ pub struct FsStats {
 }
 
 /// An open file: read through the cache, or from its complete local copy.
+#[derive(Clone)]
 enum Handle {
     Remote(Arc<FileReader>),
     Local(Arc<std::fs::File>),
+}
+
+/// An open file and what a successor needs to know of it ([`crate::handoff`]).
+struct Open {
+    ino: u64,
+    path: String,
+    meta: ObjectMeta,
+    io: Handle,
+    /// The kernel's id of the passthrough backing file the open was answered with.
+    backing: Option<u32>,
+}
+
+impl Open {
+    fn record(&self, fh: u64) -> Record {
+        Record::Open {
+            fh,
+            ino: self.ino,
+            path: self.path.clone(),
+            meta: (&self.meta).into(),
+            local: matches!(self.io, Handle::Local(_)),
+        }
+    }
 }
 
 pub struct FsCore {
@@ -90,8 +114,11 @@ pub struct FsCore {
     budget: PrefetchBudget,
     inodes: Mutex<Inodes>,
     next_ino: AtomicU64,
-    handles: Mutex<HashMap<u64, Handle>>,
+    handles: Mutex<HashMap<u64, Open>>,
     next_fh: AtomicU64,
+    /// Where every change the kernel learns of is written first, for a successor.
+    journal: Option<Journal>,
+    kernel: Mutex<Option<KernelInit>>,
     local: Option<Arc<LocalFileCache>>,
     /// Listings ahead in flight at once.
     list_ahead: Arc<tokio::sync::Semaphore>,
@@ -126,6 +153,8 @@ impl FsCore {
             next_ino: AtomicU64::new(ROOT_INO + 1),
             handles: Default::default(),
             next_fh: AtomicU64::new(1),
+            journal: None,
+            kernel: Mutex::new(None),
             local: None,
             list_ahead: Arc::new(tokio::sync::Semaphore::new(LIST_AHEAD_CONCURRENCY)),
         }
@@ -167,27 +196,207 @@ impl FsCore {
             .ok_or_else(|| ReadError::NotFound(format!("inode {ino}")))
     }
 
-    /// Registers (or refreshes) a path and takes one kernel reference on it.
-    fn remember(&self, path: String, meta: ObjectMeta) -> Attr {
+    /// Registers (or refreshes) paths and takes one kernel reference on each; journals them
+    /// before any reply can tell the kernel.
+    fn remember(&self, entries: impl IntoIterator<Item = (String, ObjectMeta)>) -> Vec<Attr> {
+        let mut records = Vec::new();
         let mut inodes = self.inodes.lock();
-        if let Some(ino) = inodes.by_path.get(&path).copied() {
-            let node = inodes.nodes.get_mut(&ino).expect("by_path and nodes agree");
-            node.lookups += 1;
-            node.meta = meta;
-            return Self::attr(ino, &node.meta);
+        let attrs: Vec<Attr> = entries
+            .into_iter()
+            .map(|(path, meta)| {
+                let (ino, node) = match inodes.by_path.get(&path).copied() {
+                    Some(ino) => {
+                        let node = inodes.nodes.get_mut(&ino).expect("by_path and nodes agree");
+                        node.lookups += 1;
+                        node.meta = meta;
+                        (ino, &*node)
+                    }
+                    None => {
+                        let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
+                        inodes.by_path.insert(path.clone(), ino);
+                        let node = inodes.nodes.entry(ino).or_insert(Node {
+                            path,
+                            meta,
+                            lookups: 1,
+                        });
+                        (ino, &*node)
+                    }
+                };
+                if self.journal.is_some() {
+                    records.push(Record::Node {
+                        ino,
+                        path: node.path.clone(),
+                        meta: (&node.meta).into(),
+                        lookups: node.lookups,
+                    });
+                }
+                Self::attr(ino, &node.meta)
+            })
+            .collect();
+        let due = self.journal_inodes(&inodes, &records);
+        drop(inodes);
+        if due {
+            self.compact();
         }
-        let ino = self.next_ino.fetch_add(1, Ordering::Relaxed);
-        let attr = Self::attr(ino, &meta);
-        inodes.by_path.insert(path.clone(), ino);
-        inodes.nodes.insert(
-            ino,
-            Node {
-                path,
-                meta,
-                lookups: 1,
-            },
-        );
-        attr
+        attrs
+    }
+
+    /// Appends inode records (the inode table is locked by the caller, so they are in the
+    /// order of the changes); whether a snapshot is due.
+    fn journal_inodes(&self, inodes: &Inodes, records: &[Record]) -> bool {
+        match &self.journal {
+            Some(j) => {
+                let live = inodes.nodes.len() as u64 + self.open_files() as u64;
+                j.append(records, live)
+            }
+            None => false,
+        }
+    }
+
+    /// Appends handle records (the handle table is locked by the caller).
+    fn journal_handles(&self, handles: &HashMap<u64, Open>, records: &[Record]) -> bool {
+        match &self.journal {
+            Some(j) => j.append(records, handles.len() as u64),
+            None => false,
+        }
+    }
+
+    /// The whole state as journal records.
+    fn snapshot(&self, inodes: &Inodes, handles: &HashMap<u64, Open>) -> Vec<Record> {
+        let mut out = Vec::with_capacity(inodes.nodes.len() + handles.len() + 2);
+        if let Some(k) = *self.kernel.lock() {
+            out.push(Record::Kernel(k));
+        }
+        out.push(Record::Next {
+            ino: self.next_ino.load(Ordering::Relaxed),
+            fh: self.next_fh.load(Ordering::Relaxed),
+        });
+        for (ino, n) in inodes.nodes.iter().filter(|(i, _)| **i != ROOT_INO) {
+            out.push(Record::Node {
+                ino: *ino,
+                path: n.path.clone(),
+                meta: (&n.meta).into(),
+                lookups: n.lookups,
+            });
+        }
+        for (fh, o) in handles {
+            out.push(o.record(*fh));
+            if let Some(id) = o.backing {
+                out.push(Record::Backing { fh: *fh, id });
+            }
+        }
+        out
+    }
+
+    /// Rewrites the journal as a snapshot of the live state.
+    fn compact(&self) {
+        let Some(j) = &self.journal else { return };
+        let inodes = self.inodes.lock();
+        let handles = self.handles.lock();
+        j.rewrite(&self.snapshot(&inodes, &handles));
+    }
+
+    /// Journals every change in `dir` from now on, starting from the state as it is (a fresh
+    /// mount, or one [`FsCore::restore`]d).
+    pub fn journal_in(mut self, dir: &std::path::Path) -> std::io::Result<Self> {
+        let snapshot = self.snapshot(&self.inodes.lock(), &self.handles.lock());
+        self.journal = Some(Journal::create(dir, &snapshot)?);
+        Ok(self)
+    }
+
+    /// Takes over the state a predecessor journaled: its inodes, with the kernel's references,
+    /// and its open files, each reading the version it opened (from its local copy if that is
+    /// still complete). Call after [`FsCore::with_local_cache`] and before
+    /// [`FsCore::journal_in`].
+    pub fn restore(self, saved: Saved) -> Self {
+        {
+            let mut inodes = self.inodes.lock();
+            for n in saved.nodes {
+                inodes.by_path.insert(n.path.clone(), n.ino);
+                inodes.nodes.insert(
+                    n.ino,
+                    Node {
+                        path: n.path,
+                        meta: n.meta,
+                        lookups: n.lookups,
+                    },
+                );
+            }
+        }
+        let mut handles = self.handles.lock();
+        for h in saved.handles {
+            let io = match self
+                .local
+                .as_ref()
+                .filter(|_| h.local)
+                .and_then(|c| c.get(&h.path, &h.meta))
+            {
+                Some(f) => Handle::Local(Arc::new(f)),
+                None => Handle::Remote(Arc::new(
+                    FileReader::new(
+                        self.reader.clone(),
+                        h.path.clone(),
+                        h.meta.clone(),
+                        self.budget.clone(),
+                    )
+                    .with_local_cache(self.local.clone()),
+                )),
+            };
+            handles.insert(
+                h.fh,
+                Open {
+                    ino: h.ino,
+                    path: h.path,
+                    meta: h.meta,
+                    io,
+                    backing: h.backing,
+                },
+            );
+        }
+        drop(handles);
+        self.next_ino
+            .fetch_max(saved.next_ino.max(ROOT_INO + 1), Ordering::Relaxed);
+        self.next_fh
+            .fetch_max(saved.next_fh.max(1), Ordering::Relaxed);
+        *self.kernel.lock() = saved.kernel;
+        self
+    }
+
+    /// What the kernel offered at `FUSE_INIT`, once known.
+    pub fn kernel_init(&self) -> Option<KernelInit> {
+        *self.kernel.lock()
+    }
+
+    /// Records what the kernel offered at `FUSE_INIT` (a successor replays it).
+    pub fn set_kernel_init(&self, k: KernelInit) {
+        let mut kernel = self.kernel.lock();
+        *kernel = Some(k);
+        if let Some(j) = &self.journal {
+            j.append(&[Record::Kernel(k)], 0);
+        }
+    }
+
+    /// Records that the open `fh` was answered with the passthrough backing file `id`.
+    pub fn set_backing(&self, fh: u64, id: u32) {
+        let mut handles = self.handles.lock();
+        if let Some(o) = handles.get_mut(&fh) {
+            o.backing = Some(id);
+        }
+        let due = self.journal_handles(&handles, &[Record::Backing { fh, id }]);
+        drop(handles);
+        if due {
+            self.compact();
+        }
+    }
+
+    /// The open files: handle, inode and passthrough backing id (the FUSE adapter rebuilds its
+    /// per-inode open modes from these after a restore).
+    pub fn open_handles(&self) -> Vec<(u64, u64, Option<u32>)> {
+        self.handles
+            .lock()
+            .iter()
+            .map(|(fh, o)| (*fh, o.ino, o.backing))
+            .collect()
     }
 
     pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr, ReadError> {
@@ -197,7 +406,7 @@ impl FsCore {
         }
         let path = lakecache_lake::join(&dir, name);
         let meta = self.reader.stat(&path).await?;
-        Ok(self.remember(path, meta))
+        Ok(self.remember([(path, meta)]).remove(0))
     }
 
     /// The kernel dropped `n` references to `ino`.
@@ -206,16 +415,31 @@ impl FsCore {
             return;
         }
         let mut inodes = self.inodes.lock();
-        let gone = match inodes.nodes.get_mut(&ino) {
+        let (gone, record) = match inodes.nodes.get_mut(&ino) {
             Some(node) => {
                 node.lookups = node.lookups.saturating_sub(n);
-                (node.lookups == 0).then(|| node.path.clone())
+                if node.lookups == 0 {
+                    (Some(node.path.clone()), Record::Gone { ino })
+                } else {
+                    (
+                        None,
+                        Record::Lookups {
+                            ino,
+                            lookups: node.lookups,
+                        },
+                    )
+                }
             }
-            None => None,
+            None => return,
         };
         if let Some(path) = gone {
             inodes.nodes.remove(&ino);
             inodes.by_path.remove(&path);
+        }
+        let due = self.journal_inodes(&inodes, &[record]);
+        drop(inodes);
+        if due {
+            self.compact();
         }
     }
 
@@ -251,20 +475,32 @@ impl FsCore {
             }
         }
         let skip = offset.saturating_sub(2) as usize;
-        for (pos, e) in entries.iter().enumerate().skip(skip) {
-            let pos = pos as u64 + 2;
-            if out.len() >= READDIR_BATCH {
-                break;
+        let room = READDIR_BATCH - out.len();
+        let batch: Vec<(u64, &lakecache_lake::DirEntry)> = entries
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .take(room)
+            .map(|(pos, e)| (pos as u64 + 2, e))
+            .collect();
+        if plus {
+            let attrs = self.remember(
+                batch
+                    .iter()
+                    .map(|(_, e)| (lakecache_lake::join(&dir, &e.name), e.meta.clone())),
+            );
+            for ((pos, e), attr) in batch.iter().zip(attrs) {
+                out.push((pos + 1, e.name.clone(), attr));
             }
-            let path = lakecache_lake::join(&dir, &e.name);
-            let attr = if plus {
-                self.remember(path, e.meta.clone())
-            } else {
-                let known = self.inodes.lock().by_path.get(&path).copied();
+        } else {
+            let inodes = self.inodes.lock();
+            for (pos, e) in batch {
+                let path = lakecache_lake::join(&dir, &e.name);
+                let known = inodes.by_path.get(&path).copied();
                 // Without plus the kernel only needs a number that is unique in the listing.
-                Self::attr(known.unwrap_or(u64::MAX - pos), &e.meta)
-            };
-            out.push((pos + 1, e.name.clone(), attr));
+                let attr = Self::attr(known.unwrap_or(u64::MAX - pos), &e.meta);
+                out.push((pos + 1, e.name.clone(), attr));
+            }
         }
         Ok(out)
     }
@@ -302,23 +538,43 @@ impl FsCore {
             return Err(ReadError::IsADirectory(path));
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        if let Some(f) = self.local.as_ref().and_then(|c| c.get(&path, &meta)) {
-            self.reader.metrics.local_opens.inc();
-            self.handles.lock().insert(fh, Handle::Local(Arc::new(f)));
-            return Ok(fh);
+        let io = match self.local.as_ref().and_then(|c| c.get(&path, &meta)) {
+            Some(f) => {
+                self.reader.metrics.local_opens.inc();
+                Handle::Local(Arc::new(f))
+            }
+            None => Handle::Remote(Arc::new(
+                FileReader::new(
+                    self.reader.clone(),
+                    path.clone(),
+                    meta.clone(),
+                    self.budget.clone(),
+                )
+                .with_local_cache(self.local.clone()),
+            )),
+        };
+        let open = Open {
+            ino,
+            path,
+            meta,
+            io,
+            backing: None,
+        };
+        let mut handles = self.handles.lock();
+        let record = open.record(fh);
+        handles.insert(fh, open);
+        let due = self.journal_handles(&handles, &[record]);
+        drop(handles);
+        if due {
+            self.compact();
         }
-        let file = FileReader::new(self.reader.clone(), path, meta, self.budget.clone())
-            .with_local_cache(self.local.clone());
-        self.handles
-            .lock()
-            .insert(fh, Handle::Remote(Arc::new(file)));
         Ok(fh)
     }
 
     /// The complete local copy behind `fh`, if it is served from one: the FUSE adapter hands it
     /// to the kernel (passthrough).
     pub fn local_file(&self, fh: u64) -> Option<Arc<std::fs::File>> {
-        match self.handles.lock().get(&fh) {
+        match self.handles.lock().get(&fh).map(|o| &o.io) {
             Some(Handle::Local(f)) => Some(f.clone()),
             _ => None,
         }
@@ -326,8 +582,7 @@ impl FsCore {
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, ReadError> {
         let handle = match self.handles.lock().get(&fh) {
-            Some(Handle::Remote(f)) => Handle::Remote(f.clone()),
-            Some(Handle::Local(f)) => Handle::Local(f.clone()),
+            Some(o) => o.io.clone(),
             None => return Err(ReadError::BadHandle(fh)),
         };
         match handle {
@@ -355,8 +610,18 @@ impl FsCore {
         }
     }
 
+    /// The kernel released `fh`. A handle it does not know (released already, by a
+    /// predecessor whose reply never reached the kernel) is no error: the kernel asks again.
     pub fn release(&self, fh: u64) {
-        self.handles.lock().remove(&fh);
+        let mut handles = self.handles.lock();
+        if handles.remove(&fh).is_none() {
+            return;
+        }
+        let due = self.journal_handles(&handles, &[Record::Release { fh }]);
+        drop(handles);
+        if due {
+            self.compact();
+        }
     }
 
     pub fn open_files(&self) -> usize {

@@ -12,31 +12,67 @@
 //! released, and an inode with passthrough opens gets passthrough with the same backing file. If
 //! the kernel refuses a backing file (no privilege, a filesystem it cannot stack on), passthrough
 //! is turned off for the mount and local copies are read through the ordinary path.
+//!
+//! **Hand-off.** The kernel's connection (the `/dev/fuse` descriptor, [`Mount::device`]) can be
+//! served by a successor process: [`resume`] takes a descriptor and the state the predecessor
+//! journaled ([`crate::handoff`]) and serves the same inode numbers and open files. It answers
+//! a replayed `FUSE_INIT` (the kernel sends only one per connection) and then asks the kernel
+//! to send again every request that was read but never answered (`FUSE_NOTIFY_RESEND`), so a
+//! predecessor that died mid-request, or froze ([`Mount::freeze`]) to hand over, costs a
+//! stall, not an error. Every reply goes through one gate; a frozen server sends none, and
+//! its journal is then complete.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fuser::{
     BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request, SessionACL,
+    Request, Session, SessionACL,
 };
 use lakecache_lake::Kind;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::runtime::Handle;
 
 use crate::fs::{Attr, FsCore};
+use crate::handoff::KernelInit;
 use crate::reader::ReadError;
 
 struct LakeFs {
     core: Arc<FsCore>,
     rt: Handle,
     passthrough: Arc<Passthrough>,
+    gate: Arc<Gate>,
+}
+
+/// Every reply goes through here. Once frozen (a successor takes the connection over), none is
+/// sent: the request stays with the kernel, which sends it again to the successor.
+#[derive(Default)]
+struct Gate {
+    frozen: RwLock<bool>,
+}
+
+impl Gate {
+    fn answer<R>(&self, reply: R, send: impl FnOnce(R)) {
+        let frozen = self.frozen.read();
+        if *frozen {
+            // Dropping a reply would answer EIO; this one must stay unanswered.
+            std::mem::forget(reply);
+            return;
+        }
+        send(reply);
+    }
+
+    /// Waits for replies being sent, and lets no other out.
+    fn freeze(&self) {
+        *self.frozen.write() = true;
+    }
 }
 
 /// The open modes of one inode.
@@ -44,39 +80,72 @@ struct LakeFs {
 struct InodeIo {
     cached: u32,
     passthrough: u32,
-    backing: Option<Arc<BackingId>>,
+    /// The kernel's id of the backing file its passthrough opens share.
+    backing: Option<u32>,
 }
 
 #[derive(Default)]
 struct Passthrough {
     /// Asked for by the mount and granted by the kernel.
     enabled: AtomicBool,
+    /// The connection, for registering and closing backing files.
+    device: OnceLock<Arc<OwnedFd>>,
     inodes: Mutex<HashMap<u64, InodeIo>>,
     /// Open handles: inode, and whether the open is a passthrough one.
     handles: Mutex<HashMap<u64, (u64, bool)>>,
 }
 
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`.
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+
 impl Passthrough {
-    /// Decides an open's mode and records it; returns the backing file for a passthrough open.
-    fn open(
-        &self,
-        ino: u64,
-        fh: u64,
-        local: Option<&std::fs::File>,
-        reply: &ReplyOpen,
-    ) -> Option<Arc<BackingId>> {
+    /// Rebuilds the open modes from a restored core's open files.
+    fn restore(&self, handles: &[(u64, u64, Option<u32>)]) {
+        let mut inodes = self.inodes.lock();
+        let mut opens = self.handles.lock();
+        for (fh, ino, backing) in handles {
+            let io = inodes.entry(*ino).or_default();
+            match backing {
+                Some(id) => {
+                    io.passthrough += 1;
+                    io.backing = Some(*id);
+                }
+                None => io.cached += 1,
+            }
+            opens.insert(*fh, (*ino, backing.is_some()));
+        }
+    }
+
+    fn close_backing(&self, id: u32) {
+        let Some(dev) = self.device.get() else { return };
+        // SAFETY: the ioctl reads one u32 from a valid pointer on a /dev/fuse descriptor.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            libc::ioctl(
+                dev.as_raw_fd(),
+                FUSE_DEV_IOC_BACKING_CLOSE as _,
+                &id as *const u32,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(id, error = %std::io::Error::last_os_error(), "closing a passthrough backing file failed");
+        }
+    }
+
+    /// Decides an open's mode and records it; returns the backing file's id for a passthrough
+    /// open.
+    fn open(&self, ino: u64, fh: u64, local: Option<&std::fs::File>) -> Option<u32> {
         let mut inodes = self.inodes.lock();
         let io = inodes.entry(ino).or_default();
         let backing = if io.cached > 0 || !self.enabled.load(Ordering::Relaxed) {
             None
-        } else if let Some(b) = &io.backing {
-            Some(b.clone())
-        } else if let Some(file) = local {
-            match reply.open_backing(file) {
-                Ok(b) => {
-                    let b = Arc::new(b);
-                    io.backing = Some(b.clone());
-                    Some(b)
+        } else if let Some(id) = io.backing {
+            Some(id)
+        } else if let (Some(file), Some(dev)) = (local, self.device.get()) {
+            match BackingId::create_raw(dev.as_fd(), file) {
+                Ok(id) => {
+                    io.backing = Some(id);
+                    Some(id)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "the kernel refused a passthrough backing file; serving local copies through FUSE");
@@ -104,8 +173,10 @@ impl Passthrough {
         if let Some(io) = inodes.get_mut(&ino) {
             if passthrough {
                 io.passthrough = io.passthrough.saturating_sub(1);
-                if io.passthrough == 0 {
-                    io.backing = None;
+                if io.passthrough == 0
+                    && let Some(id) = io.backing.take()
+                {
+                    self.close_backing(id);
                 }
             } else {
                 io.cached = io.cached.saturating_sub(1);
@@ -158,7 +229,17 @@ impl LakeFs {
 
 impl Filesystem for LakeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_readahead(1 << 20);
+        let offered_readahead = match config.set_max_readahead(1 << 20) {
+            Ok(previous) => previous,
+            Err(max) => max,
+        };
+        let abi = config.kernel_abi();
+        self.core.set_kernel_init(KernelInit {
+            major: abi.0,
+            minor: abi.1,
+            flags: config.capabilities().bits(),
+            max_readahead: offered_readahead,
+        });
         let _ = config.set_max_background(64);
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
@@ -177,16 +258,18 @@ impl Filesystem for LakeFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let core = self.core.clone();
+        let gate = self.gate.clone();
         let Some(name) = name.to_str().map(str::to_string) else {
-            reply.error(Errno::ENOENT);
+            gate.answer(reply, |r| r.error(Errno::ENOENT));
             return;
         };
         let ttl = self.ttl();
         self.rt.spawn(async move {
-            match core.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&ttl, &fattr(&core, &a), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            let res = core.lookup(parent.0, &name).await;
+            gate.answer(reply, |r| match res {
+                Ok(a) => r.entry(&ttl, &fattr(&core, &a), Generation(0)),
+                Err(e) => r.error(errno(&e)),
+            });
         });
     }
 
@@ -196,41 +279,53 @@ impl Filesystem for LakeFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let core = self.core.clone();
+        let gate = self.gate.clone();
         let ttl = self.ttl();
         self.rt.spawn(async move {
-            match core.getattr(ino.0).await {
-                Ok(a) => reply.attr(&ttl, &fattr(&core, &a)),
-                Err(e) => reply.error(errno(&e)),
-            }
+            let res = core.getattr(ino.0).await;
+            gate.answer(reply, |r| match res {
+                Ok(a) => r.attr(&ttl, &fattr(&core, &a)),
+                Err(e) => r.error(errno(&e)),
+            });
         });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            reply.error(Errno::EROFS);
+            self.gate.answer(reply, |r| r.error(Errno::EROFS));
             return;
         }
         let core = self.core.clone();
+        let gate = self.gate.clone();
         let keep = self.core.config().keep_cache;
         let pt = self.passthrough.clone();
         self.rt.spawn(async move {
-            match core.open(ino.0).await {
-                Ok(fh) => {
-                    let local = core.local_file(fh);
-                    if let Some(backing) = pt.open(ino.0, fh, local.as_deref(), &reply) {
-                        core.reader().metrics.passthrough_opens.inc();
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
-                        return;
-                    }
-                    let flags = if keep {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(fh), flags)
-                }
-                Err(e) => reply.error(errno(&e)),
+            let fh = match core.open(ino.0).await {
+                Ok(fh) => fh,
+                Err(e) => return gate.answer(reply, |r| r.error(errno(&e))),
+            };
+            let local = core.local_file(fh);
+            if let Some(id) = pt.open(ino.0, fh, local.as_deref()) {
+                // Journaled before the kernel hears of it: a successor must reuse this id.
+                core.set_backing(fh, id);
+                core.reader().metrics.passthrough_opens.inc();
+                gate.answer(reply, |r| {
+                    // SAFETY: `id` is a backing file registered on this connection and still
+                    // open (its opens are counted); the wrapper is taken apart again so that
+                    // only `Passthrough::release` closes it.
+                    #[allow(unsafe_code)]
+                    let backing = unsafe { r.wrap_backing(id) };
+                    r.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                    let _ = backing.into_raw();
+                });
+                return;
             }
+            let flags = if keep {
+                FopenFlags::FOPEN_KEEP_CACHE
+            } else {
+                FopenFlags::empty()
+            };
+            gate.answer(reply, |r| r.opened(FileHandle(fh), flags));
         });
     }
 
@@ -246,14 +341,16 @@ impl Filesystem for LakeFs {
         reply: ReplyData,
     ) {
         let core = self.core.clone();
+        let gate = self.gate.clone();
         self.rt.spawn(async move {
-            match core.read(fh.0, offset, size).await {
-                Ok(b) => reply.data(&b),
+            let res = core.read(fh.0, offset, size).await;
+            gate.answer(reply, |r| match res {
+                Ok(b) => r.data(&b),
                 Err(e) => {
                     tracing::warn!(error = %e, "read failed");
-                    reply.error(errno(&e))
+                    r.error(errno(&e))
                 }
-            }
+            });
         });
     }
 
@@ -269,7 +366,7 @@ impl Filesystem for LakeFs {
     ) {
         self.core.release(fh.0);
         self.passthrough.release(fh.0);
-        reply.ok();
+        self.gate.answer(reply, |r| r.ok());
     }
 
     fn flush(
@@ -281,7 +378,7 @@ impl Filesystem for LakeFs {
         reply: ReplyEmpty,
     ) {
         // Read-only: nothing to write back.
-        reply.ok();
+        self.gate.answer(reply, |r| r.ok());
     }
 
     fn getxattr(
@@ -292,15 +389,13 @@ impl Filesystem for LakeFs {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+        self.gate
+            .answer(reply, |r| r.error(Errno::from_i32(libc::ENODATA)));
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+        self.gate
+            .answer(reply, |r| if size == 0 { r.size(0) } else { r.data(&[]) });
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -309,7 +404,7 @@ impl Filesystem for LakeFs {
         } else {
             FopenFlags::empty()
         };
-        reply.opened(FileHandle(0), flags);
+        self.gate.answer(reply, |r| r.opened(FileHandle(0), flags));
     }
 
     fn readdir(
@@ -318,25 +413,27 @@ impl Filesystem for LakeFs {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
         let core = self.core.clone();
+        let gate = self.gate.clone();
         self.rt.spawn(async move {
-            match core.readdir(ino.0, offset, false).await {
+            let res = core.readdir(ino.0, offset, false).await;
+            gate.answer(reply, |mut r| match res {
                 Ok(entries) => {
                     for (off, name, a) in entries {
                         let kind = match a.kind {
                             Kind::Directory => FileType::Directory,
                             Kind::File => FileType::RegularFile,
                         };
-                        if reply.add(INodeNo(a.ino), off, kind, &name) {
+                        if r.add(INodeNo(a.ino), off, kind, &name) {
                             break;
                         }
                     }
-                    reply.ok()
+                    r.ok()
                 }
-                Err(e) => reply.error(errno(&e)),
-            }
+                Err(e) => r.error(errno(&e)),
+            });
         });
     }
 
@@ -346,12 +443,14 @@ impl Filesystem for LakeFs {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
         let core = self.core.clone();
+        let gate = self.gate.clone();
         let ttl = self.ttl();
         self.rt.spawn(async move {
-            match core.readdir(ino.0, offset, true).await {
+            let res = core.readdir(ino.0, offset, true).await;
+            gate.answer(reply, |mut r| match res {
                 Ok(entries) => {
                     let mut full = false;
                     for (off, name, a) in entries {
@@ -363,7 +462,7 @@ impl Filesystem for LakeFs {
                             }
                             continue;
                         }
-                        if reply.add(
+                        if r.add(
                             INodeNo(a.ino),
                             off,
                             &name,
@@ -377,10 +476,10 @@ impl Filesystem for LakeFs {
                             }
                         }
                     }
-                    reply.ok()
+                    r.ok()
                 }
-                Err(e) => reply.error(errno(&e)),
-            }
+                Err(e) => r.error(errno(&e)),
+            });
         });
     }
 
@@ -392,12 +491,14 @@ impl Filesystem for LakeFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        self.gate.answer(reply, |r| r.ok());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.core.statfs();
-        reply.statfs(s.blocks, 0, 0, s.files, 0, s.block_size, 255, s.block_size);
+        self.gate.answer(reply, |r| {
+            r.statfs(s.blocks, 0, 0, s.files, 0, s.block_size, 255, s.block_size)
+        });
     }
 }
 
@@ -429,6 +530,10 @@ impl Default for MountConfig {
 pub struct Mount {
     session: Option<fuser::BackgroundSession>,
     pub mountpoint: PathBuf,
+    device: Arc<OwnedFd>,
+    gate: Arc<Gate>,
+    /// Mounted by a predecessor: fuser did not mount it, so it does not unmount it either.
+    resumed: bool,
 }
 
 impl Mount {
@@ -438,34 +543,59 @@ impl Mount {
         self.session.as_ref().is_none_or(|s| s.guard.is_finished())
     }
 
+    /// The kernel's connection: a successor serves the mount through a copy of it.
+    pub fn device(&self) -> Arc<OwnedFd> {
+        self.device.clone()
+    }
+
+    /// [`Mount::freeze`], callable from elsewhere.
+    pub fn freezer(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let gate = self.gate.clone();
+        Arc::new(move || gate.freeze())
+    }
+
+    /// Stops answering the kernel, for good: replies being sent are waited for, every other
+    /// request stays unanswered, for a successor to answer. The journal is then complete; the
+    /// process should exit without unmounting.
+    pub fn freeze(&self) {
+        self.gate.freeze();
+    }
+
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> std::io::Result<()> {
-        match self.session.take() {
+        let s = self.session.take();
+        match s {
             // Unmounted from outside already: only the thread is left to join.
             Some(s) if s.guard.is_finished() => s.join(),
+            Some(s) if self.resumed => {
+                umount(&self.mountpoint)?;
+                s.join()
+            }
             Some(s) => s.umount_and_join(),
             None => Ok(()),
         }
     }
 }
 
+fn umount(path: &Path) -> std::io::Result<()> {
+    Ok(nix::mount::umount(path)?)
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take()
-            && let Err(e) = s.umount_and_join()
-        {
+        let Some(s) = self.session.take() else { return };
+        let res = if self.resumed {
+            umount(&self.mountpoint).and_then(|_| s.join())
+        } else {
+            s.umount_and_join()
+        };
+        if let Err(e) = res {
             tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
         }
     }
 }
 
-/// Mounts `core` read-only at `mountpoint`, serving requests on `rt`.
-pub fn mount(
-    core: Arc<FsCore>,
-    mountpoint: &Path,
-    cfg: &MountConfig,
-    rt: Handle,
-) -> std::io::Result<Mount> {
+fn session_config(cfg: &MountConfig) -> Config {
     let mut options = vec![
         MountOption::FSName(cfg.fs_name.clone()),
         MountOption::Subtype("lakecache".into()),
@@ -484,20 +614,137 @@ pub fn mount(
         SessionACL::Owner
     };
     config.n_threads = Some(cfg.threads.max(1));
-    config.clone_fd = cfg.threads > 1;
+    // The reading threads share the one descriptor. A cloned one (FUSE_DEV_IOC_CLONE) would
+    // belong to this process alone, and the kernel fails the requests read through it when
+    // the process dies, instead of keeping them for a successor.
+    config.clone_fd = false;
+    config
+}
+
+fn lake_fs(core: Arc<FsCore>, cfg: &MountConfig, rt: Handle) -> LakeFs {
     let passthrough = Arc::new(Passthrough::default());
     passthrough.enabled.store(
         cfg.passthrough && core.local_cache().is_some(),
         Ordering::Relaxed,
     );
-    let fs = LakeFs {
+    passthrough.restore(&core.open_handles());
+    LakeFs {
         core,
         rt,
         passthrough,
-    };
-    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+        gate: Arc::default(),
+    }
+}
+
+/// Mounts `core` read-only at `mountpoint`, serving requests on `rt`.
+pub fn mount(
+    core: Arc<FsCore>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    rt: Handle,
+) -> std::io::Result<Mount> {
+    let fs = lake_fs(core, cfg, rt);
+    let passthrough = fs.passthrough.clone();
+    let gate = fs.gate.clone();
+    let session = Session::new(fs, mountpoint, &session_config(cfg))?;
+    let device = Arc::new(session.as_fd().try_clone_to_owned()?);
+    let _ = passthrough.device.set(device.clone());
+    Ok(Mount {
+        session: Some(session.spawn()?),
+        mountpoint: mountpoint.to_path_buf(),
+        device,
+        gate,
+        resumed: false,
+    })
+}
+
+/// `FUSE_INIT`'s opcode.
+const FUSE_INIT: u32 = 26;
+/// `FUSE_INIT_EXT`: the offer's flags go on in a second word.
+const FUSE_INIT_EXT: u64 = 1 << 30;
+/// `FUSE_NOTIFY_RESEND`'s notification code.
+const FUSE_NOTIFY_RESEND: i32 = 7;
+
+/// The `FUSE_INIT` request the kernel sent the first server, rebuilt from what was journaled.
+fn init_request(k: &KernelInit) -> Vec<u8> {
+    let flags = k.flags | FUSE_INIT_EXT;
+    let mut b = Vec::with_capacity(104);
+    // fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding.
+    b.extend_from_slice(&104u32.to_le_bytes());
+    b.extend_from_slice(&FUSE_INIT.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&[0u8; 16]);
+    // fuse_init_in: major, minor, max_readahead, flags, flags2, unused[11].
+    b.extend_from_slice(&k.major.to_le_bytes());
+    b.extend_from_slice(&k.minor.to_le_bytes());
+    b.extend_from_slice(&k.max_readahead.to_le_bytes());
+    b.extend_from_slice(&(flags as u32).to_le_bytes());
+    b.extend_from_slice(&((flags >> 32) as u32).to_le_bytes());
+    b.extend_from_slice(&[0u8; 44]);
+    b
+}
+
+/// Asks the kernel to send again every request of the connection that was read and not
+/// answered (`FUSE_NOTIFY_RESEND`, Linux 6.9).
+pub fn resend(device: BorrowedFd<'_>) -> std::io::Result<()> {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&16u32.to_le_bytes());
+    b[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_le_bytes());
+    nix::unistd::write(device, &b)?;
+    Ok(())
+}
+
+/// Serves an existing connection `device` (mounted at `mountpoint` by a predecessor) with
+/// `core`, which holds the predecessor's state ([`FsCore::restore`]). The predecessor must be
+/// gone, or frozen: the kernel is asked to send its unanswered requests again.
+pub fn resume(
+    core: Arc<FsCore>,
+    device: OwnedFd,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    rt: Handle,
+) -> std::io::Result<Mount> {
+    let kernel = core.kernel_init().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the saved state has no FUSE_INIT record: the predecessor never served",
+        )
+    })?;
+    let fs = lake_fs(core, cfg, rt);
+    let passthrough = fs.passthrough.clone();
+    let gate = fs.gate.clone();
+    // fuser's session starts with the kernel's FUSE_INIT, which a connection sends once. The
+    // session is made on one end of a socket pair that carries the predecessor's INIT (so it
+    // negotiates what the kernel agreed to then), and the connection then takes the place of
+    // that end under the same descriptor number.
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    nix::unistd::write(&ours, &init_request(&kernel))?;
+    let slot = theirs.as_raw_fd();
+    let session = Session::from_fd(fs, theirs, session_config(cfg).acl, session_config(cfg))?;
+    // SAFETY: `slot` is the descriptor the session owns and reads; dup3 makes it, in one step,
+    // another reference to the connection (the socket it named is closed by that).
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::dup3(device.as_raw_fd(), slot, libc::O_CLOEXEC) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    drop(ours);
+    let device = Arc::new(device);
+    let _ = passthrough.device.set(device.clone());
+    let session = session.spawn()?;
+    resend(device.as_fd())?;
     Ok(Mount {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
+        device,
+        gate,
+        resumed: true,
     })
 }

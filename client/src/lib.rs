@@ -13,11 +13,17 @@
 //!   on seeks, under a memory budget shared by every open file.
 //! - [`fs`]: the filesystem core (inodes, lookup, readdir, open, read) as async functions tested
 //!   without a mount; [`fuse`]: the thin fuser adapter that mounts it.
-#![forbid(unsafe_code)]
+//! - [`handoff`]: the journal a FUSE server keeps so that a successor can serve its connection.
+//!
+//! No unsafe code, except three marked places in [`fuse`] where fuser has no safe way to take
+//! over a live FUSE connection (reusing a passthrough backing id, closing one, and putting the
+//! connection under a session's descriptor).
+#![deny(unsafe_code)]
 
 pub mod blocks;
 pub mod fs;
 pub mod fuse;
+pub mod handoff;
 pub mod health;
 pub mod local_cache;
 pub mod membership;
