@@ -3,20 +3,28 @@
 //! The mounter starts one per staged volume (`lakecache-csi-node fuse-server --config …`). It
 //! prints one status line on stdout, `ready` once the mount serves or `error: …` when it cannot,
 //! then logs to stderr.
+//!
+//! Started with `--successor`, it takes over the mount's FUSE connection, given on its standard
+//! input, instead of mounting ([`crate::handoff`]): it gets ready to serve (workers, token,
+//! local copies) first, then asks a running predecessor to hand over, takes the serve lock,
+//! replays the journal and serves; reads in flight meanwhile wait in the kernel.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lakecache_client::fuse::{self, MountConfig};
+use lakecache_client::handoff::{self as journal, ServeLock};
 use lakecache_client::metrics::ReaderMetrics;
 use lakecache_client::{
     FsConfig, FsCore, LocalFileCache, Member, Membership, Reader, ReaderConfig,
 };
 use lakecache_proto::lakecache::v1::InfoRequest;
 
+use crate::handoff;
 use crate::mounts;
 use crate::volume::{FuseServerConfig, WorkerSpec};
 
@@ -170,22 +178,29 @@ async fn first_answer(
     )
 }
 
-/// Mounts and serves until SIGTERM. Writes the status line to `status`, and the reader's metrics
-/// to `metrics` every few seconds (see [`crate::fuse_metrics`]).
+/// How long a successor waits for its predecessor to let go of the volume.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// Mounts (or, given `successor`, takes over the connection) and serves until SIGTERM, or
+/// until the mount goes. `dir` is the volume's directory (its journal and control socket).
+/// Writes the status line to `status`, and the reader's metrics to `metrics` every few seconds
+/// (see [`crate::fuse_metrics`]).
 pub async fn run(
     cfg: FuseServerConfig,
+    dir: &Path,
+    successor: Option<OwnedFd>,
     status: &mut dyn Write,
     metrics: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let result = mount(&cfg).await;
-    let mount = match result {
-        Ok((m, reader_metrics)) => {
+    let result = mount(&cfg, dir, successor).await;
+    let (mount, _lock) = match result {
+        Ok((m, lock, reader_metrics)) => {
             if let Some(path) = metrics {
                 crate::fuse_metrics::publish(reader_metrics, path);
             }
             writeln!(status, "{READY}")?;
             status.flush()?;
-            m
+            (m, lock)
         }
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
@@ -195,7 +210,19 @@ pub async fn run(
         }
     };
     tracing::info!(volume = %cfg.volume_id, path = %cfg.mount_path.display(), "serving");
-    lakecache_telemetry::shutdown_signal().await;
+    let ended = async {
+        // Bounded by the mount's life; one look a second.
+        while !mount.is_finished() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        _ = lakecache_telemetry::shutdown_signal() => {}
+        _ = ended => {
+            tracing::info!(volume = %cfg.volume_id, "the mount is gone; stopping");
+            return Ok(());
+        }
+    }
     let path = mount.mountpoint.clone();
     let unmounted = tokio::task::spawn_blocking(move || mount.unmount()).await?;
     if let Err(e) = unmounted {
@@ -206,7 +233,11 @@ pub async fn run(
     Ok(())
 }
 
-async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<ReaderMetrics>)> {
+async fn mount(
+    cfg: &FuseServerConfig,
+    dir: &Path,
+    successor: Option<OwnedFd>,
+) -> anyhow::Result<(fuse::Mount, ServeLock, Arc<ReaderMetrics>)> {
     let token = match &cfg.token_file {
         Some(path) => Some(read_token_file(path)?),
         None => cfg.token.clone(),
@@ -264,7 +295,20 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<Reade
             .with_context(|| format!("opening the local copies in {}", dir.display()))?;
         core = core.with_local_cache(cache);
     }
-    let core = Arc::new(core);
+    let mc = MountConfig {
+        allow_other: true,
+        threads: cfg.fuse_threads.max(1),
+        fs_name: format!("lakecache:{}/{}", cfg.namespace, cfg.name),
+        passthrough: true,
+    };
+    if let Some(device) = successor {
+        return take_over(cfg, dir, core, device, mc, metrics).await;
+    }
+    let lock = wait_for_lock(dir, Duration::from_secs(2)).await?;
+    let core = Arc::new(
+        core.journal_in(dir)
+            .with_context(|| format!("starting the FUSE state journal in {}", dir.display()))?,
+    );
     // A dead server leaves "transport endpoint is not connected" behind: detach it first.
     if let mounts::Health::Broken(why) = mounts::health(&cfg.mount_path) {
         tracing::info!(path = %cfg.mount_path.display(), %why, "detaching a broken mount");
@@ -272,18 +316,83 @@ async fn mount(cfg: &FuseServerConfig) -> anyhow::Result<(fuse::Mount, Arc<Reade
     }
     std::fs::create_dir_all(&cfg.mount_path)
         .with_context(|| format!("creating {}", cfg.mount_path.display()))?;
-    let mc = MountConfig {
-        allow_other: true,
-        threads: cfg.fuse_threads.max(1),
-        fs_name: format!("lakecache:{}/{}", cfg.namespace, cfg.name),
-        passthrough: true,
-    };
     let handle = tokio::runtime::Handle::current();
     let path = cfg.mount_path.clone();
     let m = tokio::task::spawn_blocking(move || fuse::mount(core, &path, &mc, handle))
         .await?
         .with_context(|| format!("mounting FUSE at {}", cfg.mount_path.display()))?;
-    Ok((m, metrics))
+    serve_ctl(dir, &m).await?;
+    Ok((m, lock, metrics))
+}
+
+/// Serves the control socket, naming the connection by the mount's device number.
+async fn serve_ctl(dir: &Path, m: &fuse::Mount) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let path = m.mountpoint.clone();
+    let id = tokio::task::spawn_blocking(move || std::fs::metadata(path).map(|m| m.dev()))
+        .await?
+        .with_context(|| format!("looking at the mount {}", m.mountpoint.display()))?;
+    handoff::serve_ctl(dir, m.device(), id, m.freezer())
+        .with_context(|| format!("serving {}", dir.join(handoff::CTL).display()))
+}
+
+async fn wait_for_lock(dir: &Path, wait: Duration) -> anyhow::Result<ServeLock> {
+    let d = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || ServeLock::acquire(&d, wait))
+        .await?
+        .with_context(|| format!("taking the serve lock in {}", dir.display()))
+}
+
+/// Serves the connection `device` of a mount that a predecessor served: asks it to hand over
+/// if it still runs, waits for it to let go, replays its journal and serves.
+async fn take_over(
+    cfg: &FuseServerConfig,
+    dir: &Path,
+    core: FsCore,
+    device: OwnedFd,
+    mc: MountConfig,
+    metrics: Arc<ReaderMetrics>,
+) -> anyhow::Result<(fuse::Mount, ServeLock, Arc<ReaderMetrics>)> {
+    let started = Instant::now();
+    let mark = handoff::HandoverMark::new(dir);
+    let d = dir.to_path_buf();
+    let asked = tokio::task::spawn_blocking(move || handoff::request_handover(&d))
+        .await?
+        .context("asking the running FUSE server to hand over")?;
+    let lock = wait_for_lock(dir, TAKEOVER_WAIT).await?;
+    let frozen_for = started.elapsed();
+    let d = dir.to_path_buf();
+    let saved = tokio::task::spawn_blocking(move || journal::load(&d))
+        .await?
+        .with_context(|| format!("reading the FUSE state journal in {}", dir.display()))?;
+    let (nodes, handles) = (saved.nodes.len(), saved.handles.len());
+    let core = Arc::new(
+        core.restore(saved)
+            .journal_in(dir)
+            .with_context(|| format!("starting the FUSE state journal in {}", dir.display()))?,
+    );
+    let handle = tokio::runtime::Handle::current();
+    let path = cfg.mount_path.clone();
+    let m = tokio::task::spawn_blocking(move || fuse::resume(core, device, &path, &mc, handle))
+        .await?
+        .with_context(|| {
+            format!(
+                "serving the FUSE connection of {}",
+                cfg.mount_path.display()
+            )
+        })?;
+    serve_ctl(dir, &m).await?;
+    drop(mark);
+    tracing::info!(
+        volume = %cfg.volume_id,
+        predecessor = if asked { "handed over" } else { "gone" },
+        inodes = nodes,
+        open_files = handles,
+        waited_ms = frozen_for.as_millis() as u64,
+        took_ms = started.elapsed().as_millis() as u64,
+        "took over the FUSE connection"
+    );
+    Ok((m, lock, metrics))
 }
 
 #[cfg(test)]

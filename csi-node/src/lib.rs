@@ -10,16 +10,21 @@
 //!   FUSE; started by the mounter.
 //! - **registrar** ([`registrar`]): tells kubelet where the plugin's socket is, through kubelet's
 //!   plugin registration API (the `node-driver-registrar` container).
-#![forbid(unsafe_code)]
+//!
+//! [`handoff`] keeps every FUSE connection alive across restarts of these processes. Its one
+//! unsafe line takes ownership of a descriptor received over a unix socket.
+#![deny(unsafe_code)]
 
 pub mod fuse_metrics;
 pub mod fuse_server;
+pub mod handoff;
 pub mod kube_members;
 pub mod metrics;
 pub mod mounter;
 pub mod mounts;
 pub mod node;
 pub mod registrar;
+pub mod roll;
 pub mod state;
 pub mod volume;
 
@@ -187,6 +192,7 @@ pub async fn start_plugin(opts: PluginOptions) -> anyhow::Result<RunningPlugin> 
         tracing::warn!(path = %path.display(), "was readable by others; made private");
     }
     let plugin = Arc::new(node::Plugin::new(opts.plugin.clone(), state));
+    plugin.keep_all().await;
     let mut registry = Registry::with_prefix("lakecache_csi");
     plugin.metrics.register(&mut registry);
     let ready = Readiness::default();

@@ -41,12 +41,19 @@ enum Command {
     Mounter(MounterArgs),
     /// Register the plugin with kubelet (the node-driver-registrar container).
     Registrar(RegistrarArgs),
+    /// Bring the node DaemonSet's pods to its template's images in place, one container at a
+    /// time, so that their mounts survive (the chart's post-upgrade hook).
+    Roll(lakecache_csi_node::roll::RollArgs),
     /// Serve one volume through FUSE (started by the mounter).
     #[command(hide = true)]
     FuseServer {
         /// The configuration the plugin wrote.
         #[arg(long)]
         config: PathBuf,
+        /// Take over the mount's FUSE connection, given on standard input, from the server
+        /// that served it (running or gone) instead of mounting.
+        #[arg(long)]
+        successor: bool,
     },
 }
 
@@ -198,14 +205,30 @@ fn main() -> anyhow::Result<()> {
             registrar::run(cfg, lakecache_telemetry::shutdown_signal()).await?;
             Ok(())
         }),
-        Command::FuseServer { config } => {
+        Command::Roll(a) => Ok(rt.block_on(lakecache_csi_node::roll::run(a))?),
+        Command::FuseServer { config, successor } => {
             let text =
                 std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
             let cfg: FuseServerConfig = serde_json::from_slice(&text)
                 .with_context(|| format!("parsing {}", config.display()))?;
             let mut out = std::io::stdout();
             let metrics = lakecache_csi_node::fuse_metrics::snapshot_path(&config);
-            rt.block_on(fuse_server::run(cfg, &mut out, Some(metrics)))
+            let dir = config
+                .parent()
+                .context("the configuration file is in the volume's directory")?
+                .to_path_buf();
+            let device = if successor {
+                use std::os::fd::AsFd;
+                Some(
+                    std::io::stdin()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .context("taking the FUSE connection from standard input")?,
+                )
+            } else {
+                None
+            };
+            rt.block_on(fuse_server::run(cfg, &dir, device, &mut out, Some(metrics)))
         }
     }
 }

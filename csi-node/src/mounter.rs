@@ -2,16 +2,24 @@
 //!
 //! It runs in another container than the CSI plugin (the `mounter` sidecar of the DaemonSet
 //! pod), so restarting or upgrading the plugin never kills a FUSE server. FUSE servers run in
-//! their own process group and outlive the mounter too; a restarted mounter adopts the ones still
-//! alive from their pid files. The plugin asks it over a unix socket ([`crate::proto`]'s
-//! `Mounter` service) to mount, unmount and list.
+//! their own process group; outside a container they outlive the mounter, and a restarted
+//! mounter adopts the ones still alive from their pid files. The plugin asks it over a unix
+//! socket ([`crate::proto`]'s `Mounter` service) to mount, unmount and list.
+//!
+//! It keeps a copy of every mount's FUSE connection ([`crate::handoff::Keeper`]): a FUSE server
+//! that dies is followed by a successor on the same connection, and a mount that a running
+//! server (its own, or one the plugin hosted while the mounter was away) serves is taken over,
+//! never mounted again. Only a mount whose connection nobody kept is mounted anew (and its
+//! open files break).
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use lakecache_proto::lakecache::v1::mounter_server::{Mounter, MounterServer};
 use lakecache_proto::lakecache::v1::{
     ListMountsRequest, ListMountsResponse, MountRequest, MountResponse, MountState, UnmountRequest,
@@ -24,8 +32,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::{Request, Response, Status};
 
 use crate::fuse_server::READY;
+use crate::handoff::{self, Keeper, Role, Successor};
 use crate::mounts::{self, Health};
 use crate::state::{StateDir, write_atomic};
+use crate::volume::FuseServerConfig;
 
 /// What the mounter writes next to a volume's `fuse.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,27 +119,93 @@ pub struct MounterService {
     cfg: MounterConfig,
     procs: parking_lot::Mutex<HashMap<String, Proc>>,
     locks: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    keeper: OnceLock<Arc<Keeper>>,
+}
+
+/// Starts successors for the keeper: the mounter's own mount path, under the volume's lock.
+struct MounterSuccessor(Weak<MounterService>);
+
+#[tonic::async_trait]
+impl Successor for MounterSuccessor {
+    async fn start(&self, volume_id: &str, device: OwnedFd) -> anyhow::Result<()> {
+        let svc = self.0.upgrade().context("the mounter is stopping")?;
+        let config = svc.cfg.state.fuse_config_path(volume_id);
+        let mount_path = read_mount_path(&config)?;
+        let lock = svc.lock_for(volume_id);
+        let _guard = lock.lock().await;
+        if svc.procs.lock().get(volume_id).is_some_and(Proc::is_alive) {
+            return Ok(()); // Started meanwhile (a Mount call).
+        }
+        let p = svc
+            .spawn(volume_id, &mount_path, &config, Some(device), None)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        tracing::info!(
+            volume = volume_id,
+            pid = p.pid,
+            "a successor serves the FUSE connection"
+        );
+        svc.procs.lock().insert(volume_id.to_string(), p);
+        Ok(())
+    }
+}
+
+/// The mount path a volume's FUSE server configuration names.
+pub fn read_mount_path(config: &Path) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read(config).with_context(|| format!("reading {}", config.display()))?;
+    let cfg: FuseServerConfig =
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", config.display()))?;
+    Ok(cfg.mount_path)
 }
 
 impl MounterService {
-    /// Creates the service and adopts the FUSE servers that earlier mounters left running.
-    pub fn new(cfg: MounterConfig) -> Self {
-        let svc = Self {
+    /// Creates the service, adopts the FUSE servers that earlier mounters left running and
+    /// keeps the connections of every running server.
+    pub async fn new(cfg: MounterConfig) -> Arc<Self> {
+        let svc = Arc::new(Self {
             cfg,
             procs: Default::default(),
             locks: Default::default(),
-        };
-        svc.adopt();
+            keeper: OnceLock::new(),
+        });
+        let keeper = Keeper::new(
+            Role::Mounter,
+            &svc.cfg.state,
+            Arc::new(MounterSuccessor(Arc::downgrade(&svc))),
+        );
+        let _ = svc.keeper.set(keeper);
+        svc.adopt().await;
         svc
     }
 
-    fn adopt(&self) {
+    fn keeper(&self) -> &Arc<Keeper> {
+        self.keeper.get().expect("set in new")
+    }
+
+    async fn adopt(&self) {
         let Ok(rd) = std::fs::read_dir(self.cfg.state.root().join("volumes")) else {
             return;
         };
         for e in rd.flatten() {
-            if let Some((volume_id, p)) = adoptable(&e.path().join("fuse.pid")) {
-                self.procs.lock().insert(volume_id, p);
+            let config = e.path().join("fuse.json");
+            let Some(volume_id) = std::fs::read(&config)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<FuseServerConfig>(&b).ok())
+                .map(|c| c.volume_id)
+            else {
+                continue;
+            };
+            if let Some((id, p)) = adoptable(&e.path().join("fuse.pid"))
+                && id == volume_id
+            {
+                self.procs.lock().insert(volume_id.clone(), p);
+            }
+            // Whoever serves a volume (an adopted server, or one the plugin hosts while this
+            // mounter was away) gives its connection to keep.
+            if e.path().join(handoff::CTL).exists()
+                && let Err(e) = self.keeper().keep(&volume_id).await
+            {
+                tracing::info!(volume = %volume_id, error = %format!("{e:#}"), "no running FUSE server to keep the connection of");
             }
         }
     }
@@ -142,8 +218,8 @@ impl MounterService {
             .clone()
     }
 
-    pub fn into_server(self) -> MounterServer<Self> {
-        MounterServer::new(self)
+    pub fn into_server(self: Arc<Self>) -> MounterServer<Self> {
+        MounterServer::from_arc(self)
     }
 
     /// Stops a FUSE server: SIGTERM, then SIGKILL after the stop timeout.
@@ -169,69 +245,19 @@ impl MounterService {
         }
     }
 
+    /// Starts a FUSE server: a fresh one that mounts, or, given the connection `device`, a
+    /// successor that takes it over. `exe` replaces the mounter's own binary.
     async fn spawn(
         &self,
         volume_id: &str,
         mount_path: &Path,
         config: &Path,
+        device: Option<OwnedFd>,
+        exe: Option<&Path>,
     ) -> Result<Proc, Status> {
-        let mut cmd = tokio::process::Command::new(&self.cfg.exe);
-        cmd.arg("fuse-server")
-            .arg("--config")
-            .arg(config)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            // Its own process group: a signal to the mounter's group (Ctrl-C) leaves it alone.
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|e| {
-            Status::internal(format!(
-                "starting the FUSE server {}: {e}",
-                self.cfg.exe.display()
-            ))
-        })?;
-        let pid = child.id().unwrap_or_default();
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(self.cfg.mount_timeout, lines.next_line()).await;
-        let fail = |msg: String| Status::unavailable(msg);
-        let verdict = match line {
-            Ok(Ok(Some(l))) if l == READY => Ok(()),
-            Ok(Ok(Some(l))) => Err(fail(l.strip_prefix("error: ").unwrap_or(&l).to_string())),
-            Ok(Ok(None)) | Ok(Err(_)) => Err(fail(format!(
-                "the FUSE server for volume {volume_id} exited before it was ready ({})",
-                match child.wait().await {
-                    Ok(s) => s.to_string(),
-                    Err(e) => e.to_string(),
-                }
-            ))),
-            Err(_) => Err(fail(format!(
-                "the FUSE server for volume {volume_id} was not ready within {}",
-                humantime::format_duration(self.cfg.mount_timeout)
-            ))),
-        };
-        if let Err(e) = verdict {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(e);
-        }
-        let alive = Arc::new(AtomicBool::new(true));
-        let reaper_alive = alive.clone();
-        let vid = volume_id.to_string();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            reaper_alive.store(false, Ordering::Release);
-            match status {
-                Ok(s) if s.success() => tracing::info!(volume = %vid, pid, "FUSE server exited"),
-                Ok(s) => {
-                    tracing::warn!(volume = %vid, pid, status = %s, "FUSE server died; the plugin will repair its mount")
-                }
-                Err(e) => {
-                    tracing::warn!(volume = %vid, pid, error = %e, "lost track of the FUSE server")
-                }
-            }
-        });
+        let exe = exe.unwrap_or(&self.cfg.exe);
+        let (pid, alive) =
+            spawn_fuse_server(exe, volume_id, config, device, self.cfg.mount_timeout).await?;
         let pf = PidFile {
             pid,
             volume_id: volume_id.to_string(),
@@ -251,6 +277,80 @@ impl MounterService {
             alive,
             adopted: false,
         })
+    }
+}
+
+/// Starts `<exe> fuse-server --config <config>` (with `--successor` and the connection on its
+/// standard input when `device` is given) and waits for its status line. Returns its pid and a
+/// flag its reaper clears when it exits.
+pub async fn spawn_fuse_server(
+    exe: &Path,
+    volume_id: &str,
+    config: &Path,
+    device: Option<OwnedFd>,
+    mount_timeout: Duration,
+) -> Result<(u32, Arc<AtomicBool>), Status> {
+    {
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("fuse-server").arg("--config").arg(config);
+        match device {
+            Some(fd) => {
+                cmd.arg("--successor").stdin(std::process::Stdio::from(fd));
+            }
+            None => {
+                cmd.stdin(std::process::Stdio::null());
+            }
+        }
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            // Its own process group: a signal to the mounter's group (Ctrl-C) leaves it alone.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| {
+            Status::internal(format!("starting the FUSE server {}: {e}", exe.display()))
+        })?;
+        let pid = child.id().unwrap_or_default();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(mount_timeout, lines.next_line()).await;
+        let fail = |msg: String| Status::unavailable(msg);
+        let verdict = match line {
+            Ok(Ok(Some(l))) if l == READY => Ok(()),
+            Ok(Ok(Some(l))) => Err(fail(l.strip_prefix("error: ").unwrap_or(&l).to_string())),
+            Ok(Ok(None)) | Ok(Err(_)) => Err(fail(format!(
+                "the FUSE server for volume {volume_id} exited before it was ready ({})",
+                match child.wait().await {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                }
+            ))),
+            Err(_) => Err(fail(format!(
+                "the FUSE server for volume {volume_id} was not ready within {}",
+                humantime::format_duration(mount_timeout)
+            ))),
+        };
+        if let Err(e) = verdict {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
+        let alive = Arc::new(AtomicBool::new(true));
+        let reaper_alive = alive.clone();
+        let vid = volume_id.to_string();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            reaper_alive.store(false, Ordering::Release);
+            match status {
+                Ok(s) if s.success() => tracing::info!(volume = %vid, pid, "FUSE server exited"),
+                Ok(s) => {
+                    tracing::warn!(volume = %vid, pid, status = %s, "FUSE server died; a successor takes over its connection")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %vid, pid, error = %e, "lost track of the FUSE server")
+                }
+            }
+        });
+        Ok((pid, alive))
     }
 }
 
@@ -279,18 +379,34 @@ impl Mounter for MounterService {
                 .filter(|(id, _)| id == volume_id)
                 .map(|(_, p)| p)
         });
+        let exe = (!req.exe.is_empty()).then(|| PathBuf::from(&req.exe));
+        let dir = config
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| Status::invalid_argument("config_path has no directory"))?;
+        let mut previous = None;
         if let Some(p) = existing {
             // Off the runtime: a hung server's mount takes HEALTH_TIMEOUT to be found broken.
             let mp = mount_path.clone();
             let health = tokio::task::spawn_blocking(move || mounts::health(&mp))
                 .await
                 .unwrap_or_else(|e| Health::Broken(format!("checking the mount failed: {e}")));
-            if p.is_alive() && p.mount_path == mount_path && health == Health::Healthy {
+            if p.is_alive()
+                && p.mount_path == mount_path
+                && health == Health::Healthy
+                && !req.replace
+            {
                 let pid = p.pid;
                 self.procs.lock().insert(volume_id.to_string(), p);
+                if !self.keeper().is_kept(volume_id)
+                    && let Err(e) = self.keeper().keep(volume_id).await
+                {
+                    tracing::warn!(volume = volume_id, error = %format!("{e:#}"), "cannot keep the FUSE connection");
+                }
                 return Ok(Response::new(MountResponse {
                     pid,
                     started: false,
+                    took_over: false,
                 }));
             }
             tracing::warn!(
@@ -298,20 +414,88 @@ impl Mounter for MounterService {
                 pid = p.pid,
                 alive = p.is_alive(),
                 ?health,
+                replace = req.replace,
                 "replacing the FUSE server"
             );
+            if p.is_alive() && health != Health::Healthy {
+                // A hung server cannot hand over: it goes, its connection stays.
+                let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
+                self.stop_proc(&p).await;
+            }
+            previous = Some(p);
+        }
+        // The connection, kept here or given by the server that serves it now (one the plugin
+        // hosted while this mounter was away): a successor takes it over, and the mount, with
+        // every file open on it, stays.
+        let device = match self.keeper().device(volume_id) {
+            Some(fd) => Some(fd),
+            None => {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || handoff::fetch(&d))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|(_, fd, _)| fd)
+            }
+        };
+        if let Some(device) = device
+            && mounts::is_mount_point(&mount_path).unwrap_or(false)
+        {
+            match self
+                .spawn(
+                    volume_id,
+                    &mount_path,
+                    &config,
+                    Some(device),
+                    exe.as_deref(),
+                )
+                .await
+            {
+                Ok(p) => {
+                    let pid = p.pid;
+                    tracing::info!(volume = volume_id, pid, path = %mount_path.display(), "a successor took over the FUSE connection");
+                    self.procs.lock().insert(volume_id.to_string(), p);
+                    if let Err(e) = self.keeper().keep(volume_id).await {
+                        tracing::warn!(volume = volume_id, error = %format!("{e:#}"), "cannot keep the FUSE connection");
+                    }
+                    return Ok(Response::new(MountResponse {
+                        pid,
+                        started: true,
+                        took_over: true,
+                    }));
+                }
+                Err(s) => {
+                    tracing::error!(
+                        volume = volume_id,
+                        message = s.message(),
+                        "the successor failed; mounting anew (files open on the mount break)"
+                    );
+                }
+            }
+        }
+        if let Some(p) = previous {
             self.stop_proc(&p).await;
         }
+        self.keeper().forget(volume_id);
         // Whatever is left on the path (a dead server's mount) goes before the new one.
         if mounts::is_mount_point(&mount_path).unwrap_or(false) {
             mounts::unmount_all(&mount_path)
                 .map_err(|e| Status::internal(format!("clearing {}: {e}", mount_path.display())))?;
         }
-        let p = self.spawn(volume_id, &mount_path, &config).await?;
+        let p = self
+            .spawn(volume_id, &mount_path, &config, None, exe.as_deref())
+            .await?;
         let pid = p.pid;
         tracing::info!(volume = volume_id, pid, path = %mount_path.display(), "FUSE server started");
         self.procs.lock().insert(volume_id.to_string(), p);
-        Ok(Response::new(MountResponse { pid, started: true }))
+        if let Err(e) = self.keeper().keep(volume_id).await {
+            tracing::warn!(volume = volume_id, error = %format!("{e:#}"), "cannot keep the FUSE connection; a restart of its server will break the mount");
+        }
+        Ok(Response::new(MountResponse {
+            pid,
+            started: true,
+            took_over: false,
+        }))
     }
 
     async fn unmount(
@@ -322,6 +506,8 @@ impl Mounter for MounterService {
         let volume_id = required(&req.volume_id, "volume_id")?;
         let lock = self.lock_for(volume_id);
         let _guard = lock.lock().await;
+        // Its server's end is on purpose: no successor.
+        self.keeper().forget(volume_id);
         let existing = self.procs.lock().remove(volume_id);
         let mut path = (!req.mount_path.is_empty()).then(|| PathBuf::from(&req.mount_path));
         if let Some(p) = existing {
@@ -411,7 +597,7 @@ pub async fn serve(
         )?;
     }
     tracing::info!(socket = %socket.display(), "mounter listening");
-    let svc = MounterService::new(cfg);
+    let svc = MounterService::new(cfg).await;
     tonic::transport::Server::builder()
         .add_service(svc.into_server())
         .serve_with_incoming_shutdown(

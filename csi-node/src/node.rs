@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use crate::handoff::{Keeper, Role, Successor};
 use lakecache_client::local_cache::QUEUE_BYTES;
 use lakecache_client::prefetch::READ_RESERVE;
 use lakecache_client::reader::LISTING_ENTRY_BYTES;
@@ -199,6 +200,34 @@ pub struct Plugin {
     /// Volumes with a look into their cache mount in flight (see [`Plugin::look`]).
     looks: Arc<parking_lot::Mutex<HashSet<String>>>,
     pub metrics: Arc<CsiMetrics>,
+    /// A copy of every staged volume's FUSE connection; while the mounter is away, the plugin
+    /// starts the successors of the FUSE servers that went with it ([`crate::handoff`]).
+    pub keeper: Arc<Keeper>,
+}
+
+/// Starts successors in the plugin's own container, while the mounter is away. They are
+/// handed back when the mounter is back: the repair pass asks it to mount, and it takes over.
+struct PluginSuccessor {
+    state: StateDir,
+    timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl Successor for PluginSuccessor {
+    async fn start(&self, volume_id: &str, device: std::os::fd::OwnedFd) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let config = self.state.fuse_config_path(volume_id);
+        let (pid, _) =
+            crate::mounter::spawn_fuse_server(&exe, volume_id, &config, Some(device), self.timeout)
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        tracing::warn!(
+            volume = volume_id,
+            pid,
+            "the mounter is away: a successor in the plugin's container serves the FUSE connection until it is back"
+        );
+        Ok(())
+    }
 }
 
 /// Marks a volume busy for the length of one operation, and of the blocking calls it started
@@ -271,6 +300,14 @@ fn io_error(what: String, e: std::io::Error) -> Status {
 impl Plugin {
     pub fn new(cfg: PluginConfig, state: StateDir) -> Self {
         let mounter = crate::mounter_client(&state.mounter_socket());
+        let keeper = Keeper::new(
+            Role::Plugin,
+            &state,
+            Arc::new(PluginSuccessor {
+                state: state.clone(),
+                timeout: cfg.startup_timeout + Duration::from_secs(30),
+            }),
+        );
         Self {
             cfg,
             state,
@@ -279,6 +316,16 @@ impl Plugin {
             admission: Default::default(),
             looks: Default::default(),
             metrics: Arc::new(CsiMetrics::default()),
+            keeper,
+        }
+    }
+
+    /// Keeps the FUSE connection of every staged volume whose server runs (at start).
+    pub async fn keep_all(&self) {
+        for rec in self.state.all().into_iter().flatten() {
+            if let Err(e) = self.keeper.keep(&rec.volume_id).await {
+                tracing::info!(volume = %rec.volume_id, error = %format!("{e:#}"), "cannot keep the FUSE connection yet; the repair pass will");
+            }
         }
     }
 
@@ -476,7 +523,8 @@ impl Plugin {
         r.map(Response::new)
     }
 
-    /// Writes the FUSE server's configuration and asks the mounter for a healthy mount.
+    /// Writes the FUSE server's configuration and asks the mounter for a healthy mount. Whether
+    /// a new FUSE server was started for it (a successor on the same connection or not).
     async fn ensure_fuse(
         &self,
         rec: &VolumeRecord,
@@ -528,6 +576,8 @@ impl Plugin {
             volume_id: rec.volume_id.clone(),
             mount_path: rec.staging_path.display().to_string(),
             config_path: config_path.display().to_string(),
+            replace: false,
+            exe: String::new(),
         });
         let resp = tokio::time::timeout(self.cfg.mounter_timeout, call)
             .await
@@ -537,8 +587,19 @@ impl Plugin {
                     humantime::format_duration(self.cfg.mounter_timeout)
                 ))
             })?
-            .map_err(|s| mounter_error(&rec.volume_id, s))?;
-        Ok(resp.into_inner().started)
+            .map_err(|s| mounter_error(&rec.volume_id, s))?
+            .into_inner();
+        if resp.took_over {
+            self.metrics.repair("takeover");
+            tracing::info!(volume = %rec.volume_id, pid = resp.pid, "a successor took over the FUSE connection; the mount stayed");
+        }
+        if resp.started || !self.keeper.is_kept(&rec.volume_id) {
+            // The connection of a new mount, or one not kept yet (this plugin just started).
+            if let Err(e) = self.keeper.keep(&rec.volume_id).await {
+                tracing::warn!(volume = %rec.volume_id, error = %format!("{e:#}"), "cannot keep the FUSE connection");
+            }
+        }
+        Ok(resp.started && !resp.took_over)
     }
 
     /// Removes a volume's local copies once its FUSE server is gone.
@@ -567,6 +628,8 @@ impl Plugin {
     }
 
     async fn stop_fuse(&self, rec: &VolumeRecord) -> Result<(), Status> {
+        // Its server's end is on purpose: no successor.
+        self.keeper.forget(&rec.volume_id);
         let mut client = self.mounter.clone();
         let call = client.unmount(UnmountRequest {
             volume_id: rec.volume_id.clone(),
@@ -1307,6 +1370,7 @@ mod tests {
             Ok(Response::new(MountResponse {
                 pid: 1,
                 started: false,
+                took_over: false,
             }))
         }
 

@@ -185,7 +185,12 @@ async fn kubelet_lifecycle_survives_restarts_and_repairs_mounts() {
         "a plugin restart must not restart FUSE"
     );
 
-    // Kill the FUSE server: the plugin starts a new one and binds both targets again.
+    // Kill the FUSE server: a successor takes over its connection; the mount and both
+    // targets stay as they are (see tests/handoff.rs for the reader's view).
+    let device = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&staging).unwrap().dev()
+    };
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid_before as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -211,14 +216,19 @@ async fn kubelet_lifecycle_survives_restarts_and_repairs_mounts() {
         let r = http_get(node.admin_port, path).await;
         assert_eq!(r.split_whitespace().nth(1), Some("200"), "{path}: {r}");
     }
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(&staging).unwrap().dev(),
+            device,
+            "the successor serves the same mount"
+        );
+    }
     let m = node.metrics().await;
-    assert!(
-        metric(&m, "lakecache_csi_repairs_total{kind=\"fuse\"}") >= 1.0,
-        "{m}"
-    );
-    assert!(
-        metric(&m, "lakecache_csi_repairs_total{kind=\"target\"}") >= 2.0,
-        "{m}"
+    assert_eq!(
+        metric(&m, "lakecache_csi_repairs_total{kind=\"target\"}"),
+        0.0,
+        "no target needed a repair: {m}"
     );
     // The FUSE servers' own metrics are there too, by volume (reads above may have come from
     // the page cache, so only their presence is certain).

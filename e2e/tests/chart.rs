@@ -11,10 +11,17 @@
 //!   operator is told to make NetworkPolicies whose peers are exactly the chart's CSI node and
 //!   operator pods, the init image it runs as root is the chart's image, and the CSIDriver asks
 //!   kubelet to republish volumes (so a new token reaches mounted ones).
+//! - The CSI node DaemonSet is upgraded in place: its updateStrategy is OnDelete, and the roll
+//!   hook (a post-upgrade Job running `lakecache-csi-node roll` from the chart's image, with its
+//!   own ServiceAccount) is there unless `csi.roll.enabled=false` or RollingUpdate. The plugin's
+//!   memory limit is the mounter's, since it hosts the FUSE servers while the mounter is away.
 //! - RBAC is least privilege: the operator's ServiceAccount can do what the operator does (apply
 //!   children, create PersistentVolumes, read Secrets by name, hold its Lease) and nothing like
 //!   listing Secrets or deleting Nodes; the CSI ServiceAccount can follow CacheNamespaces exactly
-//!   as the FUSE servers do (a get, then a watch by name, with a real token) and read no Secret.
+//!   as the FUSE servers do (a get, then a watch by name, with a real token) and read no Secret;
+//!   the roll's ServiceAccount makes the roll's calls (read the DaemonSet, list its pods, set a
+//!   container's image with a JSON patch guarded by a test of the container's name) in the
+//!   release namespace only, and can neither delete pods nor read Secrets.
 //! - Every example is accepted by the API server, whose CEL rules in our CRDs run here (after the
 //!   CRDs and test copies of the Kubeflow CRDs are installed), and broken variants are refused.
 
@@ -25,9 +32,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolume, Secret};
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod, Secret};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
 use kube::runtime::{WatchStreamExt, watcher};
 use lakecache_e2e::cluster::{HELM_ENV, client_from_kubeconfig, eventually};
 use lakecache_e2e::{Cluster, ClusterOptions};
@@ -37,6 +48,9 @@ const NS: &str = "lakecache-system";
 const RELEASE: &str = "lakecache";
 const OPERATOR_SA: &str = "lakecache-operator";
 const CSI_SA: &str = "lakecache-csi-node";
+/// The roll hook's Job and its ServiceAccount.
+const ROLL: &str = "lakecache-csi-roll";
+const IMAGE: &str = "ghcr.io/lakecache/lakecache:0.1.0";
 const WAIT: Duration = Duration::from_secs(60);
 const COMMAND_LIMIT: Duration = Duration::from_secs(120);
 
@@ -183,7 +197,11 @@ fn chart_lints_with_default_and_changed_values() -> anyhow::Result<()> {
             "operator.logLevel=debug,csi.logLevel=debug,image.tag=dev",
             "--set",
             "networkPolicy.enabled=false,workers.allowedHostPathRoots={},workers.initImage=x/y:1",
+            "--set",
+            "csi.roll.containerTimeout=90s",
         ][..],
+        &["--set", "csi.roll.enabled=false"][..],
+        &["--set", "csi.updateStrategy.type=RollingUpdate"][..],
     ] {
         let mut args = vec!["lint", "--strict", chart.as_str()];
         args.extend_from_slice(extra);
@@ -210,7 +228,7 @@ fn chart_lints_with_default_and_changed_values() -> anyhow::Result<()> {
     )?;
     assert!(!out.status.success(), "a broken chart linted clean");
     eprintln!(
-        "helm lint: 3 runs in {:.1} s",
+        "helm lint: 5 runs in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -246,6 +264,10 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
         "deployment.apps/lakecache-operator serverside-applied",
         "daemonset.apps/lakecache-csi-node serverside-applied",
         "csidriver.storage.k8s.io/csi.lakecache.io serverside-applied",
+        "job.batch/lakecache-csi-roll serverside-applied",
+        "serviceaccount/lakecache-csi-roll serverside-applied",
+        "role.rbac.authorization.k8s.io/lakecache-csi-roll serverside-applied",
+        "rolebinding.rbac.authorization.k8s.io/lakecache-csi-roll serverside-applied",
     ] {
         assert!(applied.contains(expected), "{expected} not in:\n{applied}");
     }
@@ -378,6 +400,24 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
     assert_eq!(host_path(pod, "fuse-device")?["type"], "CharDevice");
     assert_eq!(host_path(pod, "plugin-dir")?["type"], "DirectoryOrCreate");
     assert_eq!(host_path(pod, "kubelet-dir")?["type"], "Directory");
+    // Upgraded in place, by the roll hook: the DaemonSet controller deletes no pod.
+    assert_eq!(ds["spec"]["updateStrategy"], json!({"type": "OnDelete"}));
+    // The plugin hosts the FUSE servers while the mounter is away: the same memory limit.
+    assert_eq!(plugin["resources"]["limits"]["memory"], "4Gi");
+    assert_eq!(
+        plugin["resources"]["limits"]["memory"],
+        mounter["resources"]["limits"]["memory"]
+    );
+    assert_eq!(plugin["resources"]["requests"]["memory"], "32Mi");
+    let job = get(&cluster, "job", ROLL, Some(NS))?;
+    check_roll_job(&job, IMAGE, "5m", 100 * (3 * 300 + 60));
+    // A Job's pod template cannot change: Helm deletes the hook's Job before it makes the next
+    // one (before-hook-creation), and so does this test before its dry runs with other values.
+    ok(
+        "delete the roll Job",
+        cluster.kubectl(&["delete", "job", ROLL, "-n", NS]),
+    )?;
+    check_roll_switches(&cluster, &home)?;
 
     // The NetworkPolicy the operator makes per CacheNamespace admits pods with these labels and
     // components in the release namespace: exactly the CSI node and operator pods, so their
@@ -425,6 +465,9 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
         ("rolebinding", "lakecache-operator-disk-cleanup", Some(NS)),
         ("serviceaccount", OPERATOR_SA, Some(NS)),
         ("serviceaccount", CSI_SA, Some(NS)),
+        ("serviceaccount", ROLL, Some(NS)),
+        ("role", ROLL, Some(NS)),
+        ("rolebinding", ROLL, Some(NS)),
     ] {
         get(&cluster, kind, name, ns)?;
     }
@@ -434,7 +477,18 @@ async fn chart_installs_with_least_privilege_rbac() -> anyhow::Result<()> {
         json!([{"apiGroups": ["lakecache.io"], "resources": ["cachenamespaces"], "verbs": ["get", "list", "watch"]}])
     );
 
+    // The roll's rights, whole: nothing beyond the release namespace's pods and this DaemonSet.
+    let roll_role = get(&cluster, "role", ROLL, Some(NS))?;
+    assert_eq!(
+        roll_role["rules"],
+        json!([
+            {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": [CSI_SA], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "patch"]},
+        ])
+    );
+
     check_rbac(&cluster).await?;
+    check_roll_rights(&cluster).await?;
     check_values_change_what_is_stored(&cluster, &home)?;
     eprintln!("chart checks took {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -650,6 +704,13 @@ async fn check_rbac(cluster: &Cluster) -> anyhow::Result<()> {
         (CSI_SA, "get cachenamespaces.lakecache.io -n ml"),
         (CSI_SA, "list cachenamespaces.lakecache.io -A"),
         (CSI_SA, "watch cachenamespaces.lakecache.io -A"),
+        (
+            ROLL,
+            "get daemonsets.apps/lakecache-csi-node -n lakecache-system",
+        ),
+        (ROLL, "list pods -n lakecache-system"),
+        (ROLL, "get pods -n lakecache-system"),
+        (ROLL, "patch pods -n lakecache-system"),
     ];
     let denied = [
         (OPERATOR_SA, "list secrets -n ml"),
@@ -683,6 +744,18 @@ async fn check_rbac(cluster: &Cluster) -> anyhow::Result<()> {
         (CSI_SA, "list cachepreloads.lakecache.io -A"),
         (CSI_SA, "list pods -A"),
         (CSI_SA, "create persistentvolumes"),
+        (ROLL, "patch pods -n ml"),
+        (ROLL, "list pods -A"),
+        (ROLL, "delete pods -n lakecache-system"),
+        (ROLL, "create pods -n lakecache-system"),
+        (ROLL, "create pods --subresource=exec -n lakecache-system"),
+        (ROLL, "get secrets -n lakecache-system"),
+        (ROLL, "get daemonsets.apps/another -n lakecache-system"),
+        (
+            ROLL,
+            "patch daemonsets.apps/lakecache-csi-node -n lakecache-system",
+        ),
+        (ROLL, "get daemonsets.apps -n ml"),
     ];
     // RBAC reaches the authorizer through its informers: wait until every grant is seen, so a
     // "no" below is the rules' answer, not a binding not yet seen.
@@ -791,6 +864,230 @@ async fn check_rbac(cluster: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The roll hook's Job as the API server stores it: a post-upgrade hook running `lakecache-csi-node
+/// roll` on this release's DaemonSet from `image`, as its own unprivileged account, once, within
+/// `deadline` seconds.
+fn check_roll_job(job: &Value, image: &str, timeout: &str, deadline: u64) {
+    let annotations = &job["metadata"]["annotations"];
+    assert_eq!(annotations["helm.sh/hook"], "post-upgrade");
+    assert_eq!(
+        annotations["helm.sh/hook-delete-policy"],
+        "before-hook-creation,hook-succeeded"
+    );
+    assert_eq!(job["spec"]["backoffLimit"], 0);
+    assert_eq!(job["spec"]["activeDeadlineSeconds"], deadline);
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], ROLL);
+    assert_eq!(pod["restartPolicy"], "Never");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(pod["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], image);
+    assert_eq!(
+        c["command"],
+        json!([
+            "lakecache-csi-node",
+            "roll",
+            "--daemonset",
+            CSI_SA,
+            "--namespace",
+            NS
+        ])
+    );
+    assert_eq!(
+        env_value(c, "LAKECACHE_ROLL_CONTAINER_TIMEOUT"),
+        Some(&json!(timeout))
+    );
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+}
+
+/// The roll hook follows its values: another timeout sizes the deadline, a malformed one fails
+/// to render, and `csi.roll.enabled=false` or a RollingUpdate DaemonSet (which replaces its
+/// pods itself) leave out the Job and its rights.
+fn check_roll_switches(cluster: &Cluster, home: &Path) -> anyhow::Result<()> {
+    let objs = dry_run(
+        cluster,
+        "kubectl apply --dry-run=server (roll timeout)",
+        &render(home, &["--set", "csi.roll.containerTimeout=90s"])?,
+    )?;
+    check_roll_job(find(&objs, "Job", ROLL)?, IMAGE, "90s", 100 * (3 * 90 + 60));
+
+    let bad = helm(
+        home,
+        &[
+            "template",
+            RELEASE,
+            chart().as_str(),
+            "--set",
+            "csi.roll.containerTimeout=90",
+        ],
+    )?;
+    assert!(!bad.status.success(), "containerTimeout=90 rendered");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("csi.roll.containerTimeout must be a whole number of seconds, minutes or hours (90s, 5m, 1h), not \"90\""),
+        "{err}"
+    );
+
+    for (values, strategy) in [
+        ("csi.roll.enabled=false", json!({"type": "OnDelete"})),
+        (
+            "csi.updateStrategy.type=RollingUpdate",
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+        ),
+    ] {
+        let objs = dry_run(
+            cluster,
+            &format!("kubectl apply --dry-run=server ({values})"),
+            &render(home, &["--set", values])?,
+        )?;
+        let roll: Vec<String> = objs
+            .iter()
+            .filter(|o| o["metadata"]["name"] == ROLL)
+            .map(|o| o["kind"].to_string())
+            .collect();
+        assert!(roll.is_empty(), "{values} still renders {roll:?}");
+        assert_eq!(
+            find(&objs, "DaemonSet", CSI_SA)?["spec"]["updateStrategy"],
+            strategy,
+            "{values}"
+        );
+    }
+    Ok(())
+}
+
+/// The roll's calls, made with the roll account's own token: read the DaemonSet, list its pods
+/// by the DaemonSet's labels, set a container's image with a JSON patch that first tests the
+/// container's name (refused with a bare 422 when the name does not match, which the roll reports
+/// as a changed pod), and read the pod back. Only in the release
+/// namespace; no delete.
+async fn check_roll_rights(cluster: &Cluster) -> anyhow::Result<()> {
+    let admin = cluster.client().await?;
+    let ds = Api::<DaemonSet>::namespaced(admin.clone(), NS)
+        .get(CSI_SA)
+        .await?;
+    let labels = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+        .context("the DaemonSet's matchLabels")?;
+    let uid = ds.metadata.uid.clone().context("the DaemonSet's uid")?;
+    // A pod as the DaemonSet would make it (nothing runs it: there is no kubelet).
+    let pod = |ns: &str| -> anyhow::Result<Pod> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {
+                "name": "lakecache-csi-node-test",
+                "namespace": ns,
+                "labels": labels,
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "DaemonSet", "name": CSI_SA,
+                    "uid": uid, "controller": true,
+                }],
+            },
+            "spec": {
+                "nodeName": "node-a",
+                "containers": [
+                    {"name": "csi-plugin", "image": IMAGE},
+                    {"name": "mounter", "image": IMAGE},
+                ],
+            },
+        }))?)
+    };
+    for ns in [NS, "ml"] {
+        Api::<Pod>::namespaced(admin.clone(), ns)
+            .create(&PostParams::default(), &pod(ns)?)
+            .await
+            .with_context(|| format!("creating a test pod in {ns}"))?;
+    }
+
+    let roll =
+        client_from_kubeconfig(&cluster.kubeconfig_for_service_account(NS, ROLL).await?).await?;
+    let got = Api::<DaemonSet>::namespaced(roll.clone(), NS)
+        .get(CSI_SA)
+        .await
+        .context("the roll account reads the DaemonSet")?;
+    assert_eq!(got.metadata.uid.as_deref(), Some(uid.as_str()));
+    let pods = Api::<Pod>::namespaced(roll.clone(), NS);
+    let selector: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let listed = pods
+        .list(&ListParams::default().labels(&selector.join(",")))
+        .await
+        .context("the roll account lists the DaemonSet's pods")?;
+    let names: Vec<_> = listed
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    assert_eq!(names, ["lakecache-csi-node-test"]);
+
+    const NEW: &str = "ghcr.io/lakecache/lakecache:0.2.0";
+    let set_image = |index: usize, name: &str| -> anyhow::Result<Patch<()>> {
+        Ok(Patch::Json(serde_json::from_value(json!([
+            {"op": "test", "path": format!("/spec/containers/{index}/name"), "value": name},
+            {"op": "replace", "path": format!("/spec/containers/{index}/image"), "value": NEW},
+        ]))?))
+    };
+    let pp = PatchParams::default();
+    let patched = pods
+        .patch("lakecache-csi-node-test", &pp, &set_image(1, "mounter")?)
+        .await
+        .context("the roll account sets the mounter's image")?;
+    let images: Vec<_> = patched
+        .spec
+        .as_ref()
+        .context("spec")?
+        .containers
+        .iter()
+        .map(|c| (c.name.as_str(), c.image.as_deref()))
+        .collect();
+    assert_eq!(
+        images,
+        [("csi-plugin", Some(IMAGE)), ("mounter", Some(NEW))]
+    );
+    // Container 0 is not the mounter: the test op refuses the whole patch.
+    let moved = pods
+        .patch("lakecache-csi-node-test", &pp, &set_image(0, "mounter")?)
+        .await;
+    match &moved {
+        Err(kube::Error::Api(s)) => {
+            // A bare 422, without the test's detail: the roll reads any 422 as a changed pod.
+            assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"), "{s:?}");
+        }
+        other => panic!("a patch whose test fails was not refused: {other:?}"),
+    }
+    let after = pods.get("lakecache-csi-node-test").await?;
+    assert_eq!(
+        after.spec.context("spec")?.containers[0].image.as_deref(),
+        Some(IMAGE)
+    );
+    let denied = Api::<Pod>::namespaced(roll.clone(), "ml")
+        .patch("lakecache-csi-node-test", &pp, &set_image(1, "mounter")?)
+        .await;
+    assert!(
+        is_forbidden(&denied),
+        "the roll patched a pod in ml: {denied:?}"
+    );
+    let denied = pods
+        .delete("lakecache-csi-node-test", &DeleteParams::default())
+        .await;
+    assert!(is_forbidden(&denied), "the roll deleted a pod: {denied:?}");
+    let denied = Api::<Secret>::namespaced(roll, NS)
+        .list(&ListParams::default())
+        .await;
+    assert!(is_forbidden(&denied), "the roll listed Secrets: {denied:?}");
+    for ns in [NS, "ml"] {
+        Api::<Pod>::namespaced(admin.clone(), ns)
+            .delete(
+                "lakecache-csi-node-test",
+                &DeleteParams::default().grace_period(0),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
 fn is_forbidden<T: std::fmt::Debug>(result: &kube::Result<T>) -> bool {
     matches!(result, Err(kube::Error::Api(status)) if status.code == 403)
 }
@@ -828,6 +1125,12 @@ fn check_values_change_what_is_stored(cluster: &Cluster, home: &Path) -> anyhow:
         Some(&json!("1GiB"))
     );
     assert_eq!(plugin["image"], "registry.example/lakecache:v9");
+    check_roll_job(
+        find(&objs, "Job", ROLL)?,
+        "registry.example/lakecache:v9",
+        "5m",
+        100 * (3 * 300 + 60),
+    );
     let deploy = find(&objs, "Deployment", OPERATOR_SA)?;
     assert_eq!(deploy["spec"]["replicas"], 3);
     let op = container(&deploy["spec"]["template"]["spec"], "operator")?;
