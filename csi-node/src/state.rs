@@ -195,6 +195,20 @@ impl StateDir {
                         Err(e) => return Err(e),
                     }
                 }
+                // A running FUSE server's hand-off files move as they are (its lock, its
+                // journal and its control socket are open by inode): a copy would be unlocked
+                // and stale.
+                for name in ["fuse.lock", "fuse.state", "fuse.ctl"] {
+                    match std::fs::rename(old.join(name), new.join(name)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => tracing::warn!(
+                            file = %old.join(name).display(),
+                            error = %e,
+                            "cannot move a hand-off file; a restart of this volume's FUSE server will mount it anew"
+                        ),
+                    }
+                }
                 // The record last: a volume is here once its record is.
                 write_atomic(&new.join("volume.json"), &b, 0o644)?;
                 moved.push(rec.volume_id);

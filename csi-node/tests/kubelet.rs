@@ -1092,18 +1092,11 @@ async fn a_hung_cache_mount_makes_publish_unavailable_and_blocks_no_other_call()
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The plugin's thread that looks into the mount waits until the FUSE server answers (a
-    // minute) or is gone; without this, killing the plugin would wait for it.
-    node.kill_mounter();
-    for e in std::fs::read_dir(node.state.join("volumes"))
-        .unwrap()
-        .flatten()
-    {
-        if let Ok(b) = std::fs::read(e.path().join("fuse.pid")) {
-            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-            let pid = nix::unistd::Pid::from_raw(v["pid"].as_i64().unwrap() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
+    // minute) or the connection ends; without this, killing the plugin would wait for it. The
+    // plugin and the mounter keep the connections, so killing the FUSE servers would not end
+    // them: they are aborted.
+    abort_fuse_under(root.path());
+    kill_fuse_servers(&node.state);
 }
 
 /// A FUSE server that hangs (stopped with SIGSTOP) while a publish looks into its mount: the

@@ -233,8 +233,68 @@ impl NodeProcs {
     }
 }
 
+/// Ends every FUSE connection mounted under `root` through the kernel's fusectl (mounted at
+/// /sys/fs/fuse/connections first if need be): the plugin and the mounter keep copies of the
+/// connections, so killing the FUSE servers alone leaves them up, and a thread waiting on a
+/// hung one waits on.
+pub fn abort_fuse_under(root: &Path) {
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(ctl).is_ok_and(|mut d| d.next().is_none()) {
+        let _ = nix::mount::mount(
+            Some("fusectl"),
+            ctl,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let fuse = line
+            .split(" - ")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with("fuse"));
+        if fuse
+            && f.len() > 4
+            && Path::new(f[4]).starts_with(root)
+            && let Some((_, minor)) = f[2].split_once(':')
+        {
+            let _ = std::fs::write(ctl.join(minor).join("abort"), "1");
+        }
+    }
+}
+
+/// Kills every FUSE server whose configuration lies under `state` (the mounter's, and any the
+/// plugin started while the mounter was away).
+pub fn kill_fuse_servers(state: &Path) {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let needle = state.as_os_str().as_encoded_bytes();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args.contains(&&b"fuse-server"[..])
+            && args.iter().any(|a| a.windows(needle.len()).any(|w| w == needle))
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for NodeProcs {
     fn drop(&mut self) {
+        abort_fuse_under(&self.root);
+        kill_fuse_servers(&self.state);
         self.kill_plugin();
         self.kill_mounter();
         // Stop every FUSE server left behind and clear their mounts, so a failed test leaves
