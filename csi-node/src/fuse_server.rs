@@ -209,7 +209,7 @@ pub async fn run(
             return Err(e);
         }
     };
-    tracing::info!(volume = %cfg.volume_id, path = %cfg.mount_path.display(), "serving");
+    tracing::info!(volume = %cfg.volume_id, path = %cfg.mount_path.display(), version = crate::VERSION, "serving");
     let ended = async {
         // Bounded by the mount's life; one look a second.
         while !mount.is_finished() {

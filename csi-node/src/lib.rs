@@ -42,6 +42,17 @@ use tonic::transport::{Channel, Endpoint};
 
 /// The CSI driver name.
 pub const DRIVER_NAME: &str = "csi.lakecache.io";
+
+/// The build's tag: a fixed-width literal, so that a test can make a copy of the binary that
+/// is another build (another version string) without compiling one.
+macro_rules! build_tag {
+    () => {
+        "lakecache-build-0000"
+    };
+}
+
+/// What `--version` and a starting FUSE server say.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", build_tag!(), ")");
 /// The topology key NodeGetInfo reports, with the node name as its value.
 pub const TOPOLOGY_KEY: &str = "topology.lakecache.io/node";
 

@@ -17,7 +17,7 @@ use lakecache_csi_node::{PluginOptions, fuse_server, socket_path, start_plugin};
 #[derive(Debug, Parser)]
 #[command(
     name = "lakecache-csi-node",
-    version,
+    version = lakecache_csi_node::VERSION,
     about = "The lakecache CSI node plugin (csi.lakecache.io)"
 )]
 struct Cli {
@@ -44,6 +44,10 @@ enum Command {
     /// Bring the node DaemonSet's pods to its template's images in place, one container at a
     /// time, so that their mounts survive (the chart's post-upgrade hook).
     Roll(lakecache_csi_node::roll::RollArgs),
+    /// Replace the node's running FUSE servers in place with successors running another binary
+    /// (or this one): each takes its predecessor's FUSE connection, so the mounts and the files
+    /// open on them stay. Run in the mounter container.
+    UpgradeFuse(UpgradeFuseArgs),
     /// Serve one volume through FUSE (started by the mounter).
     #[command(hide = true)]
     FuseServer {
@@ -206,6 +210,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Roll(a) => Ok(rt.block_on(lakecache_csi_node::roll::run(a))?),
+        Command::UpgradeFuse(a) => rt.block_on(upgrade_fuse(a)),
         Command::FuseServer { config, successor } => {
             let text =
                 std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
@@ -231,6 +236,73 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(fuse_server::run(cfg, &dir, device, &mut out, Some(metrics)))
         }
     }
+}
+
+#[derive(Debug, Args)]
+struct UpgradeFuseArgs {
+    /// The state directory the plugin and the mounter share.
+    #[arg(
+        long,
+        env = "LAKECACHE_STATE_DIR",
+        default_value = lakecache_csi_node::state::DEFAULT_ROOT
+    )]
+    state_dir: PathBuf,
+    /// The binary the successors run, as the mounter sees it; default: the mounter's own.
+    #[arg(long)]
+    exe: Option<PathBuf>,
+    /// Only these volumes (by CSI volume id); default: every staged volume.
+    #[arg(long)]
+    volume: Vec<String>,
+}
+
+async fn upgrade_fuse(a: UpgradeFuseArgs) -> anyhow::Result<()> {
+    use lakecache_proto::lakecache::v1::MountRequest;
+    let state = StateDir::open(&a.state_dir)
+        .with_context(|| format!("opening {}", a.state_dir.display()))?;
+    let mut mounter = lakecache_csi_node::mounter_client(&state.mounter_socket());
+    let mut failed = 0;
+    for rec in state.all() {
+        let rec = match rec {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("skipping a volume whose state cannot be read: {e}");
+                continue;
+            }
+        };
+        if !a.volume.is_empty() && !a.volume.contains(&rec.volume_id) {
+            continue;
+        }
+        let req = MountRequest {
+            volume_id: rec.volume_id.clone(),
+            mount_path: rec.staging_path.display().to_string(),
+            config_path: state.fuse_config_path(&rec.volume_id).display().to_string(),
+            replace: true,
+            exe: a
+                .exe
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        };
+        match mounter.mount(req).await {
+            Ok(r) if r.get_ref().took_over => {
+                println!("{}: pid {} took over", rec.volume_id, r.get_ref().pid)
+            }
+            Ok(r) => {
+                failed += 1;
+                println!(
+                    "{}: pid {} mounted anew (the connection was not kept; files open on it broke)",
+                    rec.volume_id,
+                    r.get_ref().pid
+                )
+            }
+            Err(s) => {
+                failed += 1;
+                println!("{}: {}", rec.volume_id, s.message())
+            }
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} volume(s) were not upgraded in place");
+    Ok(())
 }
 
 async fn plugin(a: PluginArgs) -> anyhow::Result<()> {

@@ -4,10 +4,11 @@
 //! real S3 server becomes three worker containers and a bound PVC; a CachePreload warms part of
 //! the dataset; a training pod (the PyTorchJob example's pod template) mounts the PVC through
 //! kubelet and checks every file against a checksum list; the workers scale 3→2 while a reader
-//! runs without a failed read; the CSI pod's containers are killed and the pod deleted while a
-//! reader runs (the plugin's death costs nothing, the mounter's and the pod's a repair whose
-//! time is measured); deleting the CacheNamespace removes everything it made and the mounts
-//! are gone.
+//! runs without a failed read; under a reader that holds every file open, the CSI pod's plugin
+//! and mounter containers are killed, the FUSE server is upgraded to another build and the
+//! whole pod is upgraded through `helm upgrade`, each without a failed read or a lost open
+//! file (the stalls are printed); deleting the pod costs a repair whose time is measured;
+//! deleting the CacheNamespace removes everything it made and the mounts are gone.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -513,23 +514,31 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     );
     step("scaled 3→2 under a reader with no failed read");
 
-    // 7. The CSI pod under a reader. Killing the plugin container costs nothing: the FUSE
-    // servers live in the mounter. Killing the mounter kills them: the plugin repairs the mount
-    // and the reader reads again after a stall that is measured. Deleting the pod: the
-    // DaemonSet brings it back and it repairs the mount too.
+    // 7. The CSI pod's processes restart and upgrade under readers. One holds every file open
+    // (`lakecache verify --hold`: each pass reads every file through the handle it opened at
+    // its first pass and through a new open, past the page cache, and checks its checksum); a
+    // plain one reads with `sha256sum`. The plugin and the mounter each keep a copy of the
+    // FUSE connection, and a successor takes it over: the plugin killed, the mounter killed
+    // (with its FUSE server), the FUSE server upgraded to another build and the whole CSI pod
+    // upgraded through the chart (`helm upgrade`, whose hook restarts the pod's containers one
+    // at a time) each cost no failed read and no open file. Deleting the pod kills every
+    // holder: the DaemonSet's new pod repairs the mount (files open on it break), and the
+    // plain reader reads again after a stall that is measured.
+    let holder = "exec lakecache verify --sums /checks/SHA256SUMS --dir $DATA --hold --every 200ms";
     let reader = "trap 'exit 0' TERM; while true; do cd / && cd $DATA && \
                   if sha256sum -c --quiet /checks/SHA256SUMS >/dev/null 2>&1; \
                   then echo ok $(date +%s.%N); else echo fail $(date +%s.%N); fi; sleep 0.2; done";
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(training_pod("reader", reader)?)?,
-    )
-    .await?;
-    wait("the reader's first pass", || async {
-        Ok(env
-            .logs(NS, "reader", "pytorch")
-            .contains("ok ")
-            .then_some(()))
+    for (name, script) in [("holder", holder), ("reader", reader)] {
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(training_pod(name, script)?)?,
+        )
+        .await?;
+    }
+    wait("the readers' first passes", || async {
+        Ok((env.logs(NS, "holder", "pytorch").contains(" ok files=")
+            && env.logs(NS, "reader", "pytorch").contains("ok "))
+        .then_some(()))
     })
     .await?;
     let fuse_servers_before = fuse_server_pids();
@@ -557,7 +566,61 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
             })
             .unwrap_or_default()
     };
+    // The holder's passes since `since`: (ok, the pass's end, its slowest read in ms, the line).
+    let held_passes = |since: f64| {
+        env.logs(NS, "holder", "pytorch")
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next()? == "pass").then_some(())?;
+                let _n = w.next()?;
+                let t: f64 = w.next()?.parse().ok()?;
+                let ok = w.next()? == "ok";
+                let slowest = l
+                    .rsplit_once("slowest_ms=")
+                    .and_then(|(_, v)| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                (t > since).then(|| (ok, t, slowest, l.to_string()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let files_held = format!("held={}", files.len());
+    // After an event that began at `since` and ended at `done`: three good passes after
+    // `done`, no failed pass since `since`, every file still read through the handle opened
+    // before it; the longest read and the longest gap between passes (a pass waiting on the
+    // mount) since `since`.
+    let after_event = |what: String, since: f64, done: f64| {
+        let files_held = files_held.clone();
+        let held_passes = &held_passes;
+        async move {
+            wait(&format!("three good passes after {what}"), || async {
+                Ok((held_passes(done).iter().filter(|p| p.0).count() >= 3).then_some(()))
+            })
+            .await?;
+            let passes = held_passes(since);
+            let failed: Vec<&String> = passes.iter().filter(|p| !p.0).map(|p| &p.3).collect();
+            ensure!(failed.is_empty(), "{what}: failed reads: {failed:?}");
+            ensure!(
+                passes.iter().all(|p| p.3.contains(&files_held)),
+                "{what}: a handle opened before the event is gone: {passes:?}"
+            );
+            let slowest = passes.iter().map(|p| p.2).max().unwrap_or(0);
+            let mut gap = 0.0f64;
+            let mut last = since;
+            for p in &passes {
+                gap = gap.max(p.1 - last);
+                last = p.1;
+            }
+            anyhow::Ok(format!(
+                "{what}: {} passes, none failed, files opened before it still read; longest read {slowest} ms, longest gap between passes {:.0} ms",
+                passes.len(),
+                gap * 1000.0
+            ))
+        }
+    };
+    let mut stalls = vec![];
 
+    // The plugin killed: the FUSE server lives in the mounter and does not notice.
     let p = csi_pod(sys.clone()).await?;
     let (before, id, _) = restarts(&p, "csi-plugin");
     let killed_at = now();
@@ -568,7 +631,143 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         Ok((n > before && ready).then_some(()))
     })
     .await?;
-    // Two more passes after the restart, then the log since the kill must hold no failure.
+    stalls.push(after_event("csi-plugin killed".into(), killed_at, now()).await?);
+    ensure!(
+        fuse_server_pids() == fuse_servers_before,
+        "the plugin's restart started or stopped FUSE servers: {:?} → {:?}",
+        fuse_servers_before,
+        fuse_server_pids()
+    );
+    step(stalls.last().unwrap());
+
+    // The mounter killed, and its FUSE server with it: the plugin starts a successor on the
+    // connection it kept, and hands it back to the mounter once that is back.
+    let p = csi_pod(sys.clone()).await?;
+    let (before, id, _) = restarts(&p, "mounter");
+    let killed_at = now();
+    env.cluster.node().kill_container(&id)?;
+    wait("the mounter container restarted and ready", || async {
+        let p = csi_pod(sys.clone()).await?;
+        let (n, _, ready) = restarts(&p, "mounter");
+        Ok((n > before && ready).then_some(()))
+    })
+    .await?;
+    stalls.push(after_event("mounter killed".into(), killed_at, now()).await?);
+    let servers = fuse_server_pids();
+    ensure!(
+        servers.len() == 1 && servers != fuse_servers_before,
+        "FUSE servers after the mounter's death: {fuse_servers_before:?} → {servers:?}"
+    );
+    step(stalls.last().unwrap());
+
+    // The FUSE server upgraded to another build: a copy of the binary whose build tag (the
+    // version string) differs, in the state directory the mounter sees, run by
+    // `lakecache-csi-node upgrade-fuse` in the mounter container.
+    let state_dir = kubelet.join("plugins/csi.lakecache.io-state");
+    let next = state_dir.join("lakecache-csi-node-next");
+    {
+        let bin = lakecache_e2e::image::binaries_dir()?.join("lakecache-csi-node");
+        let mut b = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+        let (old, new) = (b"lakecache-build-0000", b"lakecache-build-0001");
+        let mut patched = 0;
+        for i in 0..b.len().saturating_sub(old.len()) {
+            if &b[i..i + old.len()] == old {
+                b[i..i + old.len()].copy_from_slice(new);
+                patched += 1;
+            }
+        }
+        ensure!(patched > 0, "no build tag in {}", bin.display());
+        std::fs::write(&next, &b)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let p = csi_pod(sys.clone()).await?;
+    let csi_pod_name = p.metadata.name.clone().unwrap_or_default();
+    let upgraded_at = now();
+    let out = kubectl(
+        cluster,
+        &[
+            "-n",
+            SYSTEM,
+            "exec",
+            &csi_pod_name,
+            "-c",
+            "mounter",
+            "--",
+            "lakecache-csi-node",
+            "upgrade-fuse",
+            "--exe",
+            next.to_str().unwrap(),
+        ],
+        None,
+    )?;
+    ensure!(out.contains("took over"), "upgrade-fuse: {out}");
+    stalls.push(after_event("FUSE server upgraded".into(), upgraded_at, now()).await?);
+    let log = env.logs(SYSTEM, &csi_pod_name, "mounter");
+    ensure!(
+        log.contains("lakecache-build-0001"),
+        "the new build does not serve: {}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    step(stalls.last().unwrap());
+
+    // The whole CSI pod upgraded as the README says: `helm upgrade` with a new image (here
+    // the same content under a new tag); the chart's hook restarts the pod's containers one at
+    // a time, in place. The pod stays (same uid), each container runs the new image.
+    let image = lakecache_e2e::image::chart_image()?;
+    let (repo_name, _) = image.rsplit_once(':').context("an image tag")?;
+    let next_image = format!("{repo_name}:next");
+    env.cluster
+        .node()
+        .ctr(&["images", "tag", "--force", &image, &next_image])?;
+    let old = csi_pod(sys.clone()).await?;
+    let old_uid = old.metadata.uid.clone();
+    let upgraded_at = now();
+    let out = cluster.helm(&[
+        "upgrade",
+        "lakecache",
+        chart.to_str().unwrap(),
+        "--namespace",
+        SYSTEM,
+        "--reuse-values",
+        "--set",
+        "image.tag=next",
+        "--timeout",
+        "10m",
+    ]);
+    ensure!(
+        out.status.success(),
+        "helm upgrade: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = wait("the CSI pod on the new image", || async {
+        let p = csi_pod(sys.clone()).await?;
+        let on_new = p.spec.as_ref().is_some_and(|s| {
+            s.containers
+                .iter()
+                .all(|c| c.image.as_deref() == Some(next_image.as_str()))
+        });
+        Ok((on_new && ready(&p)).then_some(p))
+    })
+    .await?;
+    ensure!(
+        p.metadata.uid == old_uid,
+        "the upgrade replaced the CSI pod instead of restarting its containers"
+    );
+    stalls.push(
+        after_event(
+            "CSI pod upgraded through the chart".into(),
+            upgraded_at,
+            now(),
+        )
+        .await?,
+    );
+    step(stalls.last().unwrap());
+    pods.delete("holder", &DeleteParams::default()).await?;
+
+    // Every holder of the connection killed at once: the pod deleted. The DaemonSet's new pod
+    // repairs the mount; the plain reader reads again after a stall.
     let passes_after = |since: f64| {
         let log = env.logs(NS, "reader", "pytorch");
         log.lines()
@@ -577,46 +776,6 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
             .map(|(r, t)| (r.to_string(), t.parse::<f64>().unwrap()))
             .collect::<Vec<_>>()
     };
-    let ready_at = now();
-    wait("two reader passes after the plugin's restart", || async {
-        Ok((passes_after(ready_at).len() >= 2).then_some(()))
-    })
-    .await?;
-    let since_kill = passes_after(killed_at);
-    ensure!(
-        since_kill.iter().all(|(r, _)| r == "ok"),
-        "a read failed while the plugin restarted: {since_kill:?}"
-    );
-    ensure!(
-        fuse_server_pids() == fuse_servers_before,
-        "the plugin's restart started or stopped FUSE servers: {:?} → {:?}",
-        fuse_servers_before,
-        fuse_server_pids()
-    );
-    step(&format!(
-        "csi-plugin container killed and restarted under a reader: {} passes, none failed, same FUSE server",
-        since_kill.len()
-    ));
-
-    let p = csi_pod(sys.clone()).await?;
-    let (before, id, _) = restarts(&p, "mounter");
-    let killed_at = now();
-    env.cluster.node().kill_container(&id)?;
-    let back = wait(
-        "the reader reading again after the mounter's death",
-        || async { Ok(reading_again(&passes_after(killed_at))) },
-    )
-    .await?;
-    let p = csi_pod(sys.clone()).await?;
-    ensure!(
-        restarts(&p, "mounter").0 > before,
-        "the mounter did not restart"
-    );
-    let mounter_stall = back - killed_at;
-    step(&format!(
-        "mounter container killed: mount repaired, the reader read again {mounter_stall:.1} s after the kill"
-    ));
-
     let old = csi_pod(sys.clone()).await?;
     let old_uid = old.metadata.uid.clone();
     let killed_at = now();
@@ -639,6 +798,10 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     step(&format!(
         "CSI pod deleted: the DaemonSet's new pod repaired the mount, the reader read again {pod_stall:.1} s after the delete"
     ));
+    eprintln!("hand-off on the real node:");
+    for s in &stalls {
+        eprintln!("  {s}");
+    }
     drop(dropper);
 
     // 7b. A tenant attacks through the node: a ServiceAccount of another namespace that may only

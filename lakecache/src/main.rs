@@ -7,6 +7,7 @@
 mod demo;
 mod local;
 mod sample;
+mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ enum Command {
     Local(local::LocalArgs),
     /// Generate a sample lake, mount it through lakecache, and read it for two epochs.
     Demo(demo::DemoArgs),
+    /// Check a mounted dataset against a checksum list (`sha256sum` format), once or in a loop.
+    Verify(verify::VerifyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,13 +47,14 @@ fn main() -> anyhow::Result<()> {
     lakecache_telemetry::init_logging(cli.log_format, "warn");
     let env = match &cli.command {
         Command::Local(a) => a.source_spec()?.process_env()?,
-        Command::Demo(_) => Vec::new(),
+        Command::Demo(_) | Command::Verify(_) => Vec::new(),
     };
     let rt = lakecache_telemetry::runtime_with_env(env)?;
     rt.block_on(async move {
         match cli.command {
             Command::Local(a) => local::run(a).await,
             Command::Demo(a) => demo::run(a).await,
+            Command::Verify(a) => verify::run(a).await,
         }
     })
 }

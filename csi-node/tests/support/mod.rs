@@ -281,7 +281,9 @@ pub fn kill_fuse_servers(state: &Path) {
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         if args.contains(&&b"fuse-server"[..])
-            && args.iter().any(|a| a.windows(needle.len()).any(|w| w == needle))
+            && args
+                .iter()
+                .any(|a| a.windows(needle.len()).any(|w| w == needle))
         {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
