@@ -134,6 +134,8 @@ pub struct Membership {
     rotates: std::sync::atomic::AtomicBool,
     /// Whether block reads use the block transport where workers speak it.
     block_transport: std::sync::atomic::AtomicBool,
+    /// How long a read waits for a worker when none answers (milliseconds; 0: it fails).
+    worker_wait_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Membership {
@@ -150,6 +152,7 @@ impl Membership {
             member_generation: tokio::sync::watch::Sender::new(0),
             rotates: Default::default(),
             block_transport: std::sync::atomic::AtomicBool::new(true),
+            worker_wait_ms: Default::default(),
         })
     }
 
@@ -202,6 +205,25 @@ impl Membership {
     pub fn expect_rotation(&self) {
         self.rotates
             .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Lets a read wait up to `wait` when no worker answers, asking again when the member list
+    /// changes or after a pause: workers that restart together, or all at new addresses (a
+    /// rolling update of their StatefulSet), are briefly all unreachable. Without it (the
+    /// default), such a read fails at once.
+    pub fn wait_for_workers(&self, wait: Duration) {
+        self.worker_wait_ms.store(
+            wait.as_millis().min(u64::MAX as u128) as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// See [`Membership::wait_for_workers`].
+    pub fn worker_wait(&self) -> Duration {
+        Duration::from_millis(
+            self.worker_wait_ms
+                .load(std::sync::atomic::Ordering::Acquire),
+        )
     }
 
     /// See [`Membership::expect_rotation`].

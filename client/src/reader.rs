@@ -865,15 +865,39 @@ impl Reader {
     ///   hedged), and a failed attempt moves on to the next owner unless another still may
     ///   answer.
     async fn block_uncached(&self, key: BlockKey, size: u64) -> Result<Bytes, ReadError> {
-        // Bounded by the caller's deadline: a pass per pause while every worker refuses.
+        // Bounded by the caller's deadline: a pass per pause while every worker refuses, and
+        // by the membership's worker wait while none answers.
         let mut pause = None;
+        let mut unanswered_since: Option<Instant> = None;
         loop {
             let mut changes = self.changes();
             let mut refused = false;
-            match self.block_pass(key.clone(), size, &mut refused).await {
+            let mut unanswered = false;
+            match self
+                .block_pass(key.clone(), size, &mut refused, &mut unanswered)
+                .await
+            {
                 Err(e) if refused => {
                     if !self.wait_after_refusal(&mut changes, &mut pause).await {
                         return Err(e);
+                    }
+                }
+                Err(e) if unanswered => {
+                    let since = *unanswered_since.get_or_insert_with(Instant::now);
+                    let budget = self.membership.worker_wait();
+                    if since.elapsed() >= budget {
+                        return Err(e);
+                    }
+                    if pause.is_none() {
+                        tracing::warn!(error = %e, "no worker answers; asking again when the workers change, for up to {budget:?}");
+                    }
+                    let wait = pause.map_or(REFUSED_FIRST_PAUSE, |p: Duration| {
+                        (p * 2).min(REFUSED_MAX_PAUSE)
+                    });
+                    pause = Some(wait);
+                    tokio::select! {
+                        _ = changes.members.changed() => {}
+                        _ = tokio::time::sleep(wait.min(budget.saturating_sub(since.elapsed()))) => {}
                     }
                 }
                 r => return r,
@@ -924,12 +948,13 @@ impl Reader {
     }
 
     /// One pass over the block's owners (see [`Reader::block_uncached`]); sets `refused` when
-    /// a worker refused the token.
+    /// a worker refused the token, `unanswered` when no worker gave an answer.
     async fn block_pass(
         &self,
         key: BlockKey,
         size: u64,
         refused: &mut bool,
+        unanswered: &mut bool,
     ) -> Result<Bytes, ReadError> {
         let owners = self.candidates(key.id().0);
         self.health.earn();
@@ -1066,10 +1091,13 @@ impl Reader {
                 self.count("direct", bytes.len());
                 Ok(bytes)
             }
-            _ => Err(ReadError::Unavailable(format!(
-                "{} block {}: no worker answered and direct reads are off",
-                key.path, key.index
-            ))),
+            _ => {
+                *unanswered = true;
+                Err(ReadError::Unavailable(format!(
+                    "{} block {}: no worker answered and direct reads are off",
+                    key.path, key.index
+                )))
+            }
         }
     }
 

@@ -226,3 +226,52 @@ async fn blocks_a_greedy_worker_owns_are_read_from_the_next_worker() {
     assert_eq!(by("blocks"), 0);
     assert!(by("grpc") >= 16, "{} blocks over gRPC", by("grpc"));
 }
+
+/// Workers that all restart at new addresses (a rolling update of their StatefulSet) are
+/// briefly all unreachable. With a worker wait (what the FUSE server sets), a read waits for
+/// the member list to change and reads from the new address; without one, it fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waits_for_the_workers_to_come_back_when_told_to() {
+    let gone = Member {
+        id: "w0".into(),
+        endpoint: format!("http://127.0.0.1:{}", {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        }),
+    };
+    let r = reader(vec![gone.clone()]);
+    let started = Instant::now();
+    let e = r.block("f", &meta(1), 0).await.unwrap_err();
+    assert!(e.to_string().contains("no worker answered"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let back = start("w0", false).await;
+    let r = reader(vec![gone]);
+    r.membership().wait_for_workers(Duration::from_secs(10));
+    let m = r.membership().clone();
+    let member = back.member.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        m.set(vec![member]).unwrap();
+    });
+    let started = Instant::now();
+    let got = r.block("f", &meta(1), 0).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(got.len() as u64, BLOCK);
+    assert_eq!(back.calls.load(Ordering::Acquire), 1);
+
+    // The wait is bounded: with nobody coming back, the read fails once it is over.
+    let r = reader(vec![Member {
+        id: "w9".into(),
+        endpoint: "http://127.0.0.1:1".into(),
+    }]);
+    r.membership().wait_for_workers(Duration::from_millis(700));
+    let started = Instant::now();
+    let e = r.block("f", &meta(1), 0).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(e.to_string().contains("no worker answered"), "{e}");
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}

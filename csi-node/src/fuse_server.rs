@@ -178,6 +178,11 @@ async fn first_answer(
     )
 }
 
+/// How long a read waits when no worker answers: the workers' StatefulSet rolls them one by
+/// one (an upgrade), and each comes back at a new address, which this server learns from the
+/// CacheNamespace's status a moment later; reads wait for that instead of failing.
+pub const WORKER_WAIT: Duration = Duration::from_secs(60);
+
 /// How long a successor waits for its predecessor to let go of the volume.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
@@ -247,6 +252,7 @@ async fn mount(
             .context("the data-plane token")?,
     );
     membership.set_block_transport(cfg.block_transport);
+    membership.wait_for_workers(WORKER_WAIT);
     if let (Some(path), Some(token)) = (&cfg.token_file, token) {
         follow_token_file(path.clone(), membership.clone(), token);
     }

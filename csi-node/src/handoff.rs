@@ -18,7 +18,7 @@
 //! Whoever serves holds the volume's serve lock, so two servers never answer one connection.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -351,14 +351,18 @@ impl Keeper {
     fn watch(self: &Arc<Self>, volume_id: String, conn: UnixStream, watch: u64) {
         let me = self.clone();
         tokio::spawn(async move {
-            // Blocks until the server is gone (end of file or an error).
-            let _ = tokio::task::spawn_blocking(move || {
+            // Waits until the server is gone (end of file or an error). Not on a blocking
+            // thread: the runtime's shutdown would wait for it, and a container stopping this
+            // process would wait out its grace period.
+            let conn = conn
+                .set_nonblocking(true)
+                .and_then(|_| tokio::net::UnixStream::from_std(conn));
+            if let Ok(mut conn) = conn {
+                use tokio::io::AsyncReadExt;
                 let mut b = [0u8; 64];
-                let mut conn = conn;
                 // Bounded by the server's life; it sends nothing unasked.
-                while matches!(conn.read(&mut b), Ok(n) if n > 0) {}
-            })
-            .await;
+                while matches!(conn.read(&mut b).await, Ok(n) if n > 0) {}
+            }
             let latest = me
                 .kept
                 .lock()

@@ -185,7 +185,15 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
+    let result = run(cli.command, &rt);
+    // A thread still blocked on a hung mount must not keep a stopping container waiting out
+    // its grace period.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+fn run(command: Command, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    match command {
         Command::Plugin(a) => rt.block_on(plugin(a)),
         Command::Mounter(a) => rt.block_on(async move {
             let state = StateDir::open(&a.state_dir)
