@@ -60,8 +60,16 @@ struct Gate {
 
 impl Gate {
     fn answer<R>(&self, reply: R, send: impl FnOnce(R)) {
+        self.answer_or(reply, send, || {});
+    }
+
+    /// [`Gate::answer`], running `undo` instead when frozen: the kernel asks the successor
+    /// again, so what this request changed (an open handle, a reference) must not stay in the
+    /// journal the successor replays.
+    fn answer_or<R>(&self, reply: R, send: impl FnOnce(R), undo: impl FnOnce()) {
         let frozen = self.frozen.read();
         if *frozen {
+            undo();
             // Dropping a reply would answer EIO; this one must stay unanswered.
             std::mem::forget(reply);
             return;
@@ -266,10 +274,19 @@ impl Filesystem for LakeFs {
         let ttl = self.ttl();
         self.rt.spawn(async move {
             let res = core.lookup(parent.0, &name).await;
-            gate.answer(reply, |r| match res {
-                Ok(a) => r.entry(&ttl, &fattr(&core, &a), Generation(0)),
-                Err(e) => r.error(errno(&e)),
-            });
+            let taken = res.as_ref().ok().map(|a| a.ino);
+            gate.answer_or(
+                reply,
+                |r| match res {
+                    Ok(a) => r.entry(&ttl, &fattr(&core, &a), Generation(0)),
+                    Err(e) => r.error(errno(&e)),
+                },
+                || {
+                    if let Some(ino) = taken {
+                        core.forget(ino, 1);
+                    }
+                },
+            );
         });
     }
 
@@ -305,19 +322,27 @@ impl Filesystem for LakeFs {
                 Err(e) => return gate.answer(reply, |r| r.error(errno(&e))),
             };
             let local = core.local_file(fh);
+            let undo = || {
+                core.release(fh);
+                pt.release(fh);
+            };
             if let Some(id) = pt.open(ino.0, fh, local.as_deref()) {
                 // Journaled before the kernel hears of it: a successor must reuse this id.
                 core.set_backing(fh, id);
                 core.reader().metrics.passthrough_opens.inc();
-                gate.answer(reply, |r| {
-                    // SAFETY: `id` is a backing file registered on this connection and still
-                    // open (its opens are counted); the wrapper is taken apart again so that
-                    // only `Passthrough::release` closes it.
-                    #[allow(unsafe_code)]
-                    let backing = unsafe { r.wrap_backing(id) };
-                    r.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
-                    let _ = backing.into_raw();
-                });
+                gate.answer_or(
+                    reply,
+                    |r| {
+                        // SAFETY: `id` is a backing file registered on this connection and
+                        // still open (its opens are counted); the wrapper is taken apart again
+                        // so that only `Passthrough::release` closes it.
+                        #[allow(unsafe_code)]
+                        let backing = unsafe { r.wrap_backing(id) };
+                        r.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                        let _ = backing.into_raw();
+                    },
+                    undo,
+                );
                 return;
             }
             let flags = if keep {
@@ -325,7 +350,7 @@ impl Filesystem for LakeFs {
             } else {
                 FopenFlags::empty()
             };
-            gate.answer(reply, |r| r.opened(FileHandle(fh), flags));
+            gate.answer_or(reply, |r| r.opened(FileHandle(fh), flags), undo);
         });
     }
 
@@ -583,13 +608,14 @@ fn umount(path: &Path) -> std::io::Result<()> {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let Some(s) = self.session.take() else { return };
-        let res = if self.resumed {
-            umount(&self.mountpoint).and_then(|_| s.join())
-        } else {
-            s.umount_and_join()
-        };
-        if let Err(e) = res {
+        // A resumed mount is unmounted only when asked ([`Mount::unmount`]): a successor that
+        // fails after taking the connection over leaves the mount to the next one.
+        if self.resumed {
+            return;
+        }
+        if let Some(s) = self.session.take()
+            && let Err(e) = s.umount_and_join()
+        {
             tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
         }
     }
@@ -685,6 +711,15 @@ fn init_request(k: &KernelInit) -> Vec<u8> {
     b
 }
 
+/// `FUSE_HAS_RESEND` in the kernel's `FUSE_INIT` offer: it takes `FUSE_NOTIFY_RESEND`.
+const FUSE_HAS_RESEND: u64 = 1 << 39;
+
+/// Whether a connection the kernel offered `k` on can be taken over: only a kernel that sends
+/// unanswered requests again (Linux 6.9) lets a successor answer what its predecessor read.
+pub fn can_hand_over(k: &KernelInit) -> bool {
+    k.flags & FUSE_HAS_RESEND != 0
+}
+
 /// Asks the kernel to send again every request of the connection that was read and not
 /// answered (`FUSE_NOTIFY_RESEND`, Linux 6.9).
 pub fn resend(device: BorrowedFd<'_>) -> std::io::Result<()> {
@@ -711,6 +746,12 @@ pub fn resume(
             "the saved state has no FUSE_INIT record: the predecessor never served",
         )
     })?;
+    if !can_hand_over(&kernel) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "the kernel cannot send a connection's unanswered requests again (FUSE_NOTIFY_RESEND, Linux 6.9)",
+        ));
+    }
     let fs = lake_fs(core, cfg, rt);
     let passthrough = fs.passthrough.clone();
     let gate = fs.gate.clone();
@@ -738,8 +779,9 @@ pub fn resume(
     drop(ours);
     let device = Arc::new(device);
     let _ = passthrough.device.set(device.clone());
-    let session = session.spawn()?;
+    // Before this session reads: what it reads after is answered once.
     resend(device.as_fd())?;
+    let session = session.spawn()?;
     Ok(Mount {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),

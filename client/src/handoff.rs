@@ -344,11 +344,15 @@ impl Journal {
             buf.push(b'\n');
         }
         let mut inner = self.inner.lock();
+        if inner.failed {
+            return false;
+        }
         if let Err(e) = inner.file.write_all(&buf) {
-            if !inner.failed {
-                tracing::error!(dir = %self.dir.display(), error = %e, "cannot write the FUSE state journal: a restart of this FUSE server will break its mount");
-                inner.failed = true;
-            }
+            // A journal that misses a record would give a successor wrong numbers: it goes,
+            // and a successor then fails cleanly (the mount is then mounted anew).
+            tracing::error!(dir = %self.dir.display(), error = %e, "cannot write the FUSE state journal; removing it: a restart of this FUSE server will break its mount");
+            inner.failed = true;
+            let _ = std::fs::remove_file(self.dir.join(JOURNAL));
             return false;
         }
         inner.appended += records.len() as u64;
@@ -358,12 +362,17 @@ impl Journal {
     /// Replaces the journal with `snapshot`.
     pub fn rewrite(&self, snapshot: &[Record]) {
         let mut inner = self.inner.lock();
+        if inner.failed {
+            return;
+        }
         match write_snapshot(&self.dir, snapshot) {
             Ok(file) => {
                 inner.file = file;
                 inner.appended = 0;
             }
             Err(e) => {
+                // Not again before as many records again.
+                inner.appended = 0;
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot rewrite the FUSE state journal; appending to the old one");
             }
         }

@@ -324,10 +324,16 @@ async fn mount(
         .with_context(|| format!("creating {}", cfg.mount_path.display()))?;
     let handle = tokio::runtime::Handle::current();
     let path = cfg.mount_path.clone();
-    let m = tokio::task::spawn_blocking(move || fuse::mount(core, &path, &mc, handle))
+    let served = core.clone();
+    let m = tokio::task::spawn_blocking(move || fuse::mount(served, &path, &mc, handle))
         .await?
         .with_context(|| format!("mounting FUSE at {}", cfg.mount_path.display()))?;
-    serve_ctl(dir, &m).await?;
+    if core.kernel_init().is_some_and(|k| fuse::can_hand_over(&k)) {
+        serve_ctl(dir, &m).await?;
+    } else {
+        // Nobody keeps the connection, so it ends with this process, as before hand-off.
+        tracing::warn!(volume = %cfg.volume_id, "the kernel cannot send unanswered FUSE requests again (FUSE_NOTIFY_RESEND needs Linux 6.9): a restart of this FUSE server breaks its mount and the files open on it");
+    }
     Ok((m, lock, metrics))
 }
 

@@ -100,7 +100,13 @@ pub fn serve_ctl(
 ) -> std::io::Result<()> {
     let path = dir.join(CTL);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
+    let (_dir, short) = short_path(dir)?;
+    let listener = UnixListener::bind(&short)?;
+    // Only root reaches it through the 0700 state directory; the socket says so too.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
     std::thread::Builder::new()
         .name("fuse-ctl".into())
         .spawn(move || {
@@ -144,8 +150,18 @@ fn ctl_conn(conn: UnixStream, device: &OwnedFd, id: u64, freeze: &(dyn Fn() + Se
     }
 }
 
+/// `dir`'s control socket as a path short enough for a socket address (108 bytes): through a
+/// descriptor of the directory, which the caller keeps open while it binds or connects.
+/// Kubelet directories such as MicroK8s' make the full path too long.
+fn short_path(dir: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
+    let d = std::fs::File::open(dir)?;
+    let short = PathBuf::from(format!("/proc/self/fd/{}/{CTL}", d.as_raw_fd()));
+    Ok((d, short))
+}
+
 fn connect(dir: &Path) -> std::io::Result<UnixStream> {
-    let s = UnixStream::connect(dir.join(CTL))?;
+    let (_dir, short) = short_path(dir)?;
+    let s = UnixStream::connect(short)?;
     s.set_read_timeout(Some(CTL_TIMEOUT))?;
     s.set_write_timeout(Some(CTL_TIMEOUT))?;
     Ok(s)
@@ -219,7 +235,7 @@ impl Drop for HandoverMark {
 }
 
 /// Whether a hand-over started in `dir` in the last [`MARK_FRESH`].
-fn handing_over(dir: &Path) -> bool {
+pub fn handing_over(dir: &Path) -> bool {
     std::fs::metadata(dir.join(HANDOVER_MARK))
         .and_then(|m| m.modified())
         .ok()
@@ -397,6 +413,8 @@ impl Keeper {
             } else if !marked && !started && self.should_start(since).await {
                 started = true;
                 tracing::warn!(volume = volume_id, role = ?self.role, "the FUSE server is gone; starting a successor on the kept connection");
+                // The other keeper waits while this successor gets ready.
+                let _mark = HandoverMark::new(&dir);
                 if let Err(e) = self.successor.start(volume_id, device).await {
                     tracing::error!(volume = volume_id, error = %format!("{e:#}"), "cannot start a successor; trying again in a second");
                     started = false;

@@ -232,12 +232,14 @@ fn run(command: Command, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
                 .to_path_buf();
             let device = if successor {
                 use std::os::fd::AsFd;
-                Some(
-                    std::io::stdin()
-                        .as_fd()
-                        .try_clone_to_owned()
-                        .context("taking the FUSE connection from standard input")?,
-                )
+                let fd = std::io::stdin()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("taking the FUSE connection from standard input")?;
+                // Standard input lets go of the connection (it is not close-on-exec).
+                let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+                nix::unistd::dup2_stdin(null).context("replacing standard input")?;
+                Some(fd)
             } else {
                 None
             };

@@ -417,12 +417,13 @@ impl Mounter for MounterService {
                 replace = req.replace,
                 "replacing the FUSE server"
             );
-            if p.is_alive() && health != Health::Healthy {
+            let healthy = p.is_alive() && health == Health::Healthy;
+            if p.is_alive() && !healthy {
                 // A hung server cannot hand over: it goes, its connection stays.
                 let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
                 self.stop_proc(&p).await;
             }
-            previous = Some(p);
+            previous = Some((p, healthy));
         }
         // The connection, kept here or given by the server that serves it now (one the plugin
         // hosted while this mounter was away): a successor takes it over, and the mount, with
@@ -465,15 +466,46 @@ impl Mounter for MounterService {
                     }));
                 }
                 Err(s) => {
+                    // A healthy server that was to be replaced serves on (a successor fails
+                    // before it asks for the hand-over, or the old one never froze).
+                    if matches!(&previous, Some((p, true)) if p.is_alive())
+                        && let Some((p, _)) = previous
+                    {
+                        tracing::error!(
+                            volume = volume_id,
+                            message = s.message(),
+                            "the successor failed; the running FUSE server stays"
+                        );
+                        self.procs.lock().insert(volume_id.to_string(), p);
+                        return Err(s);
+                    }
                     tracing::error!(
                         volume = volume_id,
                         message = s.message(),
-                        "the successor failed; mounting anew (files open on the mount break)"
+                        "the successor failed"
                     );
                 }
             }
         }
-        if let Some(p) = previous {
+        // Someone else serves the mount, or is taking it over (a successor the plugin started
+        // while this mounter was away): ask again later rather than mount over it.
+        let d = dir.clone();
+        let busy =
+            tokio::task::spawn_blocking(move || handoff::served(&d) || handoff::handing_over(&d))
+                .await
+                .unwrap_or(true);
+        if busy && mounts::is_mount_point(&mount_path).unwrap_or(false) {
+            if let Some((p, _)) = previous {
+                self.procs.lock().insert(volume_id.to_string(), p);
+            }
+            return Err(Status::unavailable(format!(
+                "volume {volume_id} is being served or taken over by another FUSE server; try again"
+            )));
+        }
+        if mounts::is_mount_point(&mount_path).unwrap_or(false) {
+            tracing::warn!(volume = volume_id, path = %mount_path.display(), "no FUSE connection to take over; mounting anew (files open on the mount break)");
+        }
+        if let Some((p, _)) = previous {
             self.stop_proc(&p).await;
         }
         self.keeper().forget(volume_id);
