@@ -193,7 +193,7 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 pub async fn run(
     cfg: FuseServerConfig,
     dir: &Path,
-    successor: Option<OwnedFd>,
+    successor: Option<(OwnedFd, u64)>,
     status: &mut dyn Write,
     metrics: Option<PathBuf>,
 ) -> anyhow::Result<()> {
@@ -241,7 +241,7 @@ pub async fn run(
 async fn mount(
     cfg: &FuseServerConfig,
     dir: &Path,
-    successor: Option<OwnedFd>,
+    successor: Option<(OwnedFd, u64)>,
 ) -> anyhow::Result<(fuse::Mount, ServeLock, Arc<ReaderMetrics>)> {
     let token = match &cfg.token_file {
         Some(path) => Some(read_token_file(path)?),
@@ -307,8 +307,8 @@ async fn mount(
         fs_name: format!("lakecache:{}/{}", cfg.namespace, cfg.name),
         passthrough: true,
     };
-    if let Some(device) = successor {
-        return take_over(cfg, dir, core, device, mc, metrics).await;
+    if let Some((device, id)) = successor {
+        return take_over(cfg, dir, core, device, id, mc, metrics).await;
     }
     let lock = wait_for_lock(dir, Duration::from_secs(2)).await?;
     let core = Arc::new(
@@ -339,11 +339,9 @@ async fn mount(
 
 /// Serves the control socket, naming the connection by the mount's device number.
 async fn serve_ctl(dir: &Path, m: &fuse::Mount) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let path = m.mountpoint.clone();
-    let id = tokio::task::spawn_blocking(move || std::fs::metadata(path).map(|m| m.dev()))
-        .await?
-        .with_context(|| format!("looking at the mount {}", m.mountpoint.display()))?;
+    let id = mounts::device_of(&m.mountpoint)
+        .with_context(|| format!("reading the mount table for {}", m.mountpoint.display()))?
+        .with_context(|| format!("{} is not mounted", m.mountpoint.display()))?;
     handoff::serve_ctl(dir, m.device(), id, m.freezer())
         .with_context(|| format!("serving {}", dir.join(handoff::CTL).display()))
 }
@@ -362,9 +360,19 @@ async fn take_over(
     dir: &Path,
     core: FsCore,
     device: OwnedFd,
+    id: u64,
     mc: MountConfig,
     metrics: Arc<ReaderMetrics>,
 ) -> anyhow::Result<(fuse::Mount, ServeLock, Arc<ReaderMetrics>)> {
+    // The connection given must be the one mounted here: one kept from an earlier mount at
+    // this path (mounted anew since) would be served with this mount's journal.
+    let mounted = mounts::device_of(&cfg.mount_path)
+        .with_context(|| format!("reading the mount table for {}", cfg.mount_path.display()))?;
+    anyhow::ensure!(
+        mounted == Some(id),
+        "the FUSE connection given ({id}) is not the one mounted at {} ({mounted:?}); not taking over",
+        cfg.mount_path.display()
+    );
     let started = Instant::now();
     let mark = handoff::HandoverMark::new(dir);
     let d = dir.to_path_buf();

@@ -257,10 +257,17 @@ pub enum Role {
     Plugin,
 }
 
+/// A copy of a mount's FUSE connection, and its name (the mount's device number).
+#[derive(Debug)]
+pub struct Connection {
+    pub fd: OwnedFd,
+    pub id: u64,
+}
+
 /// Starts a successor for a volume whose server is gone.
 #[tonic::async_trait]
 pub trait Successor: Send + Sync {
-    async fn start(&self, volume_id: &str, device: OwnedFd) -> anyhow::Result<()>;
+    async fn start(&self, volume_id: &str, device: Connection) -> anyhow::Result<()>;
 }
 
 /// Holds a copy of every volume's connection and watches each volume's server.
@@ -305,11 +312,13 @@ impl Keeper {
     }
 
     /// A copy of the kept connection of `volume_id`.
-    pub fn device(&self, volume_id: &str) -> Option<OwnedFd> {
-        self.kept
-            .lock()
-            .get(volume_id)
-            .and_then(|k| k.fd.try_clone().ok())
+    pub fn device(&self, volume_id: &str) -> Option<Connection> {
+        let kept = self.kept.lock();
+        let k = kept.get(volume_id)?;
+        Some(Connection {
+            fd: k.fd.try_clone().ok()?,
+            id: k.id,
+        })
     }
 
     pub fn is_kept(&self, volume_id: &str) -> bool {

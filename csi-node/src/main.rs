@@ -58,6 +58,10 @@ enum Command {
         /// that served it (running or gone) instead of mounting.
         #[arg(long)]
         successor: bool,
+        /// The connection's name (the mount's device number, as the keeper was told): a
+        /// successor takes over only the connection still mounted at the mount path.
+        #[arg(long, requires = "successor")]
+        connection: Option<u64>,
     },
 }
 
@@ -219,7 +223,11 @@ fn run(command: Command, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
         }),
         Command::Roll(a) => Ok(rt.block_on(lakecache_csi_node::roll::run(a))?),
         Command::UpgradeFuse(a) => rt.block_on(upgrade_fuse(a)),
-        Command::FuseServer { config, successor } => {
+        Command::FuseServer {
+            config,
+            successor,
+            connection,
+        } => {
             let text =
                 std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
             let cfg: FuseServerConfig = serde_json::from_slice(&text)
@@ -239,7 +247,8 @@ fn run(command: Command, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
                 // Standard input lets go of the connection (it is not close-on-exec).
                 let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;
                 nix::unistd::dup2_stdin(null).context("replacing standard input")?;
-                Some(fd)
+                let id = connection.context("--successor needs --connection")?;
+                Some((fd, id))
             } else {
                 None
             };

@@ -13,7 +13,6 @@
 //! open files break).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -32,7 +31,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::{Request, Response, Status};
 
 use crate::fuse_server::READY;
-use crate::handoff::{self, Keeper, Role, Successor};
+use crate::handoff::{self, Connection, Keeper, Role, Successor};
 use crate::mounts::{self, Health};
 use crate::state::{StateDir, write_atomic};
 use crate::volume::FuseServerConfig;
@@ -127,7 +126,7 @@ struct MounterSuccessor(Weak<MounterService>);
 
 #[tonic::async_trait]
 impl Successor for MounterSuccessor {
-    async fn start(&self, volume_id: &str, device: OwnedFd) -> anyhow::Result<()> {
+    async fn start(&self, volume_id: &str, device: Connection) -> anyhow::Result<()> {
         let svc = self.0.upgrade().context("the mounter is stopping")?;
         let config = svc.cfg.state.fuse_config_path(volume_id);
         let mount_path = read_mount_path(&config)?;
@@ -252,7 +251,7 @@ impl MounterService {
         volume_id: &str,
         mount_path: &Path,
         config: &Path,
-        device: Option<OwnedFd>,
+        device: Option<Connection>,
         exe: Option<&Path>,
     ) -> Result<Proc, Status> {
         let exe = exe.unwrap_or(&self.cfg.exe);
@@ -280,22 +279,25 @@ impl MounterService {
     }
 }
 
-/// Starts `<exe> fuse-server --config <config>` (with `--successor` and the connection on its
-/// standard input when `device` is given) and waits for its status line. Returns its pid and a
+/// Starts `<exe> fuse-server --config <config>` (with `--successor`, the connection on its
+/// standard input and its name in `--connection` when `device` is given) and waits for its status line. Returns its pid and a
 /// flag its reaper clears when it exits.
 pub async fn spawn_fuse_server(
     exe: &Path,
     volume_id: &str,
     config: &Path,
-    device: Option<OwnedFd>,
+    device: Option<Connection>,
     mount_timeout: Duration,
 ) -> Result<(u32, Arc<AtomicBool>), Status> {
     {
         let mut cmd = tokio::process::Command::new(exe);
         cmd.arg("fuse-server").arg("--config").arg(config);
         match device {
-            Some(fd) => {
-                cmd.arg("--successor").stdin(std::process::Stdio::from(fd));
+            Some(c) => {
+                cmd.arg("--successor")
+                    .arg("--connection")
+                    .arg(c.id.to_string())
+                    .stdin(std::process::Stdio::from(c.fd));
             }
             None => {
                 cmd.stdin(std::process::Stdio::null());
@@ -436,7 +438,7 @@ impl Mounter for MounterService {
                     .await
                     .ok()
                     .and_then(Result::ok)
-                    .map(|(_, fd, _)| fd)
+                    .map(|(_, fd, id)| Connection { fd, id })
             }
         };
         if let Some(device) = device

@@ -9,6 +9,9 @@ use nix::mount::{MntFlags, MsFlags};
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The mounted filesystem's device number, `major:minor` (for FUSE, the connection's
+    /// number in `/sys/fs/fuse/connections`).
+    pub device: String,
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
@@ -29,11 +32,13 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
+            let device = left.split(' ').nth(2)?;
             let mount_point = left.split(' ').nth(4)?;
             let mut r = right.split(' ');
             let fs_type = r.next()?;
             let source = r.next().unwrap_or_default();
             Some(MountEntry {
+                device: device.to_string(),
                 mount_point: PathBuf::from(unescape(mount_point)),
                 fs_type: fs_type.to_string(),
                 source: unescape(source),
@@ -68,6 +73,23 @@ pub fn mount_table() -> io::Result<Vec<MountEntry>> {
     Ok(parse_mountinfo(&std::fs::read_to_string(
         "/proc/self/mountinfo",
     )?))
+}
+
+/// The device number of the mount on top at `path`, from the mount table: no call reaches the
+/// filesystem (a FUSE mount without a server would not answer).
+pub fn device_of(path: &Path) -> io::Result<Option<u64>> {
+    let path = normalize(path);
+    Ok(mount_table()?
+        .iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+        .and_then(|m| {
+            let (maj, min) = m.device.split_once(':')?;
+            Some(nix::sys::stat::makedev(
+                maj.parse().ok()?,
+                min.parse().ok()?,
+            ))
+        }))
 }
 
 /// How many mounts are stacked on `path` (0 when it is not a mount point).

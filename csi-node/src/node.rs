@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use crate::handoff::{Keeper, Role, Successor};
+use crate::handoff::{Connection, Keeper, Role, Successor};
 use lakecache_client::local_cache::QUEUE_BYTES;
 use lakecache_client::prefetch::READ_RESERVE;
 use lakecache_client::reader::LISTING_ENTRY_BYTES;
@@ -214,7 +214,7 @@ struct PluginSuccessor {
 
 #[tonic::async_trait]
 impl Successor for PluginSuccessor {
-    async fn start(&self, volume_id: &str, device: std::os::fd::OwnedFd) -> anyhow::Result<()> {
+    async fn start(&self, volume_id: &str, device: Connection) -> anyhow::Result<()> {
         let exe = std::env::current_exe()?;
         let config = self.state.fuse_config_path(volume_id);
         let (pid, _) =

@@ -312,6 +312,33 @@ async fn the_fuse_connection_outlives_every_process_around_it() {
     );
     assert_eq!(server_pid(&state), Some(fifth));
 
+    // 5. A successor handed a connection that is not the one mounted (a stale copy from an
+    // earlier mount at this path) refuses, before it asks anyone to hand over.
+    let config = lakecache_csi_node::state::StateDir::open(&state)
+        .unwrap()
+        .fuse_config_path(VOLUME);
+    let out = std::process::Command::new(BIN)
+        .arg("fuse-server")
+        .arg("--config")
+        .arg(&config)
+        .args(["--successor", "--connection", "1"])
+        .stdin(std::fs::File::open("/dev/null").unwrap())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("is not the one mounted at"), "{said}");
+    assert_eq!(
+        server_pid(&state),
+        Some(fifth),
+        "the running server serves on"
+    );
+    check(
+        "a stale connection refused",
+        passes_then_take(&passes, &seen, 2).await,
+        &mut report,
+    );
+
     stop.store(true, Ordering::Release);
     t.join().unwrap();
     eprintln!("hand-off under a reader holding files open (0 failed reads):");
