@@ -538,6 +538,9 @@ pub struct MountConfig {
     pub fs_name: String,
     /// Hand opens of complete local copies to the kernel (FUSE passthrough), if it allows.
     pub passthrough: bool,
+    /// The connection may be handed to a successor ([`resume`]): its reading threads then
+    /// share one descriptor (see [`session_config`]).
+    pub handoff: bool,
 }
 
 impl Default for MountConfig {
@@ -547,6 +550,7 @@ impl Default for MountConfig {
             threads: 2,
             fs_name: "lakecache".into(),
             passthrough: true,
+            handoff: false,
         }
     }
 }
@@ -621,6 +625,7 @@ impl Drop for Mount {
     }
 }
 
+/// fuser's settings for a mount.
 fn session_config(cfg: &MountConfig) -> Config {
     let mut options = vec![
         MountOption::FSName(cfg.fs_name.clone()),
@@ -640,10 +645,11 @@ fn session_config(cfg: &MountConfig) -> Config {
         SessionACL::Owner
     };
     config.n_threads = Some(cfg.threads.max(1));
-    // The reading threads share the one descriptor. A cloned one (FUSE_DEV_IOC_CLONE) would
-    // belong to this process alone, and the kernel fails the requests read through it when
-    // the process dies, instead of keeping them for a successor.
-    config.clone_fd = false;
+    // A cloned descriptor per thread (FUSE_DEV_IOC_CLONE) spares the threads one queue, but it
+    // belongs to this process alone, and the kernel fails the requests read through it when
+    // the process dies instead of keeping them for a successor: a connection that may be
+    // handed over is read through the one shared descriptor.
+    config.clone_fd = cfg.threads > 1 && !cfg.handoff;
     config
 }
 

@@ -108,6 +108,7 @@ async fn setup(passthrough: bool) -> Setup {
         allow_other: false,
         threads: 2,
         passthrough,
+        handoff: false,
         ..MountConfig::default()
     };
     let mount = fuse::mount(
@@ -238,6 +239,7 @@ async fn without_passthrough_local_copies_are_read_through_fuse() {
     let cfg = MountConfig {
         allow_other: false,
         passthrough: false,
+        handoff: false,
         ..MountConfig::default()
     };
     let core = Arc::new(

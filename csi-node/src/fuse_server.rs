@@ -306,6 +306,7 @@ async fn mount(
         threads: cfg.fuse_threads.max(1),
         fs_name: format!("lakecache:{}/{}", cfg.namespace, cfg.name),
         passthrough: true,
+        handoff: true,
     };
     if let Some((device, id)) = successor {
         return take_over(cfg, dir, core, device, id, mc, metrics).await;

@@ -309,6 +309,7 @@ impl Local {
         let cfg = MountConfig {
             threads: args.fuse_threads,
             passthrough: !args.no_passthrough,
+            handoff: false,
             ..MountConfig::default()
         };
         let m = fuse::mount(
