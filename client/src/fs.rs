@@ -324,23 +324,7 @@ impl FsCore {
         }
         let mut handles = self.handles.lock();
         for h in saved.handles {
-            let io = match self
-                .local
-                .as_ref()
-                .filter(|_| h.local)
-                .and_then(|c| c.get(&h.path, &h.meta))
-            {
-                Some(f) => Handle::Local(Arc::new(f)),
-                None => Handle::Remote(Arc::new(
-                    FileReader::new(
-                        self.reader.clone(),
-                        h.path.clone(),
-                        h.meta.clone(),
-                        self.budget.clone(),
-                    )
-                    .with_local_cache(self.local.clone()),
-                )),
-            };
+            let io = self.handle_for(&h.path, &h.meta, h.local);
             handles.insert(
                 h.fh,
                 Open {
@@ -537,21 +521,10 @@ impl FsCore {
             return Err(ReadError::IsADirectory(path));
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let io = match self.local.as_ref().and_then(|c| c.get(&path, &meta)) {
-            Some(f) => {
-                self.reader.metrics.local_opens.inc();
-                Handle::Local(Arc::new(f))
-            }
-            None => Handle::Remote(Arc::new(
-                FileReader::new(
-                    self.reader.clone(),
-                    path.clone(),
-                    meta.clone(),
-                    self.budget.clone(),
-                )
-                .with_local_cache(self.local.clone()),
-            )),
-        };
+        let io = self.handle_for(&path, &meta, true);
+        if matches!(io, Handle::Local(_)) {
+            self.reader.metrics.local_opens.inc();
+        }
         let open = Open {
             ino,
             path,
@@ -568,6 +541,28 @@ impl FsCore {
             self.compact();
         }
         Ok(fh)
+    }
+
+    /// How an open of `path` at `meta` reads: from its complete local copy when `local` allows
+    /// one and it is there, otherwise through the cache.
+    fn handle_for(&self, path: &str, meta: &ObjectMeta, local: bool) -> Handle {
+        match self
+            .local
+            .as_ref()
+            .filter(|_| local)
+            .and_then(|c| c.get(path, meta))
+        {
+            Some(f) => Handle::Local(Arc::new(f)),
+            None => Handle::Remote(Arc::new(
+                FileReader::new(
+                    self.reader.clone(),
+                    path.to_string(),
+                    meta.clone(),
+                    self.budget.clone(),
+                )
+                .with_local_cache(self.local.clone()),
+            )),
+        }
     }
 
     /// The complete local copy behind `fh`, if it is served from one: the FUSE adapter hands it

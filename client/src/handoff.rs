@@ -337,12 +337,7 @@ impl Journal {
         if records.is_empty() {
             return false;
         }
-        let mut buf = Vec::with_capacity(records.len() * 96);
-        for r in records {
-            // Serializing these plain structs cannot fail.
-            let _ = serde_json::to_writer(&mut buf, r);
-            buf.push(b'\n');
-        }
+        let buf = encode(records);
         let mut inner = self.inner.lock();
         if inner.failed {
             return false;
@@ -379,19 +374,22 @@ impl Journal {
     }
 }
 
+/// `records` as journal lines.
+fn encode(records: &[Record]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(records.len() * 96);
+    for r in records {
+        // Serializing these plain structs cannot fail.
+        let _ = serde_json::to_writer(&mut buf, r);
+        buf.push(b'\n');
+    }
+    buf
+}
+
 /// Writes `records` to a new file and renames it over the journal; returns it open for
 /// appending.
 fn write_snapshot(dir: &Path, records: &[Record]) -> std::io::Result<File> {
     let tmp = dir.join(format!("{JOURNAL}.tmp"));
-    let mut buf = Vec::with_capacity(records.len() * 96);
-    for r in records {
-        let _ = serde_json::to_writer(&mut buf, r);
-        buf.push(b'\n');
-    }
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&buf)?;
-    }
+    File::create(&tmp)?.write_all(&encode(records))?;
     std::fs::rename(&tmp, dir.join(JOURNAL))?;
     OpenOptions::new().append(true).open(dir.join(JOURNAL))
 }
