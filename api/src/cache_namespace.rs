@@ -229,9 +229,9 @@ pub struct WorkersSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
 
-    /// The data-plane port (default 7700).
+    /// The data-plane port (default 7700); the admin port (metrics, probes) is the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(range(min = 1, max = 65534))]
     pub port: Option<i32>,
 }
 
@@ -262,6 +262,16 @@ pub enum TierKind {
     Memory,
     /// Local disk: a directory on the node, or a volume per worker.
     Disk,
+}
+
+impl TierKind {
+    /// The tier's metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TierKind::Memory => "memory",
+            TierKind::Disk => "disk",
+        }
+    }
 }
 
 /// One cache tier of each worker.
@@ -448,6 +458,7 @@ pub struct ValidSpec {
     pub disk: Option<ValidDisk>,
     pub metadata_ttl: Option<std::time::Duration>,
     pub source_timeout: std::time::Duration,
+    /// The data-plane port, 1 to 65534 (the admin port is the next one).
     pub port: i32,
 }
 
@@ -583,13 +594,20 @@ impl CacheNamespaceSpec {
                 Some(d)
             }
         };
+        let port = self.workers.port.unwrap_or(DEFAULT_WORKER_PORT);
+        if !(1..=65534).contains(&port) {
+            return Err(SpecError::new(
+                "spec.workers.port",
+                "must be between 1 and 65534 (the admin port is the next one)",
+            ));
+        }
         Ok(ValidSpec {
             block_size,
             memory,
             disk,
             metadata_ttl,
             source_timeout,
-            port: self.workers.port.unwrap_or(DEFAULT_WORKER_PORT),
+            port,
         })
     }
 }

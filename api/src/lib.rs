@@ -8,12 +8,18 @@
 //! [`CachePreloadSpec::validate`] check the same rules again without I/O (and a few that CEL
 //! cannot express, such as cron syntax), for objects that got past an older schema.
 //!
+//! The crate also holds the other contracts between lakecache's binaries, each defined once: a
+//! volume's attributes and the driver's name ([`volume`], operator → CSI node plugin) and the
+//! cache worker's configuration file ([`worker`], operator → worker).
+//!
 //! `crdgen` (this crate's binary) writes `crds/*.yaml`; a test fails when they drift.
 #![forbid(unsafe_code)]
 
 mod cache_namespace;
 mod cache_preload;
 pub mod quantity;
+pub mod volume;
+pub mod worker;
 
 pub use cache_namespace::*;
 pub use cache_preload::*;

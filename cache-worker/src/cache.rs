@@ -67,7 +67,7 @@ impl Drop for Leave {
 }
 
 /// Default of [`BlockCache`]'s cap on source reads at once.
-pub const DEFAULT_MAX_SOURCE_FETCHES: usize = 32;
+pub use lakecache_api::worker::DEFAULT_MAX_SOURCE_FETCHES;
 
 /// The block cache of one worker.
 pub struct BlockCache {

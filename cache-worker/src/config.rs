@@ -1,108 +1,18 @@
 //! Worker configuration: a YAML file (what the operator writes into a ConfigMap), overridden by
-//! flags, each of which is also an environment variable.
+//! flags, each of which is also an environment variable. The file's type is the operator's too,
+//! so it lives in [`lakecache_api::worker`]; reading it, the flags and the token are here.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use bytesize::ByteSize;
 use clap::Args;
+pub use lakecache_api::worker::{
+    DEFAULT_BLOCK_SIZE, InvalidConfig, MetadataPolicy, TierConfig, WorkerConfig, WorkerLimits,
+};
 use lakecache_lake::{SourceFlags, SourceSpec};
-use serde::{Deserialize, Serialize};
 
-use crate::meta::MetadataPolicy;
 use crate::store::{TierKind, TierSpec};
-
-/// Default block size: 4 MiB.
-pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
-
-/// One tier as written in the configuration file.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct TierConfig {
-    pub kind: TierKind,
-    /// Directory of the tier's block files. The Memory tier defaults to a directory under
-    /// `/dev/shm`; the Disk tier needs one.
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    pub size: ByteSize,
-}
-
-/// Bounds on what a worker holds or does at once.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct WorkerLimits {
-    /// Most source (lake) reads under way at once; further misses wait for one to finish.
-    #[serde(default = "default_max_source_fetches")]
-    pub max_source_fetches: usize,
-    /// Most metadata entries cached: each stat counts one, each listing one plus its entries.
-    /// The least recently used go first, whatever the metadata policy.
-    #[serde(default = "default_metadata_entries")]
-    pub metadata_entries: usize,
-}
-
-impl Default for WorkerLimits {
-    fn default() -> Self {
-        Self {
-            max_source_fetches: default_max_source_fetches(),
-            metadata_entries: default_metadata_entries(),
-        }
-    }
-}
-
-fn default_max_source_fetches() -> usize {
-    crate::cache::DEFAULT_MAX_SOURCE_FETCHES
-}
-fn default_metadata_entries() -> usize {
-    crate::meta::DEFAULT_METADATA_ENTRIES
-}
-
-/// The worker's configuration file.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct WorkerConfig {
-    /// This worker's id in the ring (the pod name in Kubernetes).
-    #[serde(default = "default_id")]
-    pub id: String,
-    pub source: SourceSpec,
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    #[serde(default = "default_admin")]
-    pub admin_listen: SocketAddr,
-    #[serde(default = "default_block_size")]
-    pub block_size: ByteSize,
-    pub tiers: Vec<TierConfig>,
-    #[serde(default)]
-    pub metadata: MetadataPolicy,
-    /// Caps on source reads and cached metadata; each has a default.
-    #[serde(default)]
-    pub limits: WorkerLimits,
-    /// File holding the data-plane token. Without one (and without `LAKECACHE_TOKEN`) the data
-    /// plane is open: the worker then listens only on a loopback address, unless
-    /// `insecureOpenDataPlane` says an open data plane on the network is wanted.
-    #[serde(default)]
-    pub token_file: Option<PathBuf>,
-    /// Serve an open data plane (no token) on a non-loopback address: anyone who can reach the
-    /// port reads the whole source.
-    #[serde(default)]
-    pub insecure_open_data_plane: bool,
-    /// The token itself, when it comes from the environment rather than a file. Never written to
-    /// a file by the operator.
-    #[serde(skip)]
-    pub token: Option<String>,
-}
-
-fn default_id() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "worker-0".into())
-}
-fn default_listen() -> SocketAddr {
-    "0.0.0.0:7700".parse().expect("valid")
-}
-fn default_admin() -> SocketAddr {
-    "0.0.0.0:7701".parse().expect("valid")
-}
-fn default_block_size() -> ByteSize {
-    ByteSize::b(DEFAULT_BLOCK_SIZE)
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -188,33 +98,42 @@ pub fn parse_disk(s: &str) -> Result<(PathBuf, ByteSize), ConfigError> {
     Ok((PathBuf::from(path), size))
 }
 
-impl WorkerConfig {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+impl From<InvalidConfig> for ConfigError {
+    fn from(e: InvalidConfig) -> Self {
+        ConfigError::Invalid(e.0)
+    }
+}
+
+/// What the worker does with its configuration beyond the shared type: read it, apply its
+/// flags, resolve its token and tiers.
+pub trait WorkerConfigExt: Sized {
+    /// The file at `path`.
+    fn load(path: &Path) -> Result<Self, ConfigError>;
+    /// The file (if any) with the flags applied on top.
+    fn from_flags(flags: &WorkerFlags) -> Result<Self, ConfigError>;
+    /// The tiers with their directories resolved, Memory first; a tier without `path` gets
+    /// `default_dir`.
+    fn tier_specs(&self, default_dir: &Path) -> Vec<TierSpec>;
+    /// The data-plane token, from the environment or the token file. An empty or blank token
+    /// is an error, never "no token"; so is no token on a non-loopback address, unless
+    /// `insecure_open_data_plane` is set.
+    fn resolve_token(&self) -> Result<Option<String>, ConfigError>;
+}
+
+impl WorkerConfigExt for WorkerConfig {
+    fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
         serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e.to_string()))
     }
 
-    /// The file (if any) with the flags applied on top.
-    pub fn from_flags(flags: &WorkerFlags) -> Result<Self, ConfigError> {
+    fn from_flags(flags: &WorkerFlags) -> Result<Self, ConfigError> {
         let mut cfg = match &flags.config {
             Some(p) => Self::load(p)?,
             None => {
                 let uri = flags.source.clone().ok_or_else(|| {
                     ConfigError::Invalid("no source: give --source or a --config file".into())
                 })?;
-                WorkerConfig {
-                    id: default_id(),
-                    source: SourceSpec::new(uri),
-                    listen: default_listen(),
-                    admin_listen: default_admin(),
-                    block_size: default_block_size(),
-                    tiers: vec![],
-                    metadata: MetadataPolicy::Immutable,
-                    limits: WorkerLimits::default(),
-                    token_file: None,
-                    insecure_open_data_plane: false,
-                    token: None,
-                }
+                WorkerConfig::new(SourceSpec::new(uri))
             }
         };
         if let Some(v) = &flags.id {
@@ -274,66 +193,7 @@ impl WorkerConfig {
         Ok(cfg)
     }
 
-    /// Checks what needs no I/O.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bs = self.block_size.as_u64();
-        if !bs.is_power_of_two() || !(64 << 10..=256 << 20).contains(&bs) {
-            return Err(ConfigError::Invalid(format!(
-                "block size {} must be a power of two between 64KiB and 256MiB",
-                self.block_size
-            )));
-        }
-        if self.tiers.is_empty() {
-            return Err(ConfigError::Invalid(
-                "no tiers: give --memory and/or --disk".into(),
-            ));
-        }
-        let mems = self
-            .tiers
-            .iter()
-            .filter(|t| t.kind == TierKind::Memory)
-            .count();
-        let disks = self
-            .tiers
-            .iter()
-            .filter(|t| t.kind == TierKind::Disk)
-            .count();
-        if mems > 1 || disks > 1 {
-            return Err(ConfigError::Invalid(
-                "at most one Memory and one Disk tier".into(),
-            ));
-        }
-        for t in &self.tiers {
-            if t.size.as_u64() < bs {
-                return Err(ConfigError::Invalid(format!(
-                    "{:?} tier of {} is smaller than one block ({})",
-                    t.kind, t.size, self.block_size
-                )));
-            }
-            if t.kind == TierKind::Disk && t.path.is_none() {
-                return Err(ConfigError::Invalid("the Disk tier needs a path".into()));
-            }
-        }
-        if self.limits.max_source_fetches == 0 || self.limits.metadata_entries == 0 {
-            return Err(ConfigError::Invalid(
-                "limits: maxSourceFetches and metadataEntries must be at least 1".into(),
-            ));
-        }
-        if self.id.is_empty() {
-            return Err(ConfigError::Invalid("empty worker id".into()));
-        }
-        Ok(())
-    }
-
-    /// Whether a tier has no directory of its own (a Memory tier without `path`), so the worker
-    /// makes a private one under /dev/shm ([`crate::store::private_memory_dir`]).
-    pub fn needs_memory_dir(&self) -> bool {
-        self.tiers.iter().any(|t| t.path.is_none())
-    }
-
-    /// The tiers with their directories resolved, Memory first; a tier without `path` gets
-    /// `default_dir`.
-    pub fn tier_specs(&self, default_dir: &Path) -> Vec<TierSpec> {
+    fn tier_specs(&self, default_dir: &Path) -> Vec<TierSpec> {
         let mut tiers: Vec<TierSpec> = self
             .tiers
             .iter()
@@ -347,10 +207,7 @@ impl WorkerConfig {
         tiers
     }
 
-    /// The data-plane token, from the environment or the token file. An empty or blank token
-    /// is an error, never "no token"; so is no token on a non-loopback address, unless
-    /// `insecure_open_data_plane` is set.
-    pub fn resolve_token(&self) -> Result<Option<String>, ConfigError> {
+    fn resolve_token(&self) -> Result<Option<String>, ConfigError> {
         let token = if let Some(t) = &self.token {
             Some((t.trim().to_string(), "in LAKECACHE_TOKEN".to_string()))
         } else if let Some(p) = &self.token_file {
@@ -373,38 +230,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_a_full_file() {
-        let yaml = r#"
-id: w-1
-source:
-  uri: s3://bucket/prefix
-  options: { endpoint: "http://127.0.0.1:9000", region: us-east-1 }
-  credentialsDir: /etc/lakecache/credentials
-  timeout: 10s
-listen: 127.0.0.1:7700
-blockSize: 4MiB
-tiers:
-  - { kind: Memory, size: 1GiB }
-  - { kind: Disk, path: /var/cache/lakecache, size: 50GiB }
-metadata: { policy: Ttl, ttl: 5m }
-limits: { maxSourceFetches: 8 }
-tokenFile: /etc/lakecache/token/token
-"#;
-        let cfg: WorkerConfig = serde_yaml_ng::from_str(yaml).unwrap();
-        cfg.validate().unwrap();
-        assert_eq!(cfg.block_size.as_u64(), 4 << 20);
-        assert_eq!(cfg.source.timeout, std::time::Duration::from_secs(10));
-        assert_eq!(
-            cfg.metadata,
-            MetadataPolicy::Ttl {
-                ttl: std::time::Duration::from_secs(300)
-            }
-        );
-        assert_eq!(cfg.limits.max_source_fetches, 8);
-        assert_eq!(
-            cfg.limits.metadata_entries,
-            crate::meta::DEFAULT_METADATA_ENTRIES
-        );
+    fn a_memory_tier_without_a_path_gets_the_private_dir() {
+        let cfg: WorkerConfig = serde_yaml_ng::from_str(
+            "source: {uri: 'memory://'}\ntiers:\n  - { kind: Disk, path: /var/cache/lakecache, size: 50GiB }\n  - { kind: Memory, size: 1GiB }\n",
+        )
+        .unwrap();
         assert!(cfg.needs_memory_dir());
         let tiers = cfg.tier_specs(Path::new("/dev/shm/private"));
         assert_eq!(tiers[0].dir, PathBuf::from("/dev/shm/private"));
@@ -479,17 +309,10 @@ tokenFile: /etc/lakecache/token/token
     fn the_token_fails_closed() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = |listen: &str, token_file: Option<&str>, token: Option<&str>| WorkerConfig {
-            id: "w".into(),
-            source: SourceSpec::new("memory://"),
             listen: listen.parse().unwrap(),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
-            block_size: default_block_size(),
-            tiers: vec![],
-            metadata: MetadataPolicy::Immutable,
-            limits: WorkerLimits::default(),
             token_file: token_file.map(|n| dir.path().join(n)),
-            insecure_open_data_plane: false,
             token: token.map(String::from),
+            ..WorkerConfig::new(SourceSpec::new("memory://"))
         };
         std::fs::write(dir.path().join("good"), "s3cr3t\n").unwrap();
         std::fs::write(dir.path().join("empty"), "").unwrap();

@@ -31,7 +31,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::cache::BlockCache;
-use crate::config::WorkerConfig;
+use crate::config::{WorkerConfig, WorkerConfigExt};
 use crate::meta::MetadataCache;
 use crate::metrics::WorkerMetrics;
 use crate::preload::Preloader;
@@ -106,7 +106,7 @@ impl Worker {
         cfg: WorkerConfig,
         source: Arc<dyn Source>,
     ) -> Result<Self, WorkerError> {
-        cfg.validate()?;
+        cfg.validate().map_err(config::ConfigError::from)?;
         let token = cfg.resolve_token()?;
         if token.is_none() {
             if cfg.listen.ip().is_loopback() {

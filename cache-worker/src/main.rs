@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use lakecache_worker::Worker;
-use lakecache_worker::config::{WorkerConfig, WorkerFlags};
+use lakecache_worker::config::{WorkerConfig, WorkerConfigExt, WorkerFlags};
 
 #[derive(Debug, Parser)]
 #[command(name = "lakecache-worker", version, about = "A lakecache cache worker")]

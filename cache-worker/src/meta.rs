@@ -12,35 +12,21 @@
 //! whatever the mix; a listing larger than the whole bound is answered but not kept.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hashlink::LinkedHashMap;
 use lakecache_lake::{DirEntry, LakeError, ObjectMeta, Source};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 
 use crate::metrics::{OpLabel, WorkerMetrics};
 
-/// How long metadata stays valid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(tag = "policy", rename_all = "PascalCase")]
-pub enum MetadataPolicy {
-    /// The source does not change while cached: keep metadata until restart.
-    #[default]
-    Immutable,
-    /// Fetch metadata again after this long.
-    Ttl {
-        #[serde(with = "humantime_serde")]
-        ttl: Duration,
-    },
-}
+pub use lakecache_api::worker::{DEFAULT_METADATA_ENTRIES, MetadataPolicy};
 
-impl MetadataPolicy {
-    fn fresh(&self, at: Instant) -> bool {
-        match self {
-            MetadataPolicy::Immutable => true,
-            MetadataPolicy::Ttl { ttl } => at.elapsed() < *ttl,
-        }
+/// Whether an entry fetched `at` is still valid under `policy`.
+fn fresh(policy: &MetadataPolicy, at: Instant) -> bool {
+    match policy {
+        MetadataPolicy::Immutable => true,
+        MetadataPolicy::Ttl { ttl } => at.elapsed() < *ttl,
     }
 }
 
@@ -78,7 +64,7 @@ impl Lru {
     /// A fresh entry, made the most recently used.
     fn get(&mut self, key: &Key, policy: &MetadataPolicy) -> Option<&Cached> {
         let (_, at) = self.map.to_back(key)?;
-        if !policy.fresh(*at) {
+        if !fresh(policy, *at) {
             return None;
         }
         self.map.get(key).map(|(c, _)| c)
@@ -104,10 +90,6 @@ impl Lru {
         }
     }
 }
-
-/// Default of [`MetadataCache`]'s budget: two million entries, about 400 MB at the ~200 bytes
-/// an entry takes with its path.
-pub const DEFAULT_METADATA_ENTRIES: usize = 2_000_000;
 
 pub struct MetadataCache {
     source: Arc<dyn Source>,

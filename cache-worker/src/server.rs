@@ -421,48 +421,4 @@ impl CacheWorker for WorkerService {
     }
 }
 
-/// Checks the bearer token of every call, in constant time.
-#[derive(Clone)]
-pub struct TokenCheck {
-    pub expected: Option<Arc<str>>,
-}
-
-impl TokenCheck {
-    /// Whether a call whose `authorization` is this (`Bearer <token>`) may go on; the token is
-    /// compared in constant time.
-    pub fn accepts(&self, authorization: Option<&str>) -> bool {
-        let Some(expected) = &self.expected else {
-            return true;
-        };
-        let given = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let (a, b) = (given.as_bytes(), expected.as_bytes());
-        let mut diff = a.len() ^ b.len();
-        for i in 0..a.len().min(b.len()) {
-            diff |= (a[i] ^ b[i]) as usize;
-        }
-        diff == 0
-    }
-
-    /// The answer to a call whose token [`TokenCheck::accepts`] refused.
-    pub fn refusal() -> Status {
-        Status::unauthenticated(
-            "missing or wrong data-plane token: readers need the CacheNamespace's token",
-        )
-    }
-}
-
-impl tonic::service::Interceptor for TokenCheck {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        if self.accepts(given) {
-            Ok(req)
-        } else {
-            Err(Self::refusal())
-        }
-    }
-}
+pub use lakecache_proto::auth::TokenCheck;

@@ -51,21 +51,8 @@ use serde::{Deserialize, Serialize};
 use crate::metrics::WorkerMetrics;
 use crate::policy::{FrequencySketch, admit};
 
-/// The kind of a tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum TierKind {
-    Memory,
-    Disk,
-}
-
-impl TierKind {
-    pub fn label(&self) -> &'static str {
-        match self {
-            TierKind::Memory => "memory",
-            TierKind::Disk => "disk",
-        }
-    }
-}
+/// The kind of a tier (the configuration file's and the CRD's).
+pub use lakecache_api::TierKind;
 
 /// A tier as configured.
 #[derive(Debug, Clone)]

@@ -22,73 +22,15 @@ pub struct Member {
     pub endpoint: String,
 }
 
-type Header = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
-
-/// Adds the data-plane token to every call that carries none yet. The token sits in a cell
-/// shared by every clone (every worker's client), so that a new token reaches every connection
-/// at once, without new channels: the next call carries it. The token it replaced is kept
-/// beside it for [`Membership::call`], which sends it to workers that still take only it.
-#[derive(Clone)]
-pub struct Auth {
-    header: Arc<RwLock<Tokens>>,
-}
-
-#[derive(Default)]
-struct Tokens {
-    current: Option<Header>,
-    /// The token before the last rotation, until every member took the current one (see
-    /// [`Membership::call`]).
-    previous: Option<Header>,
-}
+/// The readers' token interceptor: one definition with the workers' check, in the proto crate.
+pub use lakecache_proto::auth::Auth;
+use lakecache_proto::auth::{AUTHORIZATION, Header, TokenError, bearer_header};
 
 /// Which of the tokens a call carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Which {
     Current,
     Previous,
-}
-
-/// `Bearer <token>`, the token without surrounding whitespace (as workers read their token
-/// file). A blank token is refused: it must never mean "no authentication".
-fn bearer_header(token: &str) -> Result<Header, MembershipError> {
-    let token = token.trim();
-    if token.is_empty() {
-        return Err(MembershipError::EmptyToken);
-    }
-    format!("Bearer {token}")
-        .parse()
-        .map_err(|_| MembershipError::Token)
-}
-
-impl Auth {
-    /// Sends `authorization: Bearer <token>`.
-    pub fn bearer(token: &str) -> Result<Self, MembershipError> {
-        Ok(Self {
-            header: Arc::new(RwLock::new(Tokens {
-                current: Some(bearer_header(token)?),
-                previous: None,
-            })),
-        })
-    }
-
-    /// Sends no token.
-    pub fn none() -> Self {
-        Self {
-            header: Default::default(),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        // A call that already carries a token (see `Membership::call`) keeps it.
-        if !req.metadata().contains_key("authorization")
-            && let Some(h) = &self.header.read().current
-        {
-            req.metadata_mut().insert("authorization", h.clone());
-        }
-        Ok(req)
-    }
 }
 
 pub type WorkerClient = CacheWorkerClient<InterceptedService<Channel, Auth>>;
@@ -120,6 +62,15 @@ pub enum MembershipError {
     Token,
     #[error("the data-plane token is empty; give the token, not a blank")]
     EmptyToken,
+}
+
+impl From<TokenError> for MembershipError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::NotAscii => MembershipError::Token,
+            TokenError::Empty => MembershipError::EmptyToken,
+        }
+    }
 }
 
 /// The current set of workers. Replacing it keeps the connections of workers that stay.
@@ -172,8 +123,7 @@ impl Membership {
     /// [`Membership::call`]): `Bearer <current token>`, or nothing without a token.
     pub fn authorization(&self) -> String {
         self.auth
-            .header
-            .read()
+            .tokens()
             .current
             .as_ref()
             .and_then(|h| h.to_str().ok())
@@ -186,7 +136,7 @@ impl Membership {
     /// changed. A blank token is refused and the current one kept.
     pub fn set_token(&self, token: &str) -> Result<bool, MembershipError> {
         let header = bearer_header(token)?;
-        let mut cur = self.auth.header.write();
+        let mut cur = self.auth.tokens_mut();
         if cur.current.as_ref() == Some(&header) {
             return Ok(false);
         }
@@ -243,7 +193,7 @@ impl Membership {
 
     /// Whether a token from before the last rotation is kept.
     pub fn has_previous_token(&self) -> bool {
-        self.auth.header.read().previous.is_some()
+        self.auth.tokens().previous.is_some()
     }
 
     /// Calls worker `conn` with `msg` through `call` (which makes the gRPC call on a clone of
@@ -273,7 +223,7 @@ impl Membership {
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let tokens = {
-            let tokens = self.auth.header.read();
+            let tokens = self.auth.tokens();
             tokens
                 .previous
                 .clone()
@@ -299,7 +249,7 @@ impl Membership {
         let stamped = |header: &Option<Header>| {
             let mut req = tonic::Request::new(msg.clone());
             if let Some(h) = header {
-                req.metadata_mut().insert("authorization", h.clone());
+                req.metadata_mut().insert(AUTHORIZATION, h.clone());
             }
             req
         };
@@ -342,7 +292,7 @@ impl Membership {
         if !all {
             return;
         }
-        let mut tokens = self.auth.header.write();
+        let mut tokens = self.auth.tokens_mut();
         // `set_token` replaces the token under this lock before it bumps the generation: both
         // are compared, so that a token replaced meanwhile keeps its own previous one.
         if tokens.previous.is_some()

@@ -10,8 +10,10 @@
 //! All are compiled at build time from `proto/` by `protox`, so building needs no `protoc`.
 #![allow(clippy::all, missing_docs, rust_2018_idioms)]
 //!
-//! [`blocks`] is the framing of the block transport, which carries ReadBlock's bytes beside gRPC.
+//! [`blocks`] is the framing of the block transport, which carries ReadBlock's bytes beside gRPC;
+//! [`auth`] the data-plane token on the wire, both ends.
 
+pub mod auth;
 pub mod blocks;
 
 pub mod csi {
