@@ -40,8 +40,8 @@ use lakecache_telemetry::{AdminServer, Readiness, Registry};
 use tokio::net::UnixListener;
 use tonic::transport::{Channel, Endpoint};
 
-/// The CSI driver name.
-pub const DRIVER_NAME: &str = "csi.lakecache.io";
+/// The CSI driver name (the operator writes it into PersistentVolumes).
+pub use lakecache_api::CSI_DRIVER;
 
 /// The build's tag: a fixed-width literal, so that a test can make a copy of the binary that
 /// is another build (another version string) without compiling one.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use lakecache_csi_node::{DRIVER_NAME, unix_channel};
+use lakecache_csi_node::{CSI_DRIVER, unix_channel};
 use lakecache_proto::pluginregistration::registration_client::RegistrationClient;
 use lakecache_proto::pluginregistration::{InfoRequest, RegistrationStatus};
 use lakecache_proto::pluginregistration::{PluginInfo, RegistrationStatusResponse};
@@ -138,7 +138,7 @@ async fn kubelet_registers_the_plugin_through_the_registrar() {
     node.start_plugin();
 
     // kubelet's plugin watcher finds the socket: <driver>-reg.sock, a unix socket, private.
-    let socket = reg_dir.join(format!("{DRIVER_NAME}-reg.sock"));
+    let socket = reg_dir.join(format!("{CSI_DRIVER}-reg.sock"));
     eventually(STEP, "the registration socket", || {
         is_socket(&socket).then_some(())
     })
@@ -162,7 +162,7 @@ async fn kubelet_registers_the_plugin_through_the_registrar() {
         .expect("GetInfo")
         .into_inner();
     assert_eq!(info.r#type, "CSIPlugin");
-    assert_eq!(info.name, DRIVER_NAME);
+    assert_eq!(info.name, CSI_DRIVER);
     assert_eq!(info.endpoint, HOST_ENDPOINT);
     assert_eq!(info.supported_versions, ["1.0.0"]);
 
@@ -235,7 +235,7 @@ async fn kubelet_registers_the_plugin_through_the_registrar() {
             second.stderr()
         )
     });
-    assert_eq!(info.name, DRIVER_NAME);
+    assert_eq!(info.name, CSI_DRIVER);
 
     // kubelet refuses: the registrar exits non-zero with kubelet's reason and removes its socket,
     // so the container restarts and kubelet tries again.
@@ -256,7 +256,7 @@ async fn kubelet_registers_the_plugin_through_the_registrar() {
     );
     assert!(
         log.contains(&format!(
-            "Error: kubelet did not register the CSI plugin {DRIVER_NAME}: boom"
+            "Error: kubelet did not register the CSI plugin {CSI_DRIVER}: boom"
         )),
         "{log}"
     );
@@ -487,7 +487,7 @@ async fn kubelets_grpc_go_requests_are_answered() {
     node.start_plugin();
     let reg_dir = root.path().join("kubelet/plugins_registry");
     let reg = Registrar::start(root.path(), "grpc-go", &node.socket, &reg_dir, "30s");
-    let socket = reg_dir.join(format!("{DRIVER_NAME}-reg.sock"));
+    let socket = reg_dir.join(format!("{CSI_DRIVER}-reg.sock"));
     eventually(STEP, "the registration socket", || {
         is_socket(&socket).then_some(())
     })
@@ -504,7 +504,7 @@ async fn kubelets_grpc_go_requests_are_answered() {
     .await;
     let info: PluginInfo = answer.message();
     assert_eq!(info.r#type, "CSIPlugin");
-    assert_eq!(info.name, DRIVER_NAME);
+    assert_eq!(info.name, CSI_DRIVER);
     assert_eq!(info.endpoint, HOST_ENDPOINT);
     assert_eq!(info.supported_versions, ["1.0.0"]);
     let answer = bounded(
@@ -593,5 +593,5 @@ async fn a_plugin_that_accepts_and_never_answers_fails_within_the_bound() {
         "{log}"
     );
     assert!(log.contains("(last: GetPluginInfo "), "{log}");
-    assert!(!reg_dir.join(format!("{DRIVER_NAME}-reg.sock")).exists());
+    assert!(!reg_dir.join(format!("{CSI_DRIVER}-reg.sock")).exists());
 }
