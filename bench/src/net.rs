@@ -348,30 +348,11 @@ fn dechunk(mut s: &str) -> anyhow::Result<String> {
 
 /// Mount points from /proc/self/mountinfo (octal escapes decoded).
 pub fn mount_points() -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape(p)))
+    lakecache_client::mountinfo::read_self()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mount_point)
         .collect()
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = (b[i] == b'\\' && i + 3 < b.len())
-            .then(|| u8::from_str_radix(&s[i + 1..i + 4], 8).ok())
-            .flatten();
-        if let Some(v) = octal {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -474,12 +455,5 @@ mod tests {
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
         let (s, b) = parse_response(raw).unwrap();
         assert_eq!((s, b.as_str()), (200, "hello world"));
-    }
-
-    #[test]
-    fn unescapes_mountinfo_paths() {
-        assert_eq!(unescape("/tmp/a\\040b"), "/tmp/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/caf\u{e9}\\011x"), "/caf\u{e9}\tx");
     }
 }

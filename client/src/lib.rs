@@ -28,6 +28,7 @@ pub mod health;
 pub mod local_cache;
 pub mod membership;
 pub mod metrics;
+pub mod mountinfo;
 pub mod prefetch;
 pub mod reader;
 

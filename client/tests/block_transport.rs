@@ -3,33 +3,21 @@
 //! connection the worker closed is replaced without a failover; a worker that accepts and never
 //! answers, and one that refuses, cost a bounded stall and no failed read.
 
+use lakecache_e2e::kit::{self, pattern};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytesize::ByteSize;
 use lakecache_client::fs::ROOT_INO;
 use lakecache_client::metrics::TransportLabel;
-use lakecache_client::{FsConfig, FsCore, Member, Membership, Reader, ReaderConfig};
+use lakecache_client::{FsConfig, FsCore, Member, Reader, ReaderConfig};
 use lakecache_lake::SourceSpec;
 use lakecache_worker::Worker;
-use lakecache_worker::config::{TierConfig, WorkerConfig};
-use lakecache_worker::meta::MetadataPolicy;
+use lakecache_worker::config::WorkerConfig;
 use lakecache_worker::store::TierKind;
 
 const BS: u64 = 256 << 10;
 const BIG: usize = (BS * 12 + 1234) as usize;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 struct Lake {
     dir: tempfile::TempDir,
@@ -39,22 +27,11 @@ struct Lake {
 
 /// Worker `w<i>` with a Memory tier in `tier` (a plain directory stands in for the tmpfs).
 fn config(i: usize, lake: &std::path::Path, tier: &std::path::Path) -> WorkerConfig {
+    let source = SourceSpec::new(format!("file://{}", lake.display()));
     WorkerConfig {
-        id: format!("w{i}"),
-        source: SourceSpec::new(format!("file://{}", lake.display())),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        block_size: ByteSize::b(BS),
-        tiers: vec![TierConfig {
-            kind: TierKind::Memory,
-            path: Some(tier.into()),
-            size: ByteSize::mib(64),
-        }],
-        metadata: MetadataPolicy::Immutable,
-        token_file: None,
-        insecure_open_data_plane: false,
+        tiers: vec![kit::tier(TierKind::Memory, tier, ByteSize::mib(64))],
         token: Some("secret".into()),
-        limits: Default::default(),
+        ..kit::worker_config(i, source, BS)
     }
 }
 
@@ -81,20 +58,12 @@ async fn lake(n: usize) -> Lake {
 }
 
 fn members(l: &Lake) -> Vec<Member> {
-    l.workers
-        .iter()
-        .flatten()
-        .map(|w| Member {
-            id: w.id.clone(),
-            endpoint: format!("http://{}", w.addr),
-        })
-        .collect()
+    l.workers.iter().flatten().map(kit::member).collect()
 }
 
 fn reader(members: Vec<Member>, block_transport: bool) -> Arc<Reader> {
-    let m = Arc::new(Membership::new(Some("secret"), Duration::from_secs(1)).unwrap());
+    let m = kit::membership(members, Some("secret"));
     m.set_block_transport(block_transport);
-    m.set(members).unwrap();
     let cfg = ReaderConfig {
         block_size: BS,
         worker_timeout: Duration::from_secs(2),
@@ -370,12 +339,13 @@ async fn stalling_worker() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>
 async fn a_worker_that_stops_mid_block_costs_the_silence_bound() {
     let l = lake(0).await;
     let (addr, task) = stalling_worker().await;
-    let m = Arc::new(Membership::new(Some("secret"), Duration::from_secs(1)).unwrap());
-    m.set(vec![Member {
-        id: "stalls".into(),
-        endpoint: format!("http://{addr}"),
-    }])
-    .unwrap();
+    let m = kit::membership(
+        vec![Member {
+            id: "stalls".into(),
+            endpoint: format!("http://{addr}"),
+        }],
+        Some("secret"),
+    );
     let source: Arc<dyn lakecache_lake::Source> = Arc::new(
         lakecache_lake::OpendalSource::new(&SourceSpec::new(format!(
             "file://{}",

@@ -1,15 +1,15 @@
 //! The reader and filesystem core against real workers over a local lake, without a mount.
 
+use lakecache_e2e::kit::{self, pattern};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use lakecache_client::fs::ROOT_INO;
-use lakecache_client::{FsConfig, FsCore, Member, Membership, ReadError, Reader, ReaderConfig};
+use lakecache_client::{FsConfig, FsCore, Membership, ReadError, Reader, ReaderConfig};
 use lakecache_lake::{Kind, OpendalSource, Source, SourceSpec};
 use lakecache_worker::Worker;
-use lakecache_worker::config::{TierConfig, WorkerConfig};
-use lakecache_worker::meta::MetadataPolicy;
+use lakecache_worker::config::WorkerConfig;
 use lakecache_worker::store::TierKind;
 
 const BS: u64 = 64 << 10;
@@ -18,18 +18,6 @@ struct Lake {
     dir: tempfile::TempDir,
     _tiers: Vec<tempfile::TempDir>,
     workers: Vec<Option<Worker>>,
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 async fn lake(n: usize) -> Lake {
@@ -61,37 +49,15 @@ async fn lake(n: usize) -> Lake {
 /// Worker `w<i>` over `source`, with a 64 MiB Disk tier in `tier`.
 fn worker_config(i: usize, source: SourceSpec, tier: &std::path::Path) -> WorkerConfig {
     WorkerConfig {
-        id: format!("w{i}"),
-        source,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        block_size: ByteSize::b(BS),
-        tiers: vec![TierConfig {
-            kind: TierKind::Disk,
-            path: Some(tier.into()),
-            size: ByteSize::mib(64),
-        }],
-        metadata: MetadataPolicy::Immutable,
-        token_file: None,
-        insecure_open_data_plane: false,
+        tiers: vec![kit::tier(TierKind::Disk, tier, ByteSize::mib(64))],
         token: Some("secret".into()),
-        limits: Default::default(),
+        ..kit::worker_config(i, source, BS)
     }
 }
 
 /// A membership of `workers`, sending `token`.
 fn membership<'a>(workers: impl Iterator<Item = &'a Worker>, token: &str) -> Arc<Membership> {
-    let m = Arc::new(Membership::new(Some(token), Duration::from_secs(1)).unwrap());
-    m.set(
-        workers
-            .map(|w| Member {
-                id: w.id.clone(),
-                endpoint: format!("http://{}", w.addr),
-            })
-            .collect(),
-    )
-    .unwrap();
-    m
+    kit::membership(workers.map(kit::member).collect(), Some(token))
 }
 
 fn reader(l: &Lake, token: &str, direct: bool) -> Arc<Reader> {

@@ -3,6 +3,7 @@
 //! at most a block's bytes (and one message) are received, never filling memory; the reader
 //! reads the block from the next worker.
 
+use lakecache_e2e::kit::{self, pattern};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use lakecache_client::{Member, Membership, Reader, ReaderConfig};
+use lakecache_client::{Member, Reader, ReaderConfig};
 use lakecache_lake::{Kind, ObjectMeta};
 use lakecache_proto::lakecache::v1 as pb;
 use lakecache_proto::lakecache::v1::cache_worker_server::{CacheWorker, CacheWorkerServer};
@@ -19,12 +20,6 @@ use tonic::{Request, Response, Status};
 const BLOCK: u64 = 1 << 20;
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<pb::Chunk, Status>> + Send>>;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| (i.wrapping_mul(31) ^ seed) as u8)
-        .collect()
-}
 
 /// A worker that either answers honestly (the block's bytes of `pattern(index)`) or, greedy,
 /// streams 256 KiB chunks without end.
@@ -156,8 +151,7 @@ async fn start(id: &str, greedy: bool) -> Started {
 }
 
 fn reader(members: Vec<Member>) -> Reader {
-    let m = Arc::new(Membership::new(None, Duration::from_secs(1)).unwrap());
-    m.set(members).unwrap();
+    let m = kit::membership(members, None);
     let cfg = ReaderConfig {
         block_size: BLOCK,
         worker_timeout: Duration::from_secs(10),

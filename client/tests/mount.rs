@@ -4,6 +4,7 @@
 //! the ordinary way is never opened with passthrough at the same time (the kernel would fail
 //! that open with EIO).
 
+use lakecache_e2e::kit::{self, pattern};
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,28 +12,13 @@ use std::time::{Duration, Instant};
 
 use bytesize::ByteSize;
 use lakecache_client::fuse::{self, MountConfig};
-use lakecache_client::{
-    FsConfig, FsCore, LocalFileCache, Member, Membership, Reader, ReaderConfig,
-};
+use lakecache_client::{FsConfig, FsCore, LocalFileCache, Reader, ReaderConfig};
 use lakecache_lake::SourceSpec;
 use lakecache_worker::Worker;
-use lakecache_worker::config::{TierConfig, WorkerConfig};
-use lakecache_worker::meta::MetadataPolicy;
+use lakecache_worker::config::WorkerConfig;
 use lakecache_worker::store::TierKind;
 
 const BS: u64 = 256 << 10;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 struct Setup {
     _lake: tempfile::TempDir,
@@ -58,36 +44,15 @@ async fn setup(passthrough: bool) -> Setup {
     let tiers = tempfile::tempdir().unwrap();
     let mut workers = vec![];
     for i in 0..2 {
+        let source = SourceSpec::new(format!("file://{}", lake.path().display()));
+        let tier = tiers.path().join(format!("w{i}"));
         let cfg = WorkerConfig {
-            id: format!("w{i}"),
-            source: SourceSpec::new(format!("file://{}", lake.path().display())),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
-            block_size: ByteSize::b(BS),
-            tiers: vec![TierConfig {
-                kind: TierKind::Disk,
-                path: Some(tiers.path().join(format!("w{i}"))),
-                size: ByteSize::mib(64),
-            }],
-            metadata: MetadataPolicy::Immutable,
-            token_file: None,
-            insecure_open_data_plane: false,
-            token: None,
-            limits: Default::default(),
+            tiers: vec![kit::tier(TierKind::Disk, &tier, ByteSize::mib(64))],
+            ..kit::worker_config(i, source, BS)
         };
         workers.push(Worker::start(cfg).await.unwrap());
     }
-    let m = Arc::new(Membership::new(None, Duration::from_secs(1)).unwrap());
-    m.set(
-        workers
-            .iter()
-            .map(|w| Member {
-                id: w.id.clone(),
-                endpoint: format!("http://{}", w.addr),
-            })
-            .collect(),
-    )
-    .unwrap();
+    let m = kit::membership(workers.iter().map(kit::member).collect(), None);
     let reader = Arc::new(Reader::new(
         ReaderConfig {
             block_size: BS,

@@ -6,73 +6,12 @@ use std::time::Duration;
 
 use nix::mount::{MntFlags, MsFlags};
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// The mounted filesystem's device number, `major:minor` (for FUSE, the connection's
-    /// number in `/sys/fs/fuse/connections`).
-    pub device: String,
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-    pub source: String,
-}
-
-impl MountEntry {
-    /// A lakecache FUSE mount, or a bind of one. A FUSE server that mounts without fusermount
-    /// shows type `fuse` (the subtype only shows as `fuse.lakecache` through fusermount); its
-    /// source is always `lakecache…`.
-    pub fn is_lakecache(&self) -> bool {
-        (self.fs_type == "fuse" || self.fs_type.starts_with("fuse."))
-            && self.source.starts_with("lakecache")
-    }
-}
-
-/// Parses the text of a `mountinfo` file (see proc(5)); lines that do not parse are skipped.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let device = left.split(' ').nth(2)?;
-            let mount_point = left.split(' ').nth(4)?;
-            let mut r = right.split(' ');
-            let fs_type = r.next()?;
-            let source = r.next().unwrap_or_default();
-            Some(MountEntry {
-                device: device.to_string(),
-                mount_point: PathBuf::from(unescape(mount_point)),
-                fs_type: fs_type.to_string(),
-                source: unescape(source),
-            })
-        })
-        .collect()
-}
-
-/// Undoes the kernel's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// One line of `/proc/self/mountinfo`, and its parser: one definition, in the client crate.
+pub use lakecache_client::mountinfo::{MountInfo, parse as parse_mountinfo};
 
 /// The current mount table of this process's mount namespace.
-pub fn mount_table() -> io::Result<Vec<MountEntry>> {
-    Ok(parse_mountinfo(&std::fs::read_to_string(
-        "/proc/self/mountinfo",
-    )?))
+pub fn mount_table() -> io::Result<Vec<MountInfo>> {
+    lakecache_client::mountinfo::read_self()
 }
 
 /// The device number of the mount on top at `path`, from the mount table: no call reaches the
@@ -274,38 +213,6 @@ pub fn usage(path: &Path) -> io::Result<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_mountinfo_with_escapes_and_optional_fields() {
-        let text = "\
-36 35 98:0 /mnt1 /mnt/a\\040b rw,noatime master:1 - ext3 /dev/root rw,errors=continue
-40 36 0:50 / /var/lib/kubelet/x/globalmount ro,nosuid,nodev,relatime shared:7 - fuse.lakecache lakecache:ml/imagenet ro,user_id=0
-41 36 0:51 / /t ro - tmpfs tmpfs rw
-garbage line
-";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 3);
-        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/a b"));
-        assert_eq!(m[0].fs_type, "ext3");
-        assert_eq!(
-            m[1].mount_point,
-            PathBuf::from("/var/lib/kubelet/x/globalmount")
-        );
-        assert_eq!(m[1].fs_type, "fuse.lakecache");
-        assert_eq!(m[1].source, "lakecache:ml/imagenet");
-        assert_eq!(m[2].fs_type, "tmpfs");
-        assert!(m[1].is_lakecache());
-        assert!(!m[0].is_lakecache() && !m[2].is_lakecache());
-        let direct = parse_mountinfo(
-            "50 36 0:60 / /pods/x/mount ro - fuse lakecache:ml/imagenet ro,user_id=0\n\
-             51 36 0:61 / /other rw - fuse sshfs#host: rw\n",
-        );
-        assert!(direct[0].is_lakecache(), "a direct mount shows type fuse");
-        assert!(
-            !direct[1].is_lakecache(),
-            "another FUSE filesystem is not ours"
-        );
-    }
 
     #[test]
     fn normalizes_without_touching_the_filesystem() {

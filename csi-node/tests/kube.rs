@@ -26,32 +26,7 @@ fn kubectl(cluster: &Cluster, args: &[&str], stdin: Option<&str>) -> anyhow::Res
 
 /// The chart's CSI ServiceAccount and RBAC, and a kubeconfig with that account's token.
 async fn csi_account(cluster: &Cluster) -> anyhow::Result<PathBuf> {
-    let chart = repo().join("charts/lakecache");
-    let out = cluster.helm(&[
-        "template",
-        "lakecache",
-        chart.to_str().unwrap(),
-        "--namespace",
-        "lakecache-system",
-        "--show-only",
-        "templates/csi-serviceaccount.yaml",
-        "--show-only",
-        "templates/csi-rbac.yaml",
-    ]);
-    ensure!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    kubectl(cluster, &["create", "namespace", "lakecache-system"], None)?;
-    kubectl(
-        cluster,
-        &["apply", "--server-side", "-f", "-"],
-        Some(&String::from_utf8(out.stdout)?),
-    )?;
-    cluster
-        .kubeconfig_for_service_account("lakecache-system", "lakecache-csi-node")
-        .await
+    lakecache_e2e::kit::chart_account(cluster, "csi").await
 }
 
 /// Sets a CacheNamespace's `status.workers`, as the operator does.

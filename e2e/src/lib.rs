@@ -1,4 +1,5 @@
-//! Test harness for lakecache: real parts, started and stopped by tests.
+//! Test harness for lakecache: real parts, started and stopped by tests, and the fixtures
+//! every crate's tests share ([`kit`]).
 //!
 //! - [`S3Server`]: a real S3-compatible server (moto's, from PyPI) on a loopback port.
 //! - [`AzuriteServer`]: a real Azure Blob Storage server (Azurite's blob service, from npm), in
@@ -22,6 +23,7 @@ pub mod cluster;
 pub mod gcs;
 pub mod hdfs;
 pub mod image;
+pub mod kit;
 pub mod mountinfo;
 pub mod node;
 pub mod proxy;
@@ -36,19 +38,7 @@ pub use proxy::Proxy;
 pub use s3::S3Server;
 pub use stack::{Stack, StackConfig};
 
-/// Deterministic content for test files: `len` bytes of stream `seed`.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+pub use kit::pattern;
 
 /// Sets up logging for tests once (RUST_LOG controls it).
 pub fn init_logging() {

@@ -7,12 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use bytesize::ByteSize;
 use lakecache_client::fuse::{self, Mount, MountConfig};
-use lakecache_client::{FsConfig, FsCore, Member, Membership, Reader, ReaderConfig};
+use lakecache_client::{FsConfig, FsCore, Membership, Reader, ReaderConfig};
 use lakecache_lake::{OpendalSource, Source, SourceSpec};
 use lakecache_worker::Worker;
-use lakecache_worker::config::{TierConfig, WorkerConfig};
-use lakecache_worker::meta::MetadataPolicy;
+use lakecache_worker::config::WorkerConfig;
 use lakecache_worker::store::TierKind;
+
+use crate::kit;
 
 #[derive(Debug, Clone)]
 pub struct StackConfig {
@@ -106,16 +107,9 @@ impl Stack {
 
     /// Publishes the running workers to the reader.
     pub fn publish(&self) -> anyhow::Result<()> {
-        self.reader.membership().set(
-            self.workers
-                .iter()
-                .flatten()
-                .map(|w| Member {
-                    id: w.id.clone(),
-                    endpoint: format!("http://{}", w.addr),
-                })
-                .collect(),
-        )?;
+        self.reader
+            .membership()
+            .set(self.workers.iter().flatten().map(kit::member).collect())?;
         Ok(())
     }
 
@@ -175,31 +169,20 @@ async fn start_worker(
 ) -> anyhow::Result<Worker> {
     let mut tiers = Vec::new();
     if cfg.memory > 0 {
-        tiers.push(TierConfig {
-            kind: TierKind::Memory,
-            path: Some(dirs.0.clone()),
-            size: ByteSize::b(cfg.memory),
-        });
+        tiers.push(kit::tier(
+            TierKind::Memory,
+            &dirs.0,
+            ByteSize::b(cfg.memory),
+        ));
     }
     if cfg.disk > 0 {
-        tiers.push(TierConfig {
-            kind: TierKind::Disk,
-            path: Some(dirs.1.clone()),
-            size: ByteSize::b(cfg.disk),
-        });
+        tiers.push(kit::tier(TierKind::Disk, &dirs.1, ByteSize::b(cfg.disk)));
     }
     let wc = WorkerConfig {
-        id: format!("w{i}"),
-        source: spec.clone(),
         listen: format!("127.0.0.1:{port}").parse()?,
-        admin_listen: "127.0.0.1:0".parse()?,
-        block_size: ByteSize::b(cfg.block_size),
         tiers,
-        metadata: MetadataPolicy::Immutable,
-        token_file: None,
-        insecure_open_data_plane: false,
         token: Some(TOKEN.into()),
-        limits: Default::default(),
+        ..kit::worker_config(i, spec.clone(), cfg.block_size)
     };
     Ok(Worker::start(wc).await?)
 }

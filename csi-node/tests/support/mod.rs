@@ -2,6 +2,7 @@
 //! the real unix socket, the way kubelet talks to the plugin.
 #![allow(dead_code)]
 
+pub use lakecache_e2e::kit::{self, pattern};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,26 +13,12 @@ use lakecache_proto::csi::v1 as csi;
 use lakecache_proto::csi::v1::identity_client::IdentityClient;
 use lakecache_proto::csi::v1::node_client::NodeClient;
 use lakecache_worker::Worker;
-use lakecache_worker::config::{TierConfig, WorkerConfig};
-use lakecache_worker::meta::MetadataPolicy;
+use lakecache_worker::config::WorkerConfig;
 use lakecache_worker::store::TierKind;
 use tonic::transport::{Channel, Endpoint};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_lakecache-csi-node");
 pub const TOKEN: &str = "data-plane-token-for-tests";
-
-/// Deterministic file contents.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A sample lake on the local filesystem, and cache workers over it.
 pub struct Lake {
@@ -96,22 +83,13 @@ pub fn worker_config(
     listen: std::net::SocketAddr,
     token: &str,
 ) -> WorkerConfig {
+    let source = lakecache_lake::SourceSpec::new(format!("file://{}", dir.join("lake").display()));
+    let tier = dir.join(format!("tier-{i}"));
     WorkerConfig {
-        id: format!("w{i}"),
-        source: lakecache_lake::SourceSpec::new(format!("file://{}", dir.join("lake").display())),
         listen,
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        block_size: ByteSize::mib(1),
-        tiers: vec![TierConfig {
-            kind: TierKind::Disk,
-            path: Some(dir.join(format!("tier-{i}"))),
-            size: ByteSize::mib(64),
-        }],
-        metadata: MetadataPolicy::Immutable,
-        token_file: None,
-        insecure_open_data_plane: false,
+        tiers: vec![kit::tier(TierKind::Disk, &tier, ByteSize::mib(64))],
         token: Some(token.to_string()),
-        limits: Default::default(),
+        ..kit::worker_config(i, source, 1 << 20)
     }
 }
 

@@ -4,6 +4,7 @@
 //! helpers.
 #![allow(dead_code)]
 
+pub use lakecache_e2e::kit::pattern;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -91,34 +92,7 @@ pub fn install_crds(cluster: &Cluster) -> anyhow::Result<()> {
 /// kubeconfig with that account's token: the operator then runs with exactly the rights the
 /// chart gives it.
 pub async fn operator_account(cluster: &Cluster) -> anyhow::Result<PathBuf> {
-    let chart = repo_root().join("charts/lakecache");
-    let out = cluster.helm(&[
-        "template",
-        "lakecache",
-        chart.to_str().unwrap(),
-        "--namespace",
-        "lakecache-system",
-        "--show-only",
-        "templates/operator-serviceaccount.yaml",
-        "--show-only",
-        "templates/operator-rbac.yaml",
-    ]);
-    if !out.status.success() {
-        bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let manifest = String::from_utf8(out.stdout)?;
-    let _ = kubectl(cluster, &["create", "namespace", "lakecache-system"]);
-    let applied =
-        cluster.kubectl_with_stdin(&["apply", "--server-side", "-f", "-"], Some(&manifest));
-    if !applied.status.success() {
-        bail!(
-            "applying the operator's RBAC: {}",
-            String::from_utf8_lossy(&applied.stderr)
-        );
-    }
-    cluster
-        .kubeconfig_for_service_account("lakecache-system", "lakecache-operator")
-        .await
+    lakecache_e2e::kit::chart_account(cluster, "operator").await
 }
 
 pub async fn create_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
@@ -221,10 +195,6 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Deterministic file contents.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    lakecache_e2e::pattern(seed, len)
-}
 
 /// A sample dataset in a bucket of the real S3 server.
 pub struct Dataset {
