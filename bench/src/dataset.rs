@@ -12,9 +12,18 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-
-use crate::plan::DatasetSpec;
 use lakecache_lake::sample::fill;
+
+/// The generated dataset.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DatasetSpec {
+    pub shards: u64,
+    pub shard_size: u64,
+    pub images: u64,
+    pub classes: u64,
+    /// Mean image size; each image is within ±25% of it.
+    pub image_size: u64,
+}
 
 /// One file of the dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -188,12 +188,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
          read everything once with the preload readers; tmpfs's is the copy."
             .into(),
     );
-    results.write(&cli.out)?;
+    write_results(results, &cli.out)?;
     println!("{}", results.markdown());
     eprintln!(
         "lakecache-bench: wrote {}/results.json, results.md, results.png",
         cli.out.display()
     );
+    Ok(())
+}
+
+/// Writes `results.json`, `results.md` and `results.png` into `out`.
+fn write_results(results: &report::Results, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(results)? + "\n",
+    )?;
+    std::fs::write(out.join("results.md"), results.markdown())?;
+    chart::draw(results, &out.join("results.png")).context("drawing results.png")?;
     Ok(())
 }
 

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 
+use crate::dataset::{self, DatasetSpec};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProfileName {
@@ -252,17 +254,6 @@ impl FromStr for Workload {
     }
 }
 
-/// The generated dataset.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DatasetSpec {
-    pub shards: u64,
-    pub shard_size: u64,
-    pub images: u64,
-    pub classes: u64,
-    /// Mean image size; each image is within ±25% of it.
-    pub image_size: u64,
-}
-
 /// Everything one run does.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Plan {
@@ -415,7 +406,7 @@ impl Plan {
         if self.systems.is_empty() || self.workloads.is_empty() {
             return Err("nothing to run: no systems or no workloads".into());
         }
-        let half = crate::dataset::total(&crate::dataset::images(d)) / 2;
+        let half = dataset::total(&dataset::images(d)) / 2;
         for s in &self.systems {
             if let SystemKind::Lakecache(n)
             | SystemKind::LakecacheLocal(n)

@@ -12,14 +12,24 @@
 //! Every reader checks each file's size and first bytes, so a fast wrong answer cannot pass.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 
 use crate::dataset::{self, FileSpec};
-use crate::systems::Access;
+use crate::s3::Direct;
+
+/// How a workload reaches the data.
+#[derive(Clone)]
+pub enum Access {
+    /// Through the file system at this directory.
+    Fs(PathBuf),
+    /// Straight from the store.
+    S3(Arc<Direct>),
+}
 
 /// What one epoch measured.
 #[derive(Debug, Clone, Default)]
@@ -258,7 +268,7 @@ fn walk_fs(root: &Path, lat: &mut Vec<f64>) -> anyhow::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::DatasetSpec;
+    use crate::dataset::DatasetSpec;
 
     #[test]
     fn quantiles_by_nearest_rank() {

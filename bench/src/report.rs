@@ -1,12 +1,11 @@
-//! The results of one run and the three files made from them: `results.json` (every figure),
-//! `results.md` (a table per workload, the targets) and `results.png` (a bar chart). Everything
-//! here is computed from the rows without I/O, except writing the files.
+//! The results of one run, from which the three files are made: `results.json` (every figure,
+//! the serialized [`Results`]), `results.md` (a table per workload, the targets:
+//! [`Results::markdown`]) and `results.png` (a bar chart, drawn by `chart`). Everything here is
+//! computed from the rows without I/O.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 
-use anyhow::Context;
 use bytesize::ByteSize;
 
 use crate::plan::{Plan, SystemKind, Workload};
@@ -462,17 +461,6 @@ impl Results {
             }
         }
         out
-    }
-
-    pub fn write(&self, out: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(out)?;
-        std::fs::write(
-            out.join("results.json"),
-            serde_json::to_string_pretty(self)? + "\n",
-        )?;
-        std::fs::write(out.join("results.md"), self.markdown())?;
-        crate::chart::draw(self, &out.join("results.png")).context("drawing results.png")?;
-        Ok(())
     }
 
     pub fn markdown(&self) -> String {

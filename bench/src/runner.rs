@@ -293,7 +293,7 @@ impl Ctx<'_> {
         results: &mut Results,
         workload: Workload,
         phase: &str,
-        epoch: impl FnOnce(&systems::Access) -> anyhow::Result<Measured>,
+        epoch: impl FnOnce(&readers::Access) -> anyhow::Result<Measured>,
     ) -> anyhow::Result<Row> {
         let what = format!("{} {} {phase}", self.kind, workload.label());
         drop_caches(results);

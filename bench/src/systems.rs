@@ -17,7 +17,7 @@ use crate::janitor::{Guard, Janitor};
 use crate::net::{self, ACCESS_KEY, BUCKET, REGION, SECRET_KEY};
 use crate::plan::{CsiTransport, SystemKind};
 use crate::proc::{self, Proc, ProcStats};
-use crate::readers::Measured;
+use crate::readers::{Access, Measured};
 use crate::s3::Direct;
 
 /// Binaries of the systems under test.
@@ -27,15 +27,6 @@ pub struct SystemBins {
     pub rclone: PathBuf,
     pub s3fs: PathBuf,
     pub bindfs: PathBuf,
-}
-
-/// How a workload reaches the data.
-#[derive(Clone)]
-pub enum Access {
-    /// Through the file system at this directory.
-    Fs(PathBuf),
-    /// Straight from the store.
-    S3(Arc<Direct>),
 }
 
 /// A cache's size for one start.
