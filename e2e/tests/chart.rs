@@ -2,7 +2,21 @@
 //! kube-apiserver with etcd (no kubelet, so nothing runs: what is checked is what the API server
 //! accepts and what RBAC grants).
 //!
-//! - `helm lint --strict` passes, with the default values and with changed ones.
+//! - `helm lint --strict` passes, with the default values and with changed ones (monitoring on
+//!   included).
+//! - The values schema (`values.schema.json`) refuses what values.yaml does not describe: helm
+//!   fails an unknown key, a value of the wrong type, an enum's stranger, a malformed duration or
+//!   size, naming the field. The schema describes every value of values.yaml and every value the
+//!   templates read, each with a description, and no value values.yaml lacks.
+//! - The monitoring objects (off by default): the ServiceMonitor selects the operator's metrics
+//!   Service on its port, the PodMonitors select the CSI node pods on their named ports and the
+//!   workers exactly as the real operator labels their pods (a StatefulSet it made), on their
+//!   `admin` port; the Prometheus Operator's own Go types decode every object strictly, and
+//!   Prometheus's own rule file parser accepts the PrometheusRule's groups (tools/promcheck), and
+//!   refuses broken copies; the dashboard ConfigMap holds `dashboards/lakecache.json`.
+//! - Every metric the dashboard's queries and the alerts name is one the real binaries serve
+//!   (worker, FUSE server, CSI plugin, registrar and operator, started here and scraped), and the
+//!   dashboard shows every metric family they serve.
 //! - The rendered chart (CRDs included) is accepted by `kubectl apply --server-side`; the
 //!   operator Deployment, the CSI node DaemonSet (three containers, Bidirectional propagation of
 //!   kubelet's directory), the CSIDriver and the RBAC objects are there as the code expects them;
@@ -42,6 +56,10 @@ use kube::api::{
 use kube::runtime::{WatchStreamExt, watcher};
 use lakecache_e2e::cluster::{HELM_ENV, client_from_kubeconfig, eventually};
 use lakecache_e2e::{Cluster, ClusterOptions};
+use lakecache_proto::csi::v1::NodeGetVolumeStatsRequest;
+use lakecache_proto::csi::v1::node_client::NodeClient;
+use lakecache_proto::pluginregistration::registration_client::RegistrationClient;
+use lakecache_proto::pluginregistration::{InfoRequest, RegistrationStatus};
 use serde_json::{Value, json};
 
 const NS: &str = "lakecache-system";
@@ -202,6 +220,12 @@ fn chart_lints_with_default_and_changed_values() -> anyhow::Result<()> {
         ][..],
         &["--set", "csi.roll.enabled=false"][..],
         &["--set", "csi.updateStrategy.type=RollingUpdate"][..],
+        &[
+            "--set",
+            MONITORING_ON,
+            "--set",
+            "monitoring.labels.release=kps,monitoring.prometheusRule.alertLabels.team=ml",
+        ][..],
     ] {
         let mut args = vec!["lint", "--strict", chart.as_str()];
         args.extend_from_slice(extra);
@@ -228,7 +252,7 @@ fn chart_lints_with_default_and_changed_values() -> anyhow::Result<()> {
     )?;
     assert!(!out.status.success(), "a broken chart linted clean");
     eprintln!(
-        "helm lint: 5 runs in {:.1} s",
+        "helm lint: 6 runs in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -560,9 +584,10 @@ fn check_upstream_registrar(cluster: &Cluster, home: &Path) -> anyhow::Result<()
         ],
     )?;
     assert!(!bad.status.success(), "mode=sidecar rendered");
+    // The values schema refuses it before the template's own check would.
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
-        err.contains("csi.registrar.mode must be builtin or upstream, not \"sidecar\""),
+        err.contains("at '/csi/registrar/mode': value must be one of 'builtin', 'upstream'"),
         "{err}"
     );
     Ok(())
@@ -926,9 +951,27 @@ fn check_roll_switches(cluster: &Cluster, home: &Path) -> anyhow::Result<()> {
         ],
     )?;
     assert!(!bad.status.success(), "containerTimeout=90 rendered");
+    // The values schema refuses a number, and a string without a unit, before the template's
+    // own check would.
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
-        err.contains("csi.roll.containerTimeout must be a whole number of seconds, minutes or hours (90s, 5m, 1h), not \"90\""),
+        err.contains("at '/csi/roll/containerTimeout': got number, want string"),
+        "{err}"
+    );
+    let bad = helm(
+        home,
+        &[
+            "template",
+            RELEASE,
+            chart().as_str(),
+            "--set-string",
+            "csi.roll.containerTimeout=90",
+        ],
+    )?;
+    assert!(!bad.status.success(), "containerTimeout=\"90\" rendered");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("at '/csi/roll/containerTimeout': '90' does not match pattern"),
         "{err}"
     );
 
@@ -1494,6 +1537,1549 @@ async fn every_example_is_accepted_and_broken_ones_are_refused() -> anyhow::Resu
     eprintln!(
         "{} example objects accepted, 5 broken ones refused, in {:.1} s",
         stored.len() + 1,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Every monitoring object of the chart on.
+const MONITORING_ON: &str = "monitoring.serviceMonitor.enabled=true,monitoring.podMonitor.enabled=true,monitoring.prometheusRule.enabled=true,monitoring.dashboard.enabled=true";
+/// tools/promcheck, which `scripts/setup` builds.
+const PROMCHECK_ENV: &str = "LAKECACHE_PROMCHECK";
+/// Metrics Prometheus makes itself for every target, which the alerts and the dashboard may use.
+const PROMETHEUS_METRICS: &[&str] = &["up"];
+
+/// `promcheck ARGS < stdin` (tools/promcheck: Prometheus's rule file and PromQL parsers and the
+/// Prometheus Operator's API types).
+fn promcheck(args: &[&str], stdin: &str) -> anyhow::Result<Output> {
+    let bin = std::env::var_os(PROMCHECK_ENV).with_context(|| {
+        format!("{PROMCHECK_ENV} is not set: run `eval \"$(scripts/setup --env)\"` first (it builds tools/promcheck)")
+    })?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args);
+    lakecache_e2e::cluster::output_within(&mut cmd, Some(stdin), COMMAND_LIMIT)
+}
+
+/// `promcheck objects` of `manifests`: each monitoring.coreos.com object's kind, name, number of
+/// rules and the metric names its rules select.
+fn check_monitoring_objects(manifests: &str) -> anyhow::Result<Vec<Value>> {
+    let out = ok("promcheck objects", promcheck(&["objects"], manifests)?)?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// The documents of `helm template` output, as JSON (empty ones left out).
+fn documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let v = Value::deserialize(doc).context("a document of helm's output")?;
+        if !v.is_null() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a Kubernetes label selector (`matchLabels`, `matchExpressions`) selects `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let by_label = selector["matchLabels"]
+        .as_object()
+        .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let by_expression = selector["matchExpressions"].as_array().is_none_or(|es| {
+        es.iter().all(|e| {
+            let value = e["key"].as_str().and_then(|k| labels.get(k));
+            let values = e["values"].as_array();
+            match e["operator"].as_str() {
+                Some("Exists") => value.is_some(),
+                Some("DoesNotExist") => value.is_none(),
+                Some("In") => value.is_some_and(|v| values.is_some_and(|vs| vs.contains(v))),
+                Some("NotIn") => !value.is_some_and(|v| values.is_some_and(|vs| vs.contains(v))),
+                _ => false,
+            }
+        })
+    });
+    !selector.is_null() && by_label && by_expression
+}
+
+/// The named ports of a pod spec's containers: port name → (container, port number).
+fn named_ports(pod_spec: &Value) -> BTreeMap<String, (String, u64)> {
+    let mut out = BTreeMap::new();
+    for c in pod_spec["containers"].as_array().into_iter().flatten() {
+        for p in c["ports"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(port)) = (p["name"].as_str(), p["containerPort"].as_u64()) {
+                out.insert(
+                    name.to_string(),
+                    (c["name"].as_str().unwrap_or_default().to_string(), port),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The `job` a monitor's endpoint gives its targets (its relabeling to `job`).
+fn job_of(endpoint: &Value) -> Option<&str> {
+    endpoint["relabelings"]
+        .as_array()?
+        .iter()
+        .find(|r| r["targetLabel"] == "job")?["replacement"]
+        .as_str()
+}
+
+/// Resolves a `$ref` to the schema's definitions.
+fn resolve<'a>(schema: &'a Value, node: &'a Value) -> &'a Value {
+    match node["$ref"].as_str() {
+        Some(r) => r
+            .strip_prefix("#/definitions/")
+            .map_or(node, |name| &schema["definitions"][name]),
+        None => node,
+    }
+}
+
+/// The schema of the value at `path` (`csi.registrar.mode`), if the schema describes it.
+fn schema_at<'a>(schema: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut node = schema;
+    for key in path.split('.') {
+        node = resolve(schema, node)["properties"].get(key)?;
+    }
+    Some(node)
+}
+
+/// Every key path of a values document (`csi.registrar.mode`), objects' own paths included.
+fn value_paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+    if let Some(m) = v.as_object() {
+        for (k, child) in m {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            out.insert(path.clone());
+            value_paths(child, &path, out);
+        }
+    }
+}
+
+/// Every property path the schema describes, with its schema and whether it comes from a shared
+/// definition (`resources`' `claims`, which values.yaml need not set); free maps (labels,
+/// annotations, resources' requests) end the walk.
+fn schema_paths<'a>(
+    schema: &'a Value,
+    node: &'a Value,
+    prefix: &str,
+    shared: bool,
+    out: &mut BTreeMap<String, (&'a Value, bool)>,
+) {
+    let shared = shared || !node["$ref"].is_null();
+    if let Some(props) = resolve(schema, node)["properties"].as_object() {
+        for (k, child) in props {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            out.insert(path.clone(), (child, shared));
+            schema_paths(schema, child, &path, shared, out);
+        }
+    }
+}
+
+/// The `.Values.a.b` paths the chart's templates read.
+fn template_value_paths() -> anyhow::Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for entry in std::fs::read_dir(repo().join("charts/lakecache/templates"))? {
+        let text = std::fs::read_to_string(entry?.path())?;
+        for (i, _) in text.match_indices(".Values.") {
+            let rest = &text[i + ".Values.".len()..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+                .unwrap_or(rest.len());
+            let path = rest[..end].trim_end_matches('.');
+            if !path.is_empty() {
+                out.insert(path.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn the_values_schema_describes_every_value_and_refuses_wrong_ones_by_name() -> anyhow::Result<()> {
+    let home = tempfile::tempdir()?;
+    let root = repo().join("charts/lakecache");
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("values.schema.json"))?)?;
+    assert_eq!(schema["$schema"], "http://json-schema.org/draft-07/schema#");
+    let values: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("values.yaml"))?)?;
+
+    // The schema and values.yaml describe the same values, each with a description, and every
+    // object whose keys the chart owns refuses others.
+    let mut described = BTreeMap::new();
+    schema_paths(&schema, &schema, "", false, &mut described);
+    let mut set = BTreeSet::new();
+    value_paths(&values, "", &mut set);
+    let free_maps = |path: &str| {
+        // Maps whose keys are the user's: labels, annotations, node selectors, resources.
+        let mut parent = path.rsplit_once('.').map(|p| p.0);
+        while let Some(p) = parent {
+            if let Some((s, _)) = described.get(p) {
+                let s = resolve(&schema, s);
+                if s["additionalProperties"] != json!(false) || s["properties"].is_null() {
+                    return true;
+                }
+            }
+            parent = p.rsplit_once('.').map(|p| p.0);
+        }
+        false
+    };
+    let in_values_only: Vec<&String> = set
+        .iter()
+        .filter(|p| !described.contains_key(*p) && !free_maps(p))
+        .collect();
+    assert!(
+        in_values_only.is_empty(),
+        "values the schema lacks: {in_values_only:?}"
+    );
+    // Values the chart reads though values.yaml leaves them unset.
+    let optional = ["global", "csi.updateStrategy.rollingUpdate"];
+    let in_schema_only: Vec<&String> = described
+        .iter()
+        .filter(|(p, (_, shared))| !set.contains(*p) && !shared && !optional.contains(&p.as_str()))
+        .map(|(p, _)| p)
+        .collect();
+    assert!(
+        in_schema_only.is_empty(),
+        "schema entries values.yaml lacks: {in_schema_only:?}"
+    );
+    for (path, (node, _)) in &described {
+        assert!(
+            node["description"].as_str().is_some_and(|d| d.len() > 10),
+            "{path} has no description"
+        );
+        let node = resolve(&schema, node);
+        assert!(
+            ["type", "oneOf", "anyOf", "enum"]
+                .iter()
+                .any(|k| !node[*k].is_null()),
+            "{path} has no type"
+        );
+        if node["type"] == "object" && !node["properties"].is_null() {
+            assert_eq!(
+                node["additionalProperties"],
+                json!(false),
+                "{path} takes unknown keys"
+            );
+        }
+    }
+    assert_eq!(schema["additionalProperties"], json!(false));
+    // Every value a template reads is described.
+    let read = template_value_paths()?;
+    assert!(read.len() > 60, "only {} values read: {read:?}", read.len());
+    let undescribed: Vec<&String> = read
+        .iter()
+        .filter(|p| schema_at(&schema, p).is_none())
+        .collect();
+    assert!(
+        undescribed.is_empty(),
+        "templates read values the schema lacks: {undescribed:?}"
+    );
+
+    // helm refuses wrong values, naming the field, in `helm template` and in `helm lint`.
+    let chart = chart();
+    let refused: &[(&str, &str, &str)] = &[
+        (
+            "--set",
+            "someTypo=1",
+            "at '': additional properties 'someTypo' not allowed",
+        ),
+        (
+            "--set",
+            "csi.something=1",
+            "at '/csi': additional properties 'something' not allowed",
+        ),
+        (
+            "--set",
+            "monitoring.podMonitor.enable=true",
+            "at '/monitoring/podMonitor': additional properties 'enable' not allowed",
+        ),
+        (
+            "--set",
+            "csi.fuseThreads=many",
+            "at '/csi/fuseThreads': got string, want integer",
+        ),
+        (
+            "--set",
+            "operator.replicas=-1",
+            "at '/operator/replicas': minimum: got -1, want 0",
+        ),
+        (
+            "--set",
+            "csi.blockTransport=yes",
+            "at '/csi/blockTransport': got string, want boolean",
+        ),
+        (
+            "--set",
+            "image.pullPolicy=Sometimes",
+            "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
+        ),
+        (
+            "--set",
+            "csi.updateStrategy.type=Recreate",
+            "at '/csi/updateStrategy/type': value must be one of 'OnDelete', 'RollingUpdate'",
+        ),
+        (
+            "--set",
+            "operator.resync=soon",
+            "at '/operator/resync': 'soon' does not match pattern",
+        ),
+        (
+            "--set",
+            "csi.prefetchBudget=lots",
+            "at '/csi/prefetchBudget'",
+        ),
+        (
+            "--set",
+            "image.tag=a tag",
+            "at '/image/tag': 'a tag' does not match pattern",
+        ),
+        (
+            "--set",
+            "csi.adminPort=70000",
+            "at '/csi/adminPort': maximum: got 70,000, want 65,535",
+        ),
+        (
+            "--set",
+            "csi.kubeletDir=var/lib/kubelet",
+            "at '/csi/kubeletDir'",
+        ),
+        (
+            "--set",
+            "monitoring.prometheusRule.hitRatio.threshold=2",
+            "at '/monitoring/prometheusRule/hitRatio/threshold': maximum: got 2, want 1",
+        ),
+        (
+            "--set",
+            "monitoring.interval=30 seconds",
+            "at '/monitoring/interval'",
+        ),
+        (
+            "--set",
+            "monitoring.prometheusRule.disabledAlerts={LakecacheWorkersDown}",
+            "at '/monitoring/prometheusRule/disabledAlerts/0': value must be one of",
+        ),
+        (
+            "--set",
+            "monitoring.dashboard.labels.grafana_dashboard=1",
+            "at '/monitoring/dashboard/labels/grafana_dashboard': got number, want string",
+        ),
+        (
+            "--set",
+            "monitoring.labels.bad key=x",
+            "at '/monitoring/labels': additional properties 'bad key' not allowed",
+        ),
+    ];
+    for (flag, value, message) in refused {
+        for verb in ["template", "lint"] {
+            let out = helm(home.path(), &[verb, RELEASE, chart.as_str(), flag, value])?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                !out.status.success(),
+                "helm {verb} accepted {value}: {text}"
+            );
+            assert!(
+                text.contains(message),
+                "helm {verb} {value}: {message:?} not in {text}"
+            );
+        }
+    }
+    // What the schema accepts renders: values given the other way round still pass.
+    for value in [
+        "csi.maxPrefetchBudget=0",
+        "csi.localCache.size=8Gi",
+        "csi.fuseServerOverhead=200MiB",
+        "monitoring.interval=",
+        "operator.resync=1h 30m",
+    ] {
+        render(home.path(), &["--set", value]).with_context(|| value.to_string())?;
+    }
+    Ok(())
+}
+
+#[test]
+fn monitoring_objects_select_the_workloads_and_pass_prometheus_checks() -> anyhow::Result<()> {
+    let home = tempfile::tempdir()?;
+    let started = Instant::now();
+
+    // Off by default: no monitoring object, no metrics Service, no dashboard.
+    let plain = documents(&render(home.path(), &[])?)?;
+    for o in &plain {
+        assert_ne!(o["apiVersion"], "monitoring.coreos.com/v1", "{}", o["kind"]);
+        assert_ne!(o["kind"], "Service", "{}", o["metadata"]["name"]);
+        assert_ne!(o["kind"], "ConfigMap", "{}", o["metadata"]["name"]);
+    }
+
+    let text = render(
+        home.path(),
+        &[
+            "--set",
+            MONITORING_ON,
+            "--set",
+            "monitoring.labels.release=kps,monitoring.prometheusRule.alertLabels.team=ml",
+        ],
+    )?;
+    let objs = documents(&text)?;
+    let kinds: BTreeSet<(String, String)> = objs
+        .iter()
+        .filter(|o| o["apiVersion"] == "monitoring.coreos.com/v1")
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap_or_default().to_string(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(String, String)> = [
+        ("ServiceMonitor", "lakecache-operator"),
+        ("PodMonitor", "lakecache-csi-node"),
+        ("PodMonitor", "lakecache-workers"),
+        ("PrometheusRule", "lakecache"),
+    ]
+    .iter()
+    .map(|(k, n)| (k.to_string(), n.to_string()))
+    .collect();
+    assert_eq!(kinds, expected);
+    for o in objs
+        .iter()
+        .filter(|o| o["apiVersion"] == "monitoring.coreos.com/v1")
+    {
+        assert_eq!(o["metadata"]["namespace"], NS);
+        // The label the Prometheus meant to use them selects.
+        assert_eq!(o["metadata"]["labels"]["release"], "kps", "{}", o["kind"]);
+    }
+
+    // The operator: ServiceMonitor → the metrics Service (turned on by it) → the operator pods.
+    let deploy = find(&objs, "Deployment", OPERATOR_SA)?;
+    let operator_pod = &deploy["spec"]["template"];
+    let svc = find(&objs, "Service", "lakecache-operator-metrics")?;
+    let sm = find(&objs, "ServiceMonitor", "lakecache-operator")?;
+    assert!(
+        selects(&sm["spec"]["selector"], &svc["metadata"]["labels"]),
+        "{sm}"
+    );
+    assert_eq!(sm["spec"]["namespaceSelector"], json!({"matchNames": [NS]}));
+    let svc_selector = json!({"matchLabels": svc["spec"]["selector"]});
+    assert!(selects(&svc_selector, &operator_pod["metadata"]["labels"]));
+    let endpoints = sm["spec"]["endpoints"].as_array().context("endpoints")?;
+    assert_eq!(endpoints.len(), 1);
+    let port = endpoints[0]["port"].as_str().context("port")?;
+    let svc_port = svc["spec"]["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == port))
+        .with_context(|| format!("the Service has no port {port}"))?;
+    let target = svc_port["targetPort"].as_str().context("targetPort")?;
+    let ports = named_ports(&operator_pod["spec"]);
+    assert_eq!(ports.get(target), Some(&("operator".to_string(), 9820)));
+    assert_eq!(endpoints[0]["path"], "/metrics");
+    assert_eq!(endpoints[0]["interval"], "30s");
+    assert_eq!(job_of(&endpoints[0]), Some("lakecache-operator"));
+
+    // The CSI node plugin: its pods, on the plugin's and the builtin registrar's ports.
+    let ds = find(&objs, "DaemonSet", CSI_SA)?;
+    let csi_pod = &ds["spec"]["template"];
+    let pm = find(&objs, "PodMonitor", "lakecache-csi-node")?;
+    assert!(
+        selects(&pm["spec"]["selector"], &csi_pod["metadata"]["labels"]),
+        "{pm}"
+    );
+    assert!(!selects(
+        &pm["spec"]["selector"],
+        &operator_pod["metadata"]["labels"]
+    ));
+    assert_eq!(pm["spec"]["namespaceSelector"], json!({"matchNames": [NS]}));
+    let ports = named_ports(&csi_pod["spec"]);
+    let scraped: Vec<(String, String, u64)> = pm["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .context("podMetricsEndpoints")?
+        .iter()
+        .map(|e| {
+            let name = e["port"].as_str().unwrap_or_default();
+            assert_eq!(e["path"], "/metrics");
+            assert_eq!(job_of(e), Some("lakecache-csi-node"));
+            let (c, p) = ports.get(name).cloned().unwrap_or_default();
+            (name.to_string(), c, p)
+        })
+        .collect();
+    assert_eq!(
+        scraped,
+        [
+            ("admin".to_string(), "csi-plugin".to_string(), 9810),
+            (
+                "registrar".to_string(),
+                "node-driver-registrar".to_string(),
+                9809
+            ),
+        ]
+    );
+    // The upstream registrar serves no metrics: only the plugin is scraped.
+    let upstream = documents(&render(
+        home.path(),
+        &[
+            "--set",
+            MONITORING_ON,
+            "--set",
+            "csi.registrar.mode=upstream",
+        ],
+    )?)?;
+    let endpoints =
+        &find(&upstream, "PodMonitor", "lakecache-csi-node")?["spec"]["podMetricsEndpoints"];
+    assert_eq!(endpoints.as_array().map(Vec::len), Some(1), "{endpoints}");
+    assert_eq!(endpoints[0]["port"], "admin");
+
+    // The workers: in every namespace unless told which; a `cache_namespace` label from their
+    // pods' (checked against the operator's real pods in the metrics test).
+    let workers = find(&objs, "PodMonitor", "lakecache-workers")?;
+    assert_eq!(workers["spec"]["namespaceSelector"], json!({"any": true}));
+    assert!(!selects(
+        &workers["spec"]["selector"],
+        &csi_pod["metadata"]["labels"]
+    ));
+    assert!(!selects(
+        &workers["spec"]["selector"],
+        &operator_pod["metadata"]["labels"]
+    ));
+    let only = documents(&render(
+        home.path(),
+        &[
+            "--set",
+            MONITORING_ON,
+            "--set",
+            "monitoring.podMonitor.workerNamespaces={ml,vision}",
+        ],
+    )?)?;
+    assert_eq!(
+        find(&only, "PodMonitor", "lakecache-workers")?["spec"]["namespaceSelector"],
+        json!({"matchNames": ["ml", "vision"]})
+    );
+
+    // The alerts: every one labelled, and checked by Prometheus's own parsers; the Prometheus
+    // Operator's types decode every monitoring object strictly.
+    let rule = find(&objs, "PrometheusRule", "lakecache")?;
+    let alerts: Vec<&Value> = rule["spec"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
+    let names: BTreeSet<String> = alerts
+        .iter()
+        .filter_map(|a| a["alert"].as_str().map(String::from))
+        .collect();
+    assert_eq!(
+        names,
+        schema_alert_names()?.into_iter().collect::<BTreeSet<_>>(),
+        "the alerts rendered are the ones the schema lets disable"
+    );
+    for a in &alerts {
+        assert!(
+            ["warning", "critical"].contains(&a["labels"]["severity"].as_str().unwrap_or_default()),
+            "{a}"
+        );
+        assert_eq!(a["labels"]["team"], "ml", "{}", a["alert"]);
+        for k in ["summary", "description"] {
+            assert!(
+                a["annotations"][k].as_str().is_some_and(|t| t.len() > 20),
+                "{} {k}",
+                a["alert"]
+            );
+        }
+    }
+    let checked = check_monitoring_objects(&text)?;
+    assert_eq!(checked.len(), 4, "{checked:?}");
+    let rules = checked
+        .iter()
+        .find(|o| o["kind"] == "PrometheusRule")
+        .context("promcheck skipped the PrometheusRule")?;
+    assert_eq!(rules["rules"], json!(alerts.len()));
+    // The alerts that need the chart's scrape jobs go with them; others can be turned off.
+    let fewer = documents(&render(
+        home.path(),
+        &[
+            "--set",
+            "monitoring.prometheusRule.enabled=true",
+            "--set",
+            "monitoring.prometheusRule.disabledAlerts={LakecacheMountRepairs}",
+        ],
+    )?)?;
+    let fewer: BTreeSet<String> = find(&fewer, "PrometheusRule", "lakecache")?["spec"]["groups"][0]
+        ["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["alert"].as_str().map(String::from))
+        .collect();
+    for gone in [
+        "LakecacheWorkerDown",
+        "LakecacheCacheWorkersAllDown",
+        "LakecacheCsiNodeDown",
+        "LakecacheOperatorDown",
+        "LakecacheMountRepairs",
+    ] {
+        assert!(!fewer.contains(gone), "{gone} rendered: {fewer:?}");
+    }
+    assert!(fewer.contains("LakecacheCacheHitRatioLow"), "{fewer:?}");
+
+    // Broken copies are refused, each naming what is wrong: the checks above could fail.
+    let broken: &[(&str, &str, &str)] = &[
+        (
+            "rate(lakecache_worker_source_errors_total[10m])",
+            "rate(lakecache_worker_source_errors_total[10m)",
+            "LakecacheSourceErrors",
+        ),
+        ("for: 30m", "for: 30 minutes", "30 minutes"),
+        (
+            "summary: \"Reads through volume {{ $labels.volume }} fail\"",
+            "summary: \"Reads through volume {{ $labels.volume fail\"",
+            "LakecacheFuseReadErrors",
+        ),
+        (
+            "  podMetricsEndpoints:",
+            "  podMetricEndpoints:",
+            "unknown field \"podMetricEndpoints\"",
+        ),
+        (
+            "    - port: metrics",
+            "    - port: 9820",
+            "ServiceMonitor lakecache-operator",
+        ),
+        (
+            "    any: true",
+            "    any: yes please",
+            "PodMonitor lakecache-workers",
+        ),
+    ];
+    for (from, to, message) in broken {
+        assert!(text.contains(from), "{from:?} is not in the rendered chart");
+        let copy = text.replacen(from, to, 1);
+        let out = promcheck(&["objects"], &copy)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "promcheck accepted {to:?}");
+        assert!(err.contains(message), "{to:?}: {message:?} not in {err}");
+    }
+
+    // The dashboard's ConfigMap, where Grafana's sidecar finds it.
+    let cm = find(&objs, "ConfigMap", "lakecache-dashboard")?;
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["namespace"], NS);
+    let shipped: Value =
+        serde_json::from_str(cm["data"]["lakecache.json"].as_str().context("data")?)?;
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(
+        repo().join("charts/lakecache/dashboards/lakecache.json"),
+    )?)?;
+    assert_eq!(shipped, file);
+    let elsewhere = documents(&render(
+        home.path(),
+        &[
+            "--set",
+            "monitoring.dashboard.enabled=true,monitoring.dashboard.namespace=grafana",
+            "--set",
+            "monitoring.dashboard.annotations.grafana_folder=lakecache",
+        ],
+    )?)?;
+    let cm = find(&elsewhere, "ConfigMap", "lakecache-dashboard")?;
+    assert_eq!(cm["metadata"]["namespace"], "grafana");
+    assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "lakecache");
+    check_dashboard_layout(&file)?;
+    eprintln!(
+        "monitoring objects: {} alerts, checked in {:.1} s",
+        alerts.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The alert names `monitoring.prometheusRule.disabledAlerts` accepts.
+fn schema_alert_names() -> anyhow::Result<Vec<String>> {
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(
+        repo().join("charts/lakecache/values.schema.json"),
+    )?)?;
+    Ok(schema["definitions"]["alertName"]["enum"]
+        .as_array()
+        .context("alertName enum")?
+        .iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect())
+}
+
+/// Every panel of a dashboard, rows' own panels included.
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().into_iter().flatten() {
+        out.push(p);
+        out.extend(p["panels"].as_array().into_iter().flatten());
+    }
+    out
+}
+
+/// A dashboard Grafana can lay out: unique panel ids, inside 24 columns, no two panels on the
+/// same cells, and every graph querying the dashboard's Prometheus data source.
+fn check_dashboard_layout(d: &Value) -> anyhow::Result<()> {
+    assert_eq!(d["uid"], "lakecache");
+    let all = panels(d);
+    assert!(all.len() > 20, "{} panels", all.len());
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeSet::new();
+    for p in &all {
+        assert!(
+            ids.insert(p["id"].as_u64().context("panel id")?),
+            "id {} twice",
+            p["id"]
+        );
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().context("x")?,
+            g["y"].as_u64().context("y")?,
+            g["w"].as_u64().context("w")?,
+            g["h"].as_u64().context("h")?,
+        );
+        ensure!(
+            x + w <= 24,
+            "panel {} is wider than the dashboard",
+            p["title"]
+        );
+        for cx in x..x + w {
+            for cy in y..y + h {
+                ensure!(
+                    cells.insert((cx, cy)),
+                    "panel {} overlaps another",
+                    p["title"]
+                );
+            }
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+        assert!(
+            p["description"].as_str().is_some_and(|t| !t.is_empty()),
+            "{}",
+            p["title"]
+        );
+        let targets = p["targets"].as_array().context("targets")?;
+        assert!(!targets.is_empty(), "{} queries nothing", p["title"]);
+    }
+    Ok(())
+}
+
+/// The PromQL of a dashboard: every panel's queries and the selectors of its variables'
+/// `label_values(SELECTOR, LABEL)`, with Grafana's variables replaced by values PromQL accepts.
+fn dashboard_queries(d: &Value) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for p in panels(d) {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            out.push(
+                t["expr"]
+                    .as_str()
+                    .context("a target without expr")?
+                    .to_string(),
+            );
+        }
+    }
+    for v in d["templating"]["list"].as_array().into_iter().flatten() {
+        if v["type"] != "query" {
+            continue;
+        }
+        let q = v["query"]["query"]
+            .as_str()
+            .or(v["query"].as_str())
+            .context("variable query")?;
+        let selector = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|r| r.rsplit_once(','))
+            .map(|(s, _)| s)
+            .with_context(|| {
+                format!(
+                    "variable {}: {q} is not label_values(SELECTOR, LABEL)",
+                    v["name"]
+                )
+            })?;
+        out.push(selector.to_string());
+    }
+    Ok(out.into_iter().map(|q| without_variables(&q)).collect())
+}
+
+/// `q` with Grafana's variables replaced: `$__rate_interval` and its kind by `5m`, others (in
+/// label matchers) by `x`.
+fn without_variables(q: &str) -> String {
+    let mut out = String::new();
+    let mut chars = q.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let braced = chars.peek() == Some(&'{');
+        if braced {
+            chars.next();
+        }
+        let mut name = String::new();
+        while let Some(&n) = chars.peek() {
+            if n.is_ascii_alphanumeric() || n == '_' {
+                name.push(n);
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        if braced && chars.peek() == Some(&'}') {
+            chars.next();
+        }
+        out.push_str(if name.starts_with("__") { "5m" } else { "x" });
+    }
+    out
+}
+
+/// The metric names `exprs` select, parsed by Prometheus's PromQL parser (tools/promcheck);
+/// fails if any does not parse.
+fn selected_metrics(exprs: &[String]) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let out = promcheck(&["exprs"], &serde_json::to_string(exprs)?)?;
+    let results: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("promcheck exprs: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let mut by_expr = BTreeMap::new();
+    for r in results.as_array().context("promcheck's results")? {
+        let expr = r["expr"].as_str().unwrap_or_default().to_string();
+        ensure!(r["error"].is_null(), "{expr}: {}", r["error"]);
+        let names: Vec<String> = r["metrics"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.as_str().map(String::from))
+            .collect();
+        ensure!(!names.is_empty(), "{expr} selects no metric by name");
+        by_expr.insert(expr, names);
+    }
+    ensure!(out.status.success(), "promcheck exprs failed");
+    Ok(by_expr)
+}
+
+/// The metric names in `used` that are neither served nor made by Prometheus.
+fn unknown_metrics<'a>(
+    used: impl IntoIterator<Item = &'a String>,
+    served: &BTreeMap<String, BTreeSet<String>>,
+) -> BTreeSet<String> {
+    let known: BTreeSet<&str> = served
+        .values()
+        .flatten()
+        .map(String::as_str)
+        .chain(PROMETHEUS_METRICS.iter().copied())
+        .collect();
+    used.into_iter()
+        .filter(|m| !known.contains(m.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// The metric families of a /metrics text, each with the sample names Prometheus stores for it
+/// (from its `# TYPE`, so families with no sample yet count): a counter's `_total`, a
+/// histogram's `_bucket`, `_sum` and `_count`.
+fn families(text: &str) -> anyhow::Result<BTreeMap<String, BTreeSet<String>>> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').context("a TYPE line")?;
+        let samples: Vec<String> = match kind.trim() {
+            "counter" => vec![format!("{name}_total")],
+            "histogram" => ["_bucket", "_sum", "_count"]
+                .iter()
+                .map(|s| format!("{name}{s}"))
+                .collect(),
+            "gauge" | "unknown" => vec![name.to_string()],
+            other => bail!("{name}: a {other}, which this test does not know"),
+        };
+        out.insert(name.to_string(), samples.into_iter().collect());
+    }
+    Ok(out)
+}
+
+/// The structs that hold each component's metrics, with the prefix of the registry they are
+/// registered in (`Registry::with_prefix`), by crate.
+const METRIC_STRUCTS: &[(&str, &str, &str)] = &[
+    ("cache-worker", "WorkerMetrics", "lakecache_worker"),
+    ("client", "ReaderMetrics", "lakecache_fuse"),
+    ("csi-node", "CsiMetrics", "lakecache_csi"),
+    ("csi-node", "RegistrarMetrics", "lakecache_csi_registrar"),
+    ("operator", "OperatorMetrics", "lakecache_operator"),
+];
+
+/// Every `.rs` file under `dir`.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            rust_files(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The Rust string literal at the start of `s` (after blanks), and what follows it.
+fn string_literal(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start().strip_prefix('"')?;
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => return Some((&s[..i], &s[i + 1..])),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The metric families the code registers, by struct: each `register` method's
+/// `r.register("name", "help", self.field.clone())`, named with its registry's prefix and typed
+/// by the field's declaration (a `Histogram`, `Counter` or `Gauge`, alone or in a `Family`), with
+/// the sample names Prometheus stores for it. A binary serves a family only once it has a
+/// sample, so this is what the binaries may serve; what they do serve is checked against it.
+fn declared_metrics() -> anyhow::Result<BTreeMap<String, BTreeMap<String, BTreeSet<String>>>> {
+    let mut files = Vec::new();
+    for krate in [
+        "cache-worker",
+        "client",
+        "csi-node",
+        "operator",
+        "telemetry",
+    ] {
+        rust_files(&repo().join(krate).join("src"), &mut files)?;
+    }
+    let sources: Vec<(PathBuf, String)> = files
+        .into_iter()
+        .map(|f| Ok((f.clone(), std::fs::read_to_string(&f)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let mut out = BTreeMap::new();
+    for (krate, name, prefix) in METRIC_STRUCTS {
+        let needle = format!("Registry::with_prefix(\"{prefix}\")");
+        ensure!(
+            sources.iter().any(|(_, text)| text.contains(&needle)),
+            "no registry has the prefix {prefix}"
+        );
+        let start = format!("pub struct {name} {{");
+        let (file, text) = sources
+            .iter()
+            .filter(|(f, _)| f.starts_with(repo().join(krate)))
+            .find(|(_, text)| text.contains(&start))
+            .with_context(|| format!("no struct {name} in {krate}"))?;
+        let what = format!("{name} in {}", file.display());
+        let decl = &text[text.find(&start).context("struct")?..];
+        let decl = &decl[..decl
+            .find("\n}")
+            .with_context(|| format!("{what}: struct end"))?];
+        let fields: BTreeMap<&str, &str> = decl
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub ")?.split_once(':'))
+            .map(|(f, t)| (f.trim(), t.trim()))
+            .collect();
+        let imp = &text[text
+            .find(&format!("impl {name} {{"))
+            .with_context(|| format!("{what}: no impl"))?..];
+        let method = &imp[imp
+            .find("fn register(")
+            .with_context(|| format!("{what}: no register method"))?..];
+        let method = &method[..method.find("\n    }").context("register's end")?];
+        let mut families = BTreeMap::new();
+        for (i, _) in method.match_indices(".register(") {
+            let call = &method[i + ".register(".len()..];
+            let parsed = (|| {
+                let (metric, rest) = string_literal(call)?;
+                let (_help, rest) = string_literal(rest.trim_start().strip_prefix(',')?)?;
+                let field = rest
+                    .trim_start()
+                    .strip_prefix(',')?
+                    .trim_start()
+                    .strip_prefix("self.")?;
+                let field = field
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .next()?;
+                Some((metric, field))
+            })();
+            let (metric, field) = parsed.with_context(|| {
+                format!(
+                    "{what}: a register call not of the form \
+                     r.register(\"name\", \"help\", self.field.clone()): {}",
+                    &call[..call.len().min(120)]
+                )
+            })?;
+            let ty = fields
+                .get(field)
+                .with_context(|| format!("{what}: no field {field}"))?;
+            let family = format!("{prefix}_{metric}");
+            let samples: BTreeSet<String> = if ty.contains("Histogram") {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .map(|s| format!("{family}{s}"))
+                    .collect()
+            } else if ty.contains("Counter") {
+                BTreeSet::from([format!("{family}_total")])
+            } else if ty.contains("Gauge") {
+                BTreeSet::from([family.clone()])
+            } else {
+                bail!("{what}: {field} is a {ty}, which this test does not know");
+            };
+            families.insert(family, samples);
+        }
+        ensure!(
+            families.len() > 1,
+            "{what}: {} metrics registered",
+            families.len()
+        );
+        out.insert(name.to_string(), families);
+    }
+    Ok(out)
+}
+
+/// A gRPC channel to a unix socket.
+async fn unix_channel(socket: &Path) -> anyhow::Result<tonic::transport::Channel> {
+    let socket = socket.to_path_buf();
+    Ok(
+        tonic::transport::Endpoint::from_static("http://unix.invalid")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(20))
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(&socket).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }))
+            .await?,
+    )
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process, killed when dropped.
+struct Child {
+    what: String,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Child {
+    fn start(what: &str, cmd: &mut Command, dir: &Path) -> anyhow::Result<Self> {
+        let log = dir.join(format!("{what}.log"));
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {what}: {cmd:?}"))?;
+        Ok(Self {
+            what: what.to_string(),
+            child,
+            log,
+        })
+    }
+
+    /// Its /metrics on `port`, once it serves them (within 60 s, while it runs).
+    fn scrape(&mut self, port: u16) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(body) = http_get(port, "/metrics") {
+                return Ok(body);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before serving /metrics: {}",
+                    self.what,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} served no /metrics on {port} in 60 s: {}",
+                self.what,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The body of a 200 answer to `GET path` on a loopback port, or `None`.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The FUSE server's metrics: `lakecache-csi-node fuse-server` over one worker, mounted, a file
+/// read through it, then the snapshot it writes beside its configuration (what the plugin's
+/// /metrics adds per volume).
+fn fuse_server_metrics(
+    bins: &Path,
+    dir: &Path,
+    worker: u16,
+    token: &str,
+) -> anyhow::Result<String> {
+    use std::io::{BufRead, BufReader};
+    let mountpoint = dir.join("mnt");
+    std::fs::create_dir_all(&mountpoint)?;
+    let config = dir.join("fuse.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&json!({
+            "volumeId": "metrics-test",
+            "mountPath": mountpoint,
+            "namespace": "ml",
+            "name": "lake",
+            "workers": [{"id": "w0", "endpoint": format!("http://127.0.0.1:{worker}")}],
+            "token": token,
+            "prefetchBudget": 16u64 << 20,
+            "fuseThreads": 2,
+            "startupTimeout": "20s",
+        }))?,
+    )?;
+    let mut child = Command::new(bins.join("lakecache-csi-node"))
+        .args(["fuse-server", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("fuse-server.log"))?)
+        .spawn()
+        .context("starting the fuse-server")?;
+    // Unmounted and stopped however this ends.
+    struct Mounted(std::process::Child, PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = nix::mount::umount2(&self.1, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let stdout = child.stdout.take().context("fuse-server stdout")?;
+    let _mounted = Mounted(child, mountpoint.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("the fuse-server said nothing in 30 s")?;
+    ensure!(
+        line.trim() == "ready",
+        "the fuse-server did not mount: {line} {}",
+        std::fs::read_to_string(dir.join("fuse-server.log")).unwrap_or_default()
+    );
+    let read = std::fs::read(mountpoint.join("data/a.bin")).context("reading through FUSE")?;
+    ensure!(
+        read == lakecache_e2e::pattern(1, 300_000),
+        "FUSE read other bytes"
+    );
+    // A snapshot written after the read (one every 2 s) counts its blocks.
+    let snapshot = config.with_extension("prom");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&snapshot).unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.starts_with("lakecache_fuse_blocks_total{") && !l.ends_with(" 0"))
+        {
+            return Ok(text);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no snapshot counting the read in {}: {text}",
+            snapshot.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alerts_name_only_metrics_the_binaries_serve() -> anyhow::Result<()> {
+    lakecache_e2e::init_logging();
+    let bins = lakecache_e2e::image::binaries_dir()?;
+    let cluster = Cluster::start(ClusterOptions::apiserver_only()).await?;
+    let started = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let dir = dir.path();
+    // What each binary serves here: metric family → the sample names Prometheus stores.
+    let mut served: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+
+    // A worker over a lake of one file, as its pod runs it.
+    let lake = dir.join("lake");
+    std::fs::create_dir_all(lake.join("data"))?;
+    std::fs::write(lake.join("data/a.bin"), lakecache_e2e::pattern(1, 300_000))?;
+    let token = "metrics-token";
+    std::fs::write(dir.join("token"), token)?;
+    let (grpc, admin) = (free_port()?, free_port()?);
+    std::fs::write(
+        dir.join("worker.json"),
+        serde_json::to_vec(&json!({
+            "id": "w0",
+            "source": {"uri": format!("file://{}", lake.display())},
+            "listen": format!("127.0.0.1:{grpc}"),
+            "adminListen": format!("127.0.0.1:{admin}"),
+            "blockSize": "64KiB",
+            "tiers": [
+                {"kind": "Memory", "path": dir.join("mem"), "size": "64MiB"},
+                {"kind": "Disk", "path": dir.join("disk"), "size": "64MiB"},
+            ],
+            "tokenFile": dir.join("token"),
+        }))?,
+    )?;
+    let mut worker = Child::start(
+        "worker",
+        Command::new(bins.join("lakecache-worker"))
+            .arg("--config")
+            .arg(dir.join("worker.json")),
+        dir,
+    )?;
+    worker.scrape(admin)?;
+    let fuse = tokio::task::block_in_place(|| fuse_server_metrics(&bins, dir, grpc, token))?;
+    served.insert("FUSE server".into(), families(&fuse)?);
+    // After the read: the worker's hits and misses have samples too.
+    let worker_text = worker.scrape(admin)?;
+    ensure!(
+        worker_text.contains("lakecache_worker_block_misses_total "),
+        "{worker_text}"
+    );
+    served.insert("worker".into(), families(&worker_text)?);
+
+    // The CSI plugin, called as kubelet calls it, and the builtin registrar dialing it,
+    // registered as kubelet registers it.
+    let csi_admin = free_port()?;
+    let socket = dir.join("csi.sock");
+    let mut plugin = Child::start(
+        "csi-plugin",
+        Command::new(bins.join("lakecache-csi-node"))
+            .arg("plugin")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--node-id", "node-1"])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--legacy-state-dir")
+            .arg(dir.join("legacy-state"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{csi_admin}")),
+        dir,
+    )?;
+    plugin.scrape(csi_admin)?;
+    let mut node = NodeClient::new(unix_channel(&socket).await?);
+    let stats = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "no-such-volume".into(),
+            volume_path: dir.join("nowhere").display().to_string(),
+            ..Default::default()
+        })
+        .await;
+    ensure!(stats.is_err(), "stats of a volume never staged: {stats:?}");
+    let text = plugin.scrape(csi_admin)?;
+    ensure!(
+        text.contains("lakecache_csi_calls_total{"),
+        "the call was not counted: {text}"
+    );
+    served.insert("CSI plugin".into(), families(&text)?);
+    let registrar_admin = free_port()?;
+    let registry = dir.join("registry");
+    std::fs::create_dir_all(&registry)?;
+    let mut registrar = Child::start(
+        "registrar",
+        Command::new(bins.join("lakecache-csi-node"))
+            .arg("registrar")
+            .arg("--csi-address")
+            .arg(&socket)
+            .arg("--kubelet-registration-path")
+            .arg("/var/lib/kubelet/plugins/csi.lakecache.io/csi.sock")
+            .arg("--registration-dir")
+            .arg(&registry)
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{registrar_admin}")),
+        dir,
+    )?;
+    registrar.scrape(registrar_admin)?;
+    let reg_socket = registry.join("csi.lakecache.io-reg.sock");
+    eventually("the registration socket", WAIT, || async {
+        Ok(reg_socket.exists().then_some(()))
+    })
+    .await?;
+    let mut kubelet = RegistrationClient::new(unix_channel(&reg_socket).await?);
+    kubelet.get_info(InfoRequest {}).await?;
+    kubelet
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await?;
+    let text = registrar.scrape(registrar_admin)?;
+    ensure!(
+        text.contains("lakecache_csi_registrar_kubelet_calls_total{"),
+        "kubelet's calls were not counted: {text}"
+    );
+    served.insert("registrar".into(), families(&text)?);
+
+    // The operator, leading against a real API server, with a CacheNamespace to reconcile.
+    let crds = repo().join("crds");
+    ok(
+        "apply CRDs",
+        cluster.kubectl(&[
+            "apply",
+            "--server-side",
+            "-f",
+            crds.to_str().context("utf-8")?,
+        ]),
+    )?;
+    ok(
+        "wait for the CRDs",
+        cluster.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/cachenamespaces.lakecache.io",
+            "crd/cachepreloads.lakecache.io",
+        ]),
+    )?;
+    ok(
+        "create namespace ml",
+        cluster.kubectl(&["create", "namespace", "ml"]),
+    )?;
+    let cn = json!({
+        "apiVersion": "lakecache.io/v1alpha1",
+        "kind": "CacheNamespace",
+        "metadata": {"name": "imagenet", "namespace": "ml"},
+        "spec": {
+            "source": {"uri": "s3://datasets/imagenet", "endpoint": "http://127.0.0.1:9", "region": "us-east-1"},
+            "workers": {"replicas": 2},
+            "tiers": [{"kind": "Memory", "size": "64Mi"}],
+        },
+    });
+    // And one whose credentials Secret is missing: a problem the operator counts.
+    let mut missing = cn.clone();
+    missing["metadata"]["name"] = json!("coco");
+    missing["spec"]["source"]["credentialsSecretRef"] = json!({"name": "no-such-secret"});
+    for obj in [&cn, &missing] {
+        ok(
+            "apply a CacheNamespace",
+            cluster.kubectl_with_stdin(
+                &["apply", "--server-side", "-f", "-"],
+                Some(&obj.to_string()),
+            ),
+        )?;
+    }
+    let operator_admin = free_port()?;
+    let mut operator = Child::start(
+        "operator",
+        Command::new(bins.join("lakecache-operator"))
+            .env("KUBECONFIG", cluster.kubeconfig_path())
+            .env("POD_NAMESPACE", "default")
+            .env("POD_NAME", "operator-metrics-test")
+            .env("LAKECACHE_WORKER_IMAGE", IMAGE)
+            .env(
+                "LAKECACHE_ADMIN_LISTEN",
+                format!("127.0.0.1:{operator_admin}"),
+            ),
+        dir,
+    )?;
+    operator.scrape(operator_admin)?;
+    let sts = eventually(
+        "the operator makes the workers' StatefulSet",
+        WAIT,
+        || async { Ok(get(&cluster, "statefulset", "imagenet-worker", Some("ml")).ok()) },
+    )
+    .await?;
+    let deadline = Instant::now() + WAIT;
+    let text = loop {
+        let text = operator.scrape(operator_admin)?;
+        if text.contains("lakecache_operator_object_problems_total{") {
+            break text;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the operator counted no problem for the missing Secret in {WAIT:?}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    ensure!(
+        text.contains("lakecache_operator_reconciles_total{"),
+        "no reconcile counted: {text}"
+    );
+    served.insert("operator".into(), families(&text)?);
+    // What the binaries serve is what their code registers; the families with no sample yet
+    // (a repair, a reconcile error) are taken from the code.
+    let declared = declared_metrics()?;
+    let all: BTreeMap<String, BTreeSet<String>> = declared
+        .values()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (binary, fams) in &served {
+        for (family, samples) in fams {
+            assert_eq!(
+                all.get(family),
+                Some(samples),
+                "{binary} serves {family} as {samples:?}, which its code does not register so"
+            );
+        }
+        eprintln!("{binary}: serves {} metric families", fams.len());
+    }
+    for (name, fams) in &declared {
+        let confirmed = fams
+            .keys()
+            .filter(|f| served.values().any(|s| s.contains_key(*f)))
+            .count();
+        eprintln!("{name}: {} registered, {confirmed} served here", fams.len());
+        ensure!(
+            confirmed > 0,
+            "no metric of {name} was served: is its prefix right?"
+        );
+    }
+
+    // The workers' PodMonitor selects the pods the operator makes, on their admin port, and
+    // takes their CacheNamespace's name from the label they carry.
+    let manifests = render(&cluster.dir().join("helm-home"), &["--set", MONITORING_ON])?;
+    let objs = documents(&manifests)?;
+    let pm = find(&objs, "PodMonitor", "lakecache-workers")?;
+    let template = &sts["spec"]["template"];
+    let pod_labels = &template["metadata"]["labels"];
+    assert!(
+        selects(&pm["spec"]["selector"], pod_labels),
+        "{pm} does not select {pod_labels}"
+    );
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    let ports = named_ports(&template["spec"]);
+    let (_, admin_port) = ports
+        .get(endpoint["port"].as_str().context("port")?)
+        .with_context(|| format!("the workers have no port {}: {ports:?}", endpoint["port"]))?;
+    let (_, grpc_port) = ports.get("grpc").context("the workers have no grpc port")?;
+    assert_eq!(*admin_port, grpc_port + 1);
+    let relabel = endpoint["relabelings"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["targetLabel"] == "cache_namespace"))
+        .context("no cache_namespace relabeling")?;
+    // Prometheus names a pod label's meta label with every character outside [A-Za-z0-9_] as _.
+    let (key, value) = pod_labels
+        .as_object()
+        .and_then(|m| {
+            m.iter()
+                .find(|(k, v)| k.ends_with("/cache-namespace") && *v == "imagenet")
+        })
+        .context("the workers carry no label naming their CacheNamespace")?;
+    let meta: String = key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    assert_eq!(
+        relabel["sourceLabels"],
+        json!([format!("__meta_kubernetes_pod_label_{meta}")]),
+        "{key}={value}"
+    );
+
+    // Every metric the dashboard and the alerts name is served, and the dashboard shows every
+    // family served.
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(
+        repo().join("charts/lakecache/dashboards/lakecache.json"),
+    )?)?;
+    let queries = dashboard_queries(&dashboard)?;
+    let by_query = selected_metrics(&queries)?;
+    let in_dashboard: BTreeSet<String> = by_query.values().flatten().cloned().collect();
+    let unknown = unknown_metrics(&in_dashboard, &all);
+    assert!(
+        unknown.is_empty(),
+        "the dashboard names metrics nothing serves: {unknown:?}"
+    );
+    let checked = check_monitoring_objects(&manifests)?;
+    let in_alerts: BTreeSet<String> = checked
+        .iter()
+        .flat_map(|o| o["metrics"].as_array().into_iter().flatten())
+        .filter_map(|m| m.as_str().map(String::from))
+        .collect();
+    assert!(in_alerts.len() > 5, "{in_alerts:?}");
+    let unknown = unknown_metrics(&in_alerts, &all);
+    assert!(
+        unknown.is_empty(),
+        "the alerts name metrics nothing serves: {unknown:?}"
+    );
+    let unshown: Vec<(&String, &String)> = declared
+        .iter()
+        .flat_map(|(binary, fams)| fams.iter().map(move |(f, samples)| (binary, f, samples)))
+        .filter(|(_, _, samples)| samples.is_disjoint(&in_dashboard))
+        .map(|(binary, f, _)| (binary, f))
+        .collect();
+    assert!(
+        unshown.is_empty(),
+        "the dashboard shows no panel of: {unshown:?}"
+    );
+    // A query naming a metric nothing serves is caught by the same check.
+    let mut misspelt = queries.clone();
+    let first = misspelt
+        .iter_mut()
+        .find(|q| q.contains("lakecache_worker_block_hits_total"))
+        .context("no query of lakecache_worker_block_hits_total")?;
+    *first = first.replace(
+        "lakecache_worker_block_hits_total",
+        "lakecache_worker_block_hit_total",
+    );
+    let unknown = unknown_metrics(selected_metrics(&misspelt)?.values().flatten(), &all);
+    assert_eq!(
+        unknown,
+        BTreeSet::from(["lakecache_worker_block_hit_total".to_string()])
+    );
+    let broken = vec!["sum(rate(lakecache_worker_block_hits_total[5m])".to_string()];
+    assert!(
+        selected_metrics(&broken).is_err(),
+        "a query that does not parse passed"
+    );
+    eprintln!(
+        "{} dashboard queries and {} alert metrics checked against {} registered metric \
+         families ({} served here) in {:.1} s",
+        queries.len(),
+        in_alerts.len(),
+        all.len(),
+        served.values().map(BTreeMap::len).sum::<usize>(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -83,3 +83,29 @@ there by the mounter reach the plugin (and the pods).
 {{- define "lakecache.csi.stateDir" -}}
 {{- printf "%s/plugins/csi.lakecache.io-state" (include "lakecache.csi.kubeletDir" .) }}
 {{- end }}
+
+{{/* Labels of the monitoring objects: every object's, and monitoring.labels for Prometheus. */}}
+{{- define "lakecache.monitoring.labels" -}}
+{{ include "lakecache.labels" . }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The `job` label of each scraped component, set by the monitors and used by the alerts:
+(dict "ctx" $ "component" "worker").
+*/}}
+{{- define "lakecache.monitoring.job" -}}
+{{- printf "%s-%s" (include "lakecache.fullname" .ctx) .component }}
+{{- end }}
+
+{{/* The scrape interval and timeout of an endpoint of a ServiceMonitor or a PodMonitor. */}}
+{{- define "lakecache.monitoring.scrape" -}}
+{{- with .Values.monitoring.interval }}
+interval: {{ . }}
+{{- end }}
+{{- with .Values.monitoring.scrapeTimeout }}
+scrapeTimeout: {{ . }}
+{{- end }}
+{{- end }}
