@@ -65,6 +65,20 @@ enum Command {
     },
 }
 
+/// The state directory, as every command that uses it takes it.
+#[derive(Debug, Args)]
+struct StateDirArg {
+    /// Where the plugin keeps its state (every volume's token and journal, the mounter's
+    /// socket); shared by the plugin and the mounter and with no other container. Made mode
+    /// 0700 at start.
+    #[arg(
+        long,
+        env = "LAKECACHE_STATE_DIR",
+        default_value = lakecache_csi_node::state::DEFAULT_ROOT
+    )]
+    state_dir: PathBuf,
+}
+
 #[derive(Debug, Args)]
 struct PluginArgs {
     /// The CSI socket kubelet talks to.
@@ -73,14 +87,8 @@ struct PluginArgs {
     /// This node's name (NodeGetInfo's node id).
     #[arg(long, env = "NODE_NAME")]
     node_id: String,
-    /// Where the plugin keeps its state (every volume's token, the mounter's socket); shared
-    /// with the mounter and with no other container. Made mode 0700 at start.
-    #[arg(
-        long,
-        env = "LAKECACHE_STATE_DIR",
-        default_value = lakecache_csi_node::state::DEFAULT_ROOT
-    )]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    state: StateDirArg,
     /// The state directory of earlier versions (inside kubelet's plugin directory): volumes
     /// staged there are moved to --state-dir at start. Empty: none.
     #[arg(
@@ -145,13 +153,8 @@ struct PluginArgs {
 
 #[derive(Debug, Args)]
 struct MounterArgs {
-    /// The plugin's state directory (the mounter's socket lives there).
-    #[arg(
-        long,
-        env = "LAKECACHE_STATE_DIR",
-        default_value = lakecache_csi_node::state::DEFAULT_ROOT
-    )]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    state: StateDirArg,
     /// How long a FUSE server may take to mount.
     #[arg(long, env = "LAKECACHE_MOUNT_TIMEOUT", default_value = "60s")]
     mount_timeout: humantime::Duration,
@@ -200,8 +203,8 @@ fn run(command: Command, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     match command {
         Command::Plugin(a) => rt.block_on(plugin(a)),
         Command::Mounter(a) => rt.block_on(async move {
-            let state = StateDir::open(&a.state_dir)
-                .with_context(|| format!("opening {}", a.state_dir.display()))?;
+            let state = StateDir::open(&a.state.state_dir)
+                .with_context(|| format!("opening {}", a.state.state_dir.display()))?;
             let cfg = MounterConfig {
                 state,
                 exe: std::env::current_exe().context("finding this binary")?,
@@ -259,13 +262,8 @@ fn run(command: Command, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
 
 #[derive(Debug, Args)]
 struct UpgradeFuseArgs {
-    /// The state directory the plugin and the mounter share.
-    #[arg(
-        long,
-        env = "LAKECACHE_STATE_DIR",
-        default_value = lakecache_csi_node::state::DEFAULT_ROOT
-    )]
-    state_dir: PathBuf,
+    #[command(flatten)]
+    state: StateDirArg,
     /// The binary the successors run, as the mounter sees it; default: the mounter's own.
     #[arg(long)]
     exe: Option<PathBuf>,
@@ -276,8 +274,8 @@ struct UpgradeFuseArgs {
 
 async fn upgrade_fuse(a: UpgradeFuseArgs) -> anyhow::Result<()> {
     use lakecache_proto::lakecache::v1::MountRequest;
-    let state = StateDir::open(&a.state_dir)
-        .with_context(|| format!("opening {}", a.state_dir.display()))?;
+    let state = StateDir::open(&a.state.state_dir)
+        .with_context(|| format!("opening {}", a.state.state_dir.display()))?;
     let mut mounter = lakecache_csi_node::mounter_client(&state.mounter_socket());
     let mut failed = 0;
     for rec in state.all() {
@@ -327,7 +325,7 @@ async fn upgrade_fuse(a: UpgradeFuseArgs) -> anyhow::Result<()> {
 async fn plugin(a: PluginArgs) -> anyhow::Result<()> {
     let opts = PluginOptions {
         endpoint: socket_path(&a.endpoint)?,
-        state_dir: a.state_dir,
+        state_dir: a.state.state_dir,
         legacy_state_dir: Some(a.legacy_state_dir).filter(|p| !p.as_os_str().is_empty()),
         admin_listen: a.admin_listen,
         repair_interval: *a.repair_interval,
@@ -408,7 +406,7 @@ mod tests {
         );
         assert_eq!(a.listing_budget, 200_000);
         assert_eq!(
-            a.state_dir,
+            a.state.state_dir,
             PathBuf::from("/var/lib/kubelet/plugins/csi.lakecache.io-state")
         );
     }

@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use lakecache_proto::csi::v1 as csi;
-use lakecache_proto::csi::v1::volume_capability::access_mode::Mode;
 use lakecache_proto::lakecache::v1::MountRequest;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -147,44 +145,13 @@ async fn the_fuse_connection_outlives_every_process_around_it() {
     node.start_plugin();
     let csi = node.connect().await;
     let mut n = csi.node();
-    let staging = root
-        .path()
-        .join("kubelet/plugins/kubernetes.io/csi/csi.lakecache.io/abc/globalmount");
-    std::fs::create_dir_all(&staging).unwrap();
-    let target = root
-        .path()
-        .join("kubelet/pods/p1/volumes/kubernetes.io~csi/data/mount");
-    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-    let workers = lake.workers_attr();
-    let ctx = map(&[
-        ("cacheNamespace", "imagenet"),
-        ("namespace", "ml"),
-        ("workers", &workers),
-    ]);
-    let cap = mount_capability(Mode::MultiNodeReaderOnly);
-    n.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: VOLUME.into(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(cap.clone()),
-        secrets: map(&[("token", TOKEN)]),
-        volume_context: ctx.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut vc = ctx.clone();
-    vc.insert("csi.storage.k8s.io/pod.namespace".into(), "ml".into());
-    n.node_publish_volume(csi::NodePublishVolumeRequest {
-        volume_id: VOLUME.into(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(cap),
-        readonly: true,
-        volume_context: vc,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let volume = KubeletVolume::new(root.path(), &lake);
+    let staging = volume.staging.clone();
+    let target = volume.target("p1");
+    n.node_stage_volume(volume.stage()).await.unwrap();
+    n.node_publish_volume(volume.publish(&target, "ml"))
+        .await
+        .unwrap();
     let device = std::fs::metadata(&staging).unwrap().dev();
 
     let stop = Arc::new(AtomicBool::new(false));

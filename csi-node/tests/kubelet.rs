@@ -66,47 +66,11 @@ async fn kubelet_lifecycle_survives_restarts_and_repairs_mounts() {
     let csi = node.connect().await;
     let mut n = csi.node();
 
-    let staging = root
-        .path()
-        .join("kubelet/plugins/kubernetes.io/csi/csi.lakecache.io/abc/globalmount");
-    std::fs::create_dir_all(&staging).unwrap();
-    let t1 = root
-        .path()
-        .join("kubelet/pods/p1/volumes/kubernetes.io~csi/data/mount");
-    let t2 = root
-        .path()
-        .join("kubelet/pods/p2/volumes/kubernetes.io~csi/data/mount");
-    std::fs::create_dir_all(t1.parent().unwrap()).unwrap();
-    std::fs::create_dir_all(t2.parent().unwrap()).unwrap();
-    let workers = lake.workers_attr();
-    let ctx = map(&[
-        ("cacheNamespace", "imagenet"),
-        ("namespace", "ml"),
-        ("workers", &workers),
-    ]);
-    let cap = mount_capability(Mode::MultiNodeReaderOnly);
-    let stage_req = csi::NodeStageVolumeRequest {
-        volume_id: "lakecache-ml-imagenet".into(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(cap.clone()),
-        secrets: map(&[("token", TOKEN)]),
-        volume_context: ctx.clone(),
-        ..Default::default()
-    };
-    let publish = |target: &Path, pod_ns: &str| {
-        let mut vc = ctx.clone();
-        vc.insert("csi.storage.k8s.io/pod.namespace".into(), pod_ns.into());
-        vc.insert("csi.storage.k8s.io/pod.name".into(), "trainer-0".into());
-        csi::NodePublishVolumeRequest {
-            volume_id: "lakecache-ml-imagenet".into(),
-            staging_target_path: staging.display().to_string(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(cap.clone()),
-            readonly: true,
-            volume_context: vc,
-            ..Default::default()
-        }
-    };
+    let volume = KubeletVolume::new(root.path(), &lake);
+    let staging = volume.staging.clone();
+    let (t1, t2) = (volume.target("p1"), volume.target("p2"));
+    let stage_req = volume.stage();
+    let publish = |target: &Path, pod_ns: &str| volume.publish(target, pod_ns);
 
     // Stage (twice: the same answer), publish to two targets, read through both.
     n.node_stage_volume(stage_req.clone()).await.unwrap();

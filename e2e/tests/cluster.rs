@@ -305,7 +305,7 @@ async fn controllers_create_pods_the_scheduler_binds_and_the_collector_deletes()
                     "accessModes": ["ReadWriteOnce"],
                     "storageClassName": "manual",
                     "persistentVolumeReclaimPolicy": "Retain",
-                    "csi": {"driver": "csi.lakecache.io", "volumeHandle": format!("volume-{i}")},
+                    "csi": {"driver": lakecache_api::CSI_DRIVER, "volumeHandle": format!("volume-{i}")},
                 },
             }),
         )

@@ -275,7 +275,7 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
         Ok(n.spec
             .drivers
             .iter()
-            .find(|d| d.name == "csi.lakecache.io")
+            .find(|d| d.name == lakecache_api::CSI_DRIVER)
             .map(|d| d.node_id.clone()))
     })
     .await?;
@@ -663,7 +663,7 @@ async fn scenario(env: &Env, files: &[(String, Vec<u8>)], started: Instant) -> a
     // The FUSE server upgraded to another build: a copy of the binary whose build tag (the
     // version string) differs, in the state directory the mounter sees, run by
     // `lakecache-csi-node upgrade-fuse` in the mounter container.
-    let state_dir = kubelet.join("plugins/csi.lakecache.io-state");
+    let state_dir = kubelet.join(format!("plugins/{}-state", lakecache_api::CSI_DRIVER));
     let next = state_dir.join("lakecache-csi-node-next");
     {
         let bin = lakecache_e2e::image::binaries_dir()?.join("lakecache-csi-node");
@@ -960,7 +960,7 @@ async fn tenant_attacks(env: &Env, admin: &kube::Client) -> anyhow::Result<Strin
     let pv: PersistentVolume = serde_json::from_value(json!({
         "metadata": {"name": "tenant-steals-imagenet"},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
-                 "csi": {"driver": "csi.lakecache.io", "volumeHandle": "x",
+                 "csi": {"driver": lakecache_api::CSI_DRIVER, "volumeHandle": "x",
                          "volumeAttributes": {"cacheNamespace": "imagenet", "namespace": NS}}},
     }))?;
     ensure!(is_forbidden(&pvs.create(&PostParams::default(), &pv).await));
@@ -1012,7 +1012,7 @@ async fn tenant_attacks(env: &Env, admin: &kube::Client) -> anyhow::Result<Strin
                 "containers": [{"name": "c", "image": image, "imagePullPolicy": "Never",
                                 "command": ["sleep", "3600"],
                                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
-                "volumes": [{"name": "data", "csi": {"driver": "csi.lakecache.io",
+                "volumes": [{"name": "data", "csi": {"driver": lakecache_api::CSI_DRIVER,
                              "readOnly": true, "volumeAttributes": attributes,
                              "nodePublishSecretRef": {"name": "guess"}}}],
             },

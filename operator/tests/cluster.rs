@@ -465,7 +465,7 @@ async fn operator_builds_serves_scales_rolls_out_preloads_and_cleans_up() -> any
     let pv_spec = pv.spec.as_ref().unwrap();
     ensure!(pv_spec.access_modes.as_deref() == Some(&["ReadOnlyMany".to_string()][..]));
     let csi = pv_spec.csi.as_ref().unwrap();
-    ensure!(csi.driver == "csi.lakecache.io" && csi.read_only == Some(true));
+    ensure!(csi.driver == lakecache_api::CSI_DRIVER && csi.read_only == Some(true));
     ensure!(csi.node_stage_secret_ref.as_ref().unwrap().name.as_deref() == Some("imagenet-token"));
     ensure!(pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"));
 

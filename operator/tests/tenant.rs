@@ -821,7 +821,7 @@ async fn legacy_objects(admin: &Client) -> anyhow::Result<()> {
                     "volumeMode": "Filesystem",
                     "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "legacy", "namespace": LEGACY_NS},
                     "csi": {
-                        "driver": "csi.lakecache.io",
+                        "driver": lakecache_api::CSI_DRIVER,
                         "volumeHandle": "lakecache-old-legacy",
                         "readOnly": true,
                         "volumeAttributes": {"cacheNamespace": "legacy", "namespace": LEGACY_NS},

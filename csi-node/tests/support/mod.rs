@@ -465,3 +465,73 @@ impl StalledLister {
         format!("w0={addr}")
     }
 }
+
+/// Volume `lakecache-ml-imagenet` of CacheNamespace ml/imagenet over `lake`'s workers, laid out
+/// as kubelet lays out a CSI volume under `root`: the requests kubelet sends for it.
+pub struct KubeletVolume {
+    pub id: String,
+    pub staging: PathBuf,
+    root: PathBuf,
+    context: HashMap<String, String>,
+}
+
+impl KubeletVolume {
+    pub fn new(root: &Path, lake: &Lake) -> Self {
+        let staging = root.join(format!(
+            "kubelet/plugins/kubernetes.io/csi/{}/abc/globalmount",
+            lakecache_csi_node::CSI_DRIVER
+        ));
+        std::fs::create_dir_all(&staging).unwrap();
+        let workers = lake.workers_attr();
+        Self {
+            id: "lakecache-ml-imagenet".into(),
+            staging,
+            root: root.to_path_buf(),
+            context: map(&[
+                ("cacheNamespace", "imagenet"),
+                ("namespace", "ml"),
+                ("workers", &workers),
+            ]),
+        }
+    }
+
+    /// The target of pod `pod`'s volume `data` (its parent made, as kubelet does).
+    pub fn target(&self, pod: &str) -> PathBuf {
+        let t = self.root.join(format!(
+            "kubelet/pods/{pod}/volumes/kubernetes.io~csi/data/mount"
+        ));
+        std::fs::create_dir_all(t.parent().unwrap()).unwrap();
+        t
+    }
+
+    pub fn stage(&self) -> csi::NodeStageVolumeRequest {
+        csi::NodeStageVolumeRequest {
+            volume_id: self.id.clone(),
+            staging_target_path: self.staging.display().to_string(),
+            volume_capability: Some(mount_capability(
+                csi::volume_capability::access_mode::Mode::MultiNodeReaderOnly,
+            )),
+            secrets: map(&[("token", TOKEN)]),
+            volume_context: self.context.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// A publish to `target` for pod `trainer-0` in namespace `pod_ns`.
+    pub fn publish(&self, target: &Path, pod_ns: &str) -> csi::NodePublishVolumeRequest {
+        let mut vc = self.context.clone();
+        vc.insert("csi.storage.k8s.io/pod.namespace".into(), pod_ns.into());
+        vc.insert("csi.storage.k8s.io/pod.name".into(), "trainer-0".into());
+        csi::NodePublishVolumeRequest {
+            volume_id: self.id.clone(),
+            staging_target_path: self.staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(mount_capability(
+                csi::volume_capability::access_mode::Mode::MultiNodeReaderOnly,
+            )),
+            readonly: true,
+            volume_context: vc,
+            ..Default::default()
+        }
+    }
+}
