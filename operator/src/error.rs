@@ -1,8 +1,9 @@
 //! The operator's errors, translated once into an Event reason and a metric label.
 //!
 //! Only failures to act are errors (the API server refused a write, a worker did not answer).
-//! What is wrong with a user's object (an invalid spec, a missing Secret) is observed state: it
-//! shows as a condition and a Warning Event, and the reconcile succeeds.
+//! What is wrong with a user's object (an invalid spec, a missing Secret) is observed state, a
+//! [`Problem`](crate::Problem): it shows as a condition and a Warning Event, and the reconcile
+//! succeeds.
 
 use lakecache_api::SpecError;
 

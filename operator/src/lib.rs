@@ -9,11 +9,13 @@
 //! - [`preload`]: a `CachePreload` asks every ready worker of its CacheNamespace to load its
 //!   share of the paths, follows their progress, and runs again on a cron schedule.
 //!
-//! Each reconcile is a pipeline of small steps: fetch what the object refers to → validate into
-//! one typed value (no I/O) → build every child (no I/O) → apply with server-side apply →
-//! compute status from what was observed (no I/O) → write it. The I/O-free steps carry most of
+//! Each reconcile is a pipeline of small steps, one module each, driven by a short function in
+//! the controller's `mod.rs`: fetch what the object refers to → validate into one typed value
+//! (no I/O) → build every child, or decide the next run (no I/O) → apply with server-side apply
+//! → compute status from what was observed (no I/O) → write it. The I/O-free steps carry most of
 //! the unit tests. Errors are translated once, in [`error`], into an Event reason and a metric
-//! label; conditions never come from errors, only from observed state.
+//! label; what is wrong with a user's object is a [`Problem`], reported the same way by both
+//! controllers ([`problem`]); conditions never come from errors, only from observed state.
 #![forbid(unsafe_code)]
 
 pub mod cache_namespace;
@@ -22,6 +24,7 @@ pub mod controller;
 pub mod error;
 pub mod metrics;
 pub mod preload;
+pub mod problem;
 pub mod workers;
 
 use std::collections::HashMap;
@@ -33,6 +36,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 
 pub use error::Error;
+pub use problem::Problem;
 
 /// The field manager of every server-side apply, and the `managed-by` label value.
 pub const MANAGER: &str = "lakecache-operator";

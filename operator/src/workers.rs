@@ -100,10 +100,7 @@ impl GrpcWorkers {
         w: &WorkerRef,
     ) -> Result<
         CacheWorkerClient<
-            tonic::service::interceptor::InterceptedService<
-                Channel,
-                lakecache_client::membership::Auth,
-            >,
+            tonic::service::interceptor::InterceptedService<Channel, lakecache_proto::auth::Auth>,
         >,
         WorkerError,
     > {
@@ -122,7 +119,7 @@ impl GrpcWorkers {
                 }
             }
         };
-        let auth = lakecache_client::membership::Auth::bearer(&w.token)
+        let auth = lakecache_proto::auth::Auth::bearer(&w.token)
             .map_err(|_| WorkerError::new(w, "the data-plane token is not valid ASCII"))?;
         Ok(CacheWorkerClient::with_interceptor(channel, auth)
             .max_decoding_message_size(RECEIVE_LIMIT))

@@ -9,7 +9,7 @@ use lakecache_api::{
 use lakecache_operator::cache_namespace::build::{
     CREDENTIALS_DIR, DISK_DIR, MEMORY_DIR, worker_config,
 };
-use lakecache_worker::config::WorkerConfig;
+use lakecache_worker::config::{WorkerConfig, WorkerConfigExt};
 use lakecache_worker::meta::MetadataPolicy;
 use lakecache_worker::store::TierKind as WorkerTier;
 
@@ -52,7 +52,7 @@ fn the_worker_parses_the_operators_config() {
     );
     cn.metadata.namespace = Some("ml".into());
     let v = cn.spec.validate().unwrap();
-    let yaml = worker_config(&cn, &v);
+    let yaml = worker_config(&cn, &v).to_yaml();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("worker.yaml");
     std::fs::write(&path, &yaml).unwrap();

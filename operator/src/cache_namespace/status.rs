@@ -8,6 +8,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
+use kube::runtime::events::EventType;
 use lakecache_api::{
     CacheNamespace, CacheNamespacePhase, CacheNamespaceStatus, TierKind, TierStatus, WorkerStatus,
 };
@@ -15,14 +16,9 @@ use lakecache_proto::lakecache::v1 as pb;
 
 use crate::conditions::{Cond, settle};
 
-/// Something wrong with the object's inputs, found without acting on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// CamelCase, for the conditions and the Warning Event.
-    pub reason: &'static str,
-    /// What is wrong and what to do about it.
-    pub message: String,
-}
+/// Something wrong with the object's inputs, found without acting on it (shared by both
+/// controllers; here for the paths that name it).
+pub use crate::problem::Problem;
 
 /// The result of a source scan.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,8 +151,8 @@ pub fn compute(
         Some(p) => (
             CacheNamespacePhase::Failed,
             vec![
-                Cond::new("Ready", false, p.reason, p.message.clone()),
-                Cond::new("Degraded", true, p.reason, p.message.clone()),
+                p.cond("Ready", false),
+                p.cond("Degraded", true),
                 Cond::new(
                     "Progressing",
                     false,
@@ -245,6 +241,28 @@ pub fn compute(
         // Recorded by the controller, never dropped here.
         disk_directories: prev.disk_directories,
     }
+}
+
+/// The Event that a change of phase from `old` to `new`'s is told by (type, reason, the Ready
+/// condition's message), or `None` when the phase did not change.
+pub fn phase_event(
+    old: Option<CacheNamespacePhase>,
+    new: &CacheNamespaceStatus,
+) -> Option<(EventType, &'static str, String)> {
+    let phase = new.phase.filter(|p| Some(*p) != old)?;
+    let (type_, reason) = match phase {
+        CacheNamespacePhase::Ready => (EventType::Normal, "Ready"),
+        CacheNamespacePhase::Pending => (EventType::Normal, "Pending"),
+        CacheNamespacePhase::Degraded => (EventType::Warning, "Degraded"),
+        CacheNamespacePhase::Failed => (EventType::Warning, "Failed"),
+    };
+    let ready = new
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    Some((type_, reason, ready))
 }
 
 #[cfg(test)]
@@ -434,5 +452,24 @@ mod tests {
         assert!(d.message.contains("connection refused"));
         assert_eq!(s.source_files, Some(7));
         assert_eq!(s.cached_bytes, None);
+    }
+
+    #[test]
+    fn only_a_change_of_phase_is_an_event() {
+        let obs = Observed {
+            statefulset: Some(sts(1, 1)),
+            pods: vec![pod("imagenet-worker-0", Some("10.0.0.1"), true)],
+            ..Default::default()
+        };
+        let s = compute(&cn(1), 7700, None, &obs, &t(100));
+        let (type_, reason, message) = phase_event(Some(CacheNamespacePhase::Pending), &s).unwrap();
+        assert_eq!((type_, reason), (EventType::Normal, "Ready"));
+        assert_eq!(message, "1/1 workers ready");
+        assert!(phase_event(Some(CacheNamespacePhase::Ready), &s).is_none());
+        let p = Problem::new("InvalidSpec", "spec.tiers: at least one tier");
+        let s = compute(&cn(1), 7700, Some(&p), &obs, &t(100));
+        let (type_, reason, message) = phase_event(None, &s).unwrap();
+        assert_eq!((type_, reason), (EventType::Warning, "Failed"));
+        assert_eq!(message, "spec.tiers: at least one tier");
     }
 }

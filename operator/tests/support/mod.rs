@@ -195,7 +195,6 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-
 /// A sample dataset in a bucket of the real S3 server.
 pub struct Dataset {
     pub s3: S3Server,
