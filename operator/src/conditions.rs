@@ -65,10 +65,7 @@ pub fn is_true(conds: &[Condition], type_: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t(s: i64) -> Time {
-        Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap())
-    }
+    use crate::fixtures::t;
 
     #[test]
     fn transition_time_moves_only_on_a_status_change() {

@@ -22,6 +22,8 @@ pub mod cache_namespace;
 pub mod conditions;
 pub mod controller;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod metrics;
 pub mod preload;
 pub mod problem;

@@ -268,36 +268,12 @@ pub fn phase_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{cache_namespace, t, tier};
     use k8s_openapi::api::apps::v1::StatefulSetStatus;
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
-    use lakecache_api::{CacheNamespaceSpec, SourceSpec, TierSpec, WorkersSpec};
-
-    fn t(s: i64) -> Time {
-        Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap())
-    }
 
     fn cn(replicas: i32) -> CacheNamespace {
-        let mut c = CacheNamespace::new(
-            "imagenet",
-            CacheNamespaceSpec {
-                source: SourceSpec {
-                    uri: "s3://b/p".into(),
-                    ..Default::default()
-                },
-                workers: WorkersSpec {
-                    replicas,
-                    ..Default::default()
-                },
-                tiers: vec![TierSpec {
-                    kind: TierKind::Memory,
-                    size: "1Gi".into(),
-                    path: None,
-                    storage_class_name: None,
-                }],
-                block_size: None,
-                metadata: Default::default(),
-            },
-        );
+        let mut c = cache_namespace(replicas, vec![tier(TierKind::Memory, "1Gi", None, None)]);
         c.metadata.generation = Some(2);
         c
     }

@@ -94,29 +94,11 @@ pub(super) fn port(cn: &CacheNamespace, checked: &Result<ValidSpec, Problem>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lakecache_api::{CacheNamespaceSpec, SourceSpec, TierKind, TierSpec};
+    use crate::fixtures::{cache_namespace, tier};
+    use lakecache_api::TierKind;
 
     fn with_disk(path: &str) -> CacheNamespace {
-        let mut cn = CacheNamespace::new(
-            "imagenet",
-            CacheNamespaceSpec {
-                source: SourceSpec {
-                    uri: "s3://datasets/imagenet".into(),
-                    ..Default::default()
-                },
-                workers: Default::default(),
-                tiers: vec![TierSpec {
-                    kind: TierKind::Disk,
-                    size: "1Gi".into(),
-                    path: Some(path.into()),
-                    storage_class_name: None,
-                }],
-                block_size: None,
-                metadata: Default::default(),
-            },
-        );
-        cn.metadata.namespace = Some("ml".into());
-        cn
+        cache_namespace(1, vec![tier(TierKind::Disk, "1Gi", Some(path), None)])
     }
 
     fn checked(path: &str, roots: &[&str]) -> Result<ValidSpec, Problem> {

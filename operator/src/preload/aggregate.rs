@@ -164,11 +164,7 @@ pub fn aggregate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::jiff::Timestamp;
-
-    fn t(s: i64) -> Time {
-        Time(Timestamp::from_second(s).unwrap())
-    }
+    use crate::fixtures::t;
 
     fn ws(
         phase: pb::PreloadPhase,

@@ -89,38 +89,15 @@ pub fn ready_workers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lakecache_api::{
-        CacheNamespaceSpec, CacheNamespaceStatus, CachePreloadSpec, SourceSpec, WorkerStatus,
-    };
+    use lakecache_api::{CacheNamespaceStatus, WorkerStatus};
 
     fn preload() -> CachePreload {
-        let mut cp = CachePreload::new(
-            "warm",
-            CachePreloadSpec {
-                cache_namespace: "imagenet".into(),
-                paths: vec![],
-                metadata_only: false,
-                schedule: None,
-            },
-        );
-        cp.metadata.namespace = Some("ml".into());
-        cp
+        crate::fixtures::preload(&[], None, None)
     }
 
+    /// The shared CacheNamespace, its status listing `workers` (name, address, ready).
     fn cache_namespace(workers: &[(&str, &str, bool)]) -> CacheNamespace {
-        let mut cn = CacheNamespace::new(
-            "imagenet",
-            CacheNamespaceSpec {
-                source: SourceSpec {
-                    uri: "s3://datasets/imagenet".into(),
-                    ..Default::default()
-                },
-                workers: Default::default(),
-                tiers: vec![],
-                block_size: None,
-                metadata: Default::default(),
-            },
-        );
+        let mut cn = crate::fixtures::cache_namespace(1, vec![]);
         cn.status = Some(CacheNamespaceStatus {
             workers: workers
                 .iter()

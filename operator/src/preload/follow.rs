@@ -7,10 +7,14 @@
 //! [`aggregate`](mod@super::aggregate) at most once per `preload_status_interval`, and only when it
 //! changed. A broken stream is opened again a few times; a worker that no longer knows the run
 //! (it restarted) or keeps failing has its part failed by name. When every part is finished the
-//! task writes the final status, publishes the outcome as an Event and ends; the next reconcile
-//! then sees the run finished.
+//! task writes the final status, counts the run by its result (the `preload_runs` metric, which
+//! the failing-preload alert watches), publishes the outcome as an Event and ends; the next
+//! reconcile then sees the run finished. Counting here, once the final phase is written, and not
+//! in the reconcile from the phase it reads, is what keeps a run counted once: a restarted
+//! operator reads every finished run again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,6 +27,7 @@ use lakecache_proto::lakecache::v1 as pb;
 use super::aggregate::{WorkerRun, aggregate};
 use super::now;
 use crate::Context;
+use crate::metrics::RunResult;
 use crate::workers::{WorkerError, WorkerRef};
 
 /// Starts (or resumes) one run on every worker and follows it to the end.
@@ -32,6 +37,7 @@ pub(super) async fn follow_run(
     id: String,
     workers: Vec<WorkerRef>,
     base: CachePreloadStatus,
+    ended: Arc<AtomicBool>,
 ) {
     let members: Vec<String> = workers.iter().map(|w| w.name.clone()).collect();
     let mut parts: Vec<WorkerRun> = workers
@@ -98,10 +104,16 @@ pub(super) async fn follow_run(
             }
         }
         if finished && last_written.is_some() {
-            let (type_, reason) = if st.phase == Some(CachePreloadPhase::Succeeded) {
-                (EventType::Normal, "Succeeded")
-            } else {
-                (EventType::Warning, "Failed")
+            // The run's final phase is written, by this task, which ends here: the one place a
+            // run is counted. A process that reads a finished run never follows it (see
+            // `schedule::next_run`), and this one does not follow it again while its watch
+            // still shows it Running (`RunHandle::covers`, which `ended` tells).
+            let result = run_result(&st);
+            ctx.metrics.preload_run(result);
+            ended.store(true, Ordering::Release);
+            let (type_, reason) = match result {
+                RunResult::Succeeded => (EventType::Normal, "Succeeded"),
+                RunResult::Failed => (EventType::Warning, "Failed"),
             };
             let message = st
                 .conditions
@@ -125,6 +137,15 @@ pub(super) async fn follow_run(
             },
             _ = tick.tick() => {}
         }
+    }
+}
+
+/// How a finished run ended, from its final status: only a Succeeded run succeeded.
+fn run_result(st: &CachePreloadStatus) -> RunResult {
+    if st.phase == Some(CachePreloadPhase::Succeeded) {
+        RunResult::Succeeded
+    } else {
+        RunResult::Failed
     }
 }
 
@@ -192,4 +213,45 @@ async fn lost(
         return true;
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_succeeded_run_counts_as_succeeded() {
+        let st = |phase| CachePreloadStatus {
+            phase: Some(phase),
+            ..Default::default()
+        };
+        assert_eq!(
+            run_result(&st(CachePreloadPhase::Succeeded)),
+            RunResult::Succeeded
+        );
+        assert_eq!(
+            run_result(&st(CachePreloadPhase::Failed)),
+            RunResult::Failed
+        );
+        // Paths that failed on the workers fail the run (see `aggregate`), and count as failed.
+        let parts = [WorkerRun {
+            name: "w0".into(),
+            status: Some(pb::PreloadStatus {
+                phase: pb::PreloadPhase::Failed as i32,
+                failures: vec![pb::PathFailure {
+                    path: "missing/**".into(),
+                    reason: "NotFound".into(),
+                }],
+                ..Default::default()
+            }),
+            error: None,
+        }];
+        let base = CachePreloadStatus {
+            phase: Some(CachePreloadPhase::Running),
+            run: 1,
+            ..Default::default()
+        };
+        let done = aggregate(&base, &parts, false, &now());
+        assert_eq!(run_result(&done), RunResult::Failed);
+    }
 }

@@ -35,13 +35,14 @@ pub mod status;
 pub mod validate;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::{Controller, watcher};
-use lakecache_api::CachePreload;
+use lakecache_api::{CachePreload, CachePreloadPhase, CachePreloadStatus};
 
 pub use self::aggregate::{WorkerRun, aggregate};
 use self::schedule::NextRun;
@@ -60,6 +61,25 @@ pub struct RunHandle {
     pub id: String,
     pub workers: Vec<WorkerRef>,
     pub task: tokio::task::JoinHandle<()>,
+    /// Set by the task once it has written the run's final phase (and counted the run).
+    pub ended: Arc<AtomicBool>,
+}
+
+impl RunHandle {
+    /// Whether this process's task writes the status of the CachePreload whose status is
+    /// `status`: it follows the run, or it followed to its end the run that `status` still
+    /// calls Running. That status was read before the task's final write came back through the
+    /// watch; resuming the run from it would write Running again over the final phase, and
+    /// publish and count the run's outcome a second time.
+    pub fn covers(&self, status: Option<&CachePreloadStatus>) -> bool {
+        if !self.task.is_finished() {
+            return true;
+        }
+        self.ended.load(Ordering::Acquire)
+            && status.is_some_and(|s| {
+                s.phase == Some(CachePreloadPhase::Running) && s.run.max(1) == self.run
+            })
+    }
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -86,7 +106,7 @@ fn now() -> Time {
 
 /// One reconcile of a live CachePreload: the pipeline above.
 async fn converge(cp: Arc<CachePreload>, ctx: Arc<Context>) -> Result<Action, Error> {
-    // A run of this process is going: its task writes the status.
+    // A run of this process is going, or has just ended: its task writes the status.
     if run::running_here(&cp, &ctx) {
         return Ok(Action::requeue(ctx.cfg.resync));
     }
@@ -114,4 +134,60 @@ async fn converge(cp: Arc<CachePreload>, ctx: Arc<Context>) -> Result<Action, Er
 async fn finalize(cp: Arc<CachePreload>, ctx: Arc<Context>) -> Result<Action, Error> {
     run::cancel(&cp, &ctx).await?;
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(run: i64, task: tokio::task::JoinHandle<()>, ended: bool) -> RunHandle {
+        RunHandle {
+            run,
+            id: format!("ml/warm/u1/{run}"),
+            workers: vec![],
+            task,
+            ended: Arc::new(AtomicBool::new(ended)),
+        }
+    }
+
+    fn status(phase: CachePreloadPhase, run: i64) -> CachePreloadStatus {
+        CachePreloadStatus {
+            phase: Some(phase),
+            run,
+            ..Default::default()
+        }
+    }
+
+    async fn ended_task() -> tokio::task::JoinHandle<()> {
+        let task = tokio::spawn(async {});
+        while !task.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        task
+    }
+
+    #[tokio::test]
+    async fn a_run_that_ended_here_is_not_followed_again_from_a_stale_status() {
+        use CachePreloadPhase::{Failed, Running, Succeeded};
+        // Going: its task writes the status, whatever the object says.
+        let going = handle(3, tokio::spawn(std::future::pending()), false);
+        assert!(going.covers(Some(&status(Running, 3))));
+        assert!(going.covers(None));
+        going.task.abort();
+        // Ended here after writing its final phase, which the watch has not brought yet: the
+        // stale Running status of that run is not resumed (and the run not counted again) ...
+        let ended = handle(3, ended_task().await, true);
+        assert!(ended.covers(Some(&status(Running, 3))));
+        // ... while the final status, a later run, or a deleted status is reconciled as usual.
+        assert!(!ended.covers(Some(&status(Failed, 3))));
+        assert!(!ended.covers(Some(&status(Succeeded, 3))));
+        assert!(!ended.covers(Some(&status(Running, 4))));
+        assert!(!ended.covers(None));
+        // A status from before runs were numbered is run 1.
+        let first = handle(1, ended_task().await, true);
+        assert!(first.covers(Some(&status(Running, 0))));
+        // A task that ended without writing a final phase (it panicked): the run is resumed.
+        let lost = handle(3, ended_task().await, false);
+        assert!(!lost.covers(Some(&status(Running, 3))));
+    }
 }

@@ -10,6 +10,7 @@
 //! and a deletion can stop it.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use kube::ResourceExt;
@@ -21,13 +22,14 @@ use super::{RunHandle, fetch, follow, now, status};
 use crate::workers::WorkerRef;
 use crate::{Context, Error};
 
-/// Whether a run of `cp` is going on in this process (its task writes the status).
+/// Whether a run of `cp` is going on in this process, or has ended in it since `cp` was read
+/// (its task writes the status; see [`RunHandle::covers`]).
 pub(super) fn running_here(cp: &CachePreload, ctx: &Context) -> bool {
     let uid = cp.uid().unwrap_or_default();
     ctx.preloads
         .lock()
         .get(&uid)
-        .is_some_and(|h| !h.task.is_finished())
+        .is_some_and(|h| h.covers(cp.status.as_ref()))
 }
 
 /// The id of run `run` of `cp` on the workers.
@@ -93,12 +95,14 @@ pub(super) async fn start(
         )
         .await;
     }
+    let ended = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn(follow::follow_run(
         cp.clone(),
         ctx.clone(),
         id.clone(),
         workers.clone(),
         base,
+        ended.clone(),
     ));
     ctx.preloads.lock().insert(
         cp.uid().unwrap_or_default(),
@@ -107,6 +111,7 @@ pub(super) async fn start(
             id,
             workers,
             task,
+            ended,
         },
     );
     Ok(Action::requeue(ctx.cfg.resync))
@@ -152,14 +157,7 @@ pub(super) async fn cancel(cp: &CachePreload, ctx: &Context) -> Result<(), Error
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn w(name: &str) -> WorkerRef {
-        WorkerRef {
-            name: name.into(),
-            address: format!("{name}:7700"),
-            token: "t".into(),
-        }
-    }
+    use crate::fixtures::{preload, worker as w};
 
     fn names(ws: &[WorkerRef]) -> Vec<&str> {
         ws.iter().map(|w| w.name.as_str()).collect()
@@ -186,16 +184,7 @@ mod tests {
 
     #[test]
     fn run_ids_name_the_object_and_the_run() {
-        let mut cp = CachePreload::new(
-            "warm",
-            lakecache_api::CachePreloadSpec {
-                cache_namespace: "imagenet".into(),
-                paths: vec![],
-                metadata_only: false,
-                schedule: None,
-            },
-        );
-        cp.metadata.namespace = Some("ml".into());
+        let mut cp = preload(&[], None, None);
         cp.metadata.uid = Some("u1".into());
         assert_eq!(run_id(&cp, 3), "ml/warm/u1/3");
     }

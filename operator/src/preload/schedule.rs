@@ -110,11 +110,8 @@ pub fn parse_schedule(s: &str) -> Result<croner::Cron, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lakecache_api::{CachePreloadSpec, CachePreloadStatus, PreloadPath};
-
-    fn t(s: i64) -> Time {
-        Time(Timestamp::from_second(s).unwrap())
-    }
+    use crate::fixtures::t;
+    use lakecache_api::CachePreloadStatus;
 
     #[test]
     fn schedules_parse_and_tick() {
@@ -135,18 +132,9 @@ mod tests {
 
     /// A preload made at 01:00 on 1970-01-01, at generation 1, with `status`.
     fn preload(status: Option<CachePreloadStatus>) -> CachePreload {
-        let mut cp = CachePreload::new(
-            "warm",
-            CachePreloadSpec {
-                cache_namespace: "imagenet".into(),
-                paths: vec![PreloadPath("train/**".into())],
-                metadata_only: false,
-                schedule: None,
-            },
-        );
+        let mut cp = crate::fixtures::preload(&["train/**"], None, status);
         cp.metadata.creation_timestamp = Some(t(HOUR));
         cp.metadata.generation = Some(1);
-        cp.status = status;
         cp
     }
 

@@ -138,34 +138,13 @@ pub fn running(
 mod tests {
     use super::*;
     use crate::conditions::is_true;
-    use k8s_openapi::jiff::Timestamp;
-    use lakecache_api::{CachePreloadSpec, PreloadPath};
+    use crate::fixtures::{t, worker};
 
-    fn t(s: i64) -> Time {
-        Time(Timestamp::from_second(s).unwrap())
-    }
-
+    /// The shared CachePreload, daily at 03:00, at generation 3, with `status`.
     fn preload(status: Option<CachePreloadStatus>) -> CachePreload {
-        let mut cp = CachePreload::new(
-            "warm",
-            CachePreloadSpec {
-                cache_namespace: "imagenet".into(),
-                paths: vec![PreloadPath("train/**".into())],
-                metadata_only: false,
-                schedule: Some("0 3 * * *".into()),
-            },
-        );
+        let mut cp = crate::fixtures::preload(&["train/**"], Some("0 3 * * *"), status);
         cp.metadata.generation = Some(3);
-        cp.status = status;
         cp
-    }
-
-    fn worker(name: &str) -> WorkerRef {
-        WorkerRef {
-            name: name.into(),
-            address: "10.0.0.1:7700".into(),
-            token: "t".into(),
-        }
     }
 
     #[test]

@@ -26,18 +26,9 @@ pub fn validate(cp: &CachePreload) -> Result<Option<croner::Cron>, Problem> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lakecache_api::{CachePreloadSpec, PreloadPath};
 
     fn preload(paths: &[&str], schedule: Option<&str>) -> CachePreload {
-        CachePreload::new(
-            "warm",
-            CachePreloadSpec {
-                cache_namespace: "imagenet".into(),
-                paths: paths.iter().map(|p| PreloadPath(p.to_string())).collect(),
-                metadata_only: false,
-                schedule: schedule.map(Into::into),
-            },
-        )
+        crate::fixtures::preload(paths, schedule, None)
     }
 
     #[test]

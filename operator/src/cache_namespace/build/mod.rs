@@ -197,54 +197,28 @@ pub fn children(cn: &CacheNamespace, inp: &BuildInputs<'_>) -> Children {
 #[cfg(test)]
 mod fixtures {
     use super::*;
-    use lakecache_api::{
-        CacheNamespaceSpec, MetadataPolicyKind, MetadataSpec, SecretReference as CredRef,
-        SourceSpec, TierKind, TierSpec, WorkersSpec,
-    };
+    pub(super) use crate::fixtures::tier;
+    use lakecache_api::{MetadataPolicyKind, MetadataSpec, SecretReference as CredRef, TierSpec};
 
+    /// The shared CacheNamespace ([`crate::fixtures::cache_namespace`]) with 3 workers and
+    /// everything its children are built from set: the source's endpoint, region, credentials
+    /// and options, the block size, the metadata policy and a uid for the owner references.
     pub(super) fn cn(tiers: Vec<TierSpec>) -> CacheNamespace {
-        let mut cn = CacheNamespace::new(
-            "imagenet",
-            CacheNamespaceSpec {
-                source: SourceSpec {
-                    uri: "s3://datasets/imagenet".into(),
-                    endpoint: Some("http://s3.example:9000".into()),
-                    region: Some("us-east-1".into()),
-                    credentials_secret_ref: Some(CredRef {
-                        name: "s3-creds".into(),
-                    }),
-                    options: BTreeMap::from([("enable_virtual_host_style".into(), "false".into())]),
-                    timeout: None,
-                },
-                workers: WorkersSpec {
-                    replicas: 3,
-                    ..Default::default()
-                },
-                tiers,
-                block_size: Some("8Mi".into()),
-                metadata: MetadataSpec {
-                    policy: MetadataPolicyKind::Ttl,
-                    ttl: Some("5m".into()),
-                },
-            },
-        );
-        cn.metadata.namespace = Some("ml".into());
+        let mut cn = crate::fixtures::cache_namespace(3, tiers);
+        let source = &mut cn.spec.source;
+        source.endpoint = Some("http://s3.example:9000".into());
+        source.region = Some("us-east-1".into());
+        source.credentials_secret_ref = Some(CredRef {
+            name: "s3-creds".into(),
+        });
+        source.options = BTreeMap::from([("enable_virtual_host_style".into(), "false".into())]);
+        cn.spec.block_size = Some("8Mi".into());
+        cn.spec.metadata = MetadataSpec {
+            policy: MetadataPolicyKind::Ttl,
+            ttl: Some("5m".into()),
+        };
         cn.metadata.uid = Some("uid-1".into());
         cn
-    }
-
-    pub(super) fn tier(
-        kind: TierKind,
-        size: &str,
-        path: Option<&str>,
-        class: Option<&str>,
-    ) -> TierSpec {
-        TierSpec {
-            kind,
-            size: size.into(),
-            path: path.map(Into::into),
-            storage_class_name: class.map(Into::into),
-        }
     }
 
     pub(super) fn build(cn: &CacheNamespace) -> Children {
