@@ -265,10 +265,11 @@ struct UpgradeFuseArgs {
     #[command(flatten)]
     state: StateDirArg,
     /// The binary the successors run, as the mounter sees it; default: the mounter's own.
-    #[arg(long)]
+    #[arg(long, env = "LAKECACHE_UPGRADE_EXE")]
     exe: Option<PathBuf>,
-    /// Only these volumes (by CSI volume id); default: every staged volume.
-    #[arg(long)]
+    /// Only these volumes (by CSI volume id, repeated or comma-separated); default: every
+    /// staged volume.
+    #[arg(long, env = "LAKECACHE_UPGRADE_VOLUMES", value_delimiter = ',')]
     volume: Vec<String>,
 }
 

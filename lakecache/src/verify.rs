@@ -21,16 +21,16 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// The checksum list: lines of `<sha256 in hex>  <path>`, as `sha256sum` prints them.
-    #[arg(long)]
+    #[arg(long, env = "LAKECACHE_VERIFY_SUMS")]
     sums: PathBuf,
     /// The directory the list's paths are relative to.
-    #[arg(long)]
+    #[arg(long, env = "LAKECACHE_VERIFY_DIR")]
     dir: PathBuf,
     /// Check again every so often (e.g. `200ms`), until SIGTERM or Ctrl-C.
-    #[arg(long)]
+    #[arg(long, env = "LAKECACHE_VERIFY_EVERY")]
     every: Option<humantime::Duration>,
     /// Keep every file open from the first pass on, and read it through that handle too.
-    #[arg(long)]
+    #[arg(long, env = "LAKECACHE_VERIFY_HOLD")]
     hold: bool,
 }
 
