@@ -45,11 +45,13 @@ pub fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+        let octal = (b[i] == b'\\' && i + 3 < b.len())
+            .then(|| &b[i + 1..i + 4])
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        if let Some(v) = octal {
+            out.push(v);
             i += 4;
         } else {
             out.push(b[i]);
@@ -155,6 +157,7 @@ garbage line
         assert_eq!(containing(&t, Path::new("/tmp/a")).map(|m| m.id), Some(27));
         assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
         assert_eq!(unescape("a\\09"), "a\\09", "not an escape");
+        assert_eq!(unescape("\\777"), "\\777", "past a byte: not an escape");
         assert_eq!(unescape("/caf\u{e9}\\011x"), "/caf\u{e9}\tx");
     }
 }

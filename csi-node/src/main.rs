@@ -267,9 +267,8 @@ struct UpgradeFuseArgs {
     /// The binary the successors run, as the mounter sees it; default: the mounter's own.
     #[arg(long, env = "LAKECACHE_UPGRADE_EXE")]
     exe: Option<PathBuf>,
-    /// Only these volumes (by CSI volume id, repeated or comma-separated); default: every
-    /// staged volume.
-    #[arg(long, env = "LAKECACHE_UPGRADE_VOLUMES", value_delimiter = ',')]
+    /// Only these volumes (by CSI volume id, the flag repeated); default: every staged volume.
+    #[arg(long, env = "LAKECACHE_UPGRADE_VOLUME")]
     volume: Vec<String>,
 }
 

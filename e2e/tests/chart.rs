@@ -1904,6 +1904,11 @@ fn the_values_schema_describes_every_value_and_refuses_wrong_ones_by_name() -> a
         "csi.fuseServerOverhead=200MiB",
         "monitoring.interval=",
         "operator.resync=1h 30m",
+        "operator.resources.requests.cpu=.5",
+        "operator.resources.limits.memory=1e9",
+        "image.tag=1.2.0@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "fullnameOverride=a-very-long-name-that-the-chart-truncates-to-fifty-characters-anyway",
+        "csi.fuseThreads=128",
     ] {
         render(home.path(), &["--set", value]).with_context(|| value.to_string())?;
     }

@@ -36,13 +36,16 @@ pub fn bearer_header(token: &str) -> Result<Header, TokenError> {
     if token.is_empty() {
         return Err(TokenError::Empty);
     }
-    format!("Bearer {token}")
+    let mut header: Header = format!("Bearer {token}")
         .parse()
-        .map_err(|_| TokenError::NotAscii)
+        .map_err(|_| TokenError::NotAscii)?;
+    // Kept out of HTTP/2 header compression tables and debug output.
+    header.set_sensitive(true);
+    Ok(header)
 }
 
-/// The tokens an [`Auth`] holds.
-#[derive(Debug, Default)]
+/// The tokens an [`Auth`] holds. No `Debug`: it would print them.
+#[derive(Default)]
 pub struct Tokens {
     /// What every call carries unless it carries a token already.
     pub current: Option<Header>,

@@ -86,9 +86,11 @@ impl NodeError {
     }
 }
 
-/// The code of a failed file or mount call: a dead FUSE connection (`ENOTCONN`), a mount that
-/// answers with errors (`EIO`) or times out is repaired by the plugin and worth a retry; a full
-/// disk is the node's limit; anything else is a fault of the plugin or its node.
+/// The code of a failed file call (the volume's state, a target directory): an I/O error
+/// (`EIO`, a path under a dead FUSE connection, `ENOTCONN`) or a timeout may pass on a retry,
+/// once the plugin has repaired the mount or the disk recovered; a full disk is the node's
+/// limit; anything else is a fault of the plugin or its node. (The mount calls' own errors
+/// carry no errno and stay `Internal`.)
 fn io_code(e: &io::Error) -> Code {
     if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::EIO)) {
         return Code::Unavailable;

@@ -220,6 +220,11 @@ pub mod fake {
             self.dirs.lock().contains(path) || self.files.lock().contains(path)
         }
         fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+            // As on a real node: over a dead mount the path does not stat, and mkdir finds it
+            // taken.
+            if self.top(path).is_some_and(|m| m.broken) {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
             let mut dirs = self.dirs.lock();
             for a in path.ancestors() {
                 dirs.insert(a.to_path_buf());

@@ -133,12 +133,15 @@ impl Plugin {
         }
         let t = target.clone();
         self.fs("binding the cache to the target", move |host| {
-            host.create_dir_all(&t)
-                .map_err(|e| NodeError::io(format!("{RPC}: creating {}", t.display()), e))?;
+            // A stale mount goes first: over a dead bind (its FUSE server gone), creating the
+            // directory fails ("File exists" on a path that does not stat), so the target could
+            // never be published again.
             if host.is_mount_point(&t).unwrap_or(false) {
                 host.unmount_all(&t)
                     .map_err(|e| NodeError::io(format!("{RPC}: clearing {}", t.display()), e))?;
             }
+            host.create_dir_all(&t)
+                .map_err(|e| NodeError::io(format!("{RPC}: creating {}", t.display()), e))?;
             host.bind_read_only(&source, &t)
                 .map_err(|e| NodeError::io(RPC, e))
         })

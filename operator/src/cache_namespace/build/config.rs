@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytesize::ByteSize;
 use k8s_openapi::ByteString;
@@ -63,9 +64,8 @@ pub fn worker_config(cn: &CacheNamespace, v: &ValidSpec) -> WorkerConfig {
     }
     WorkerConfig {
         id: String::new(),
-        // `validate` keeps the port within 1..=65534, so both fit.
-        listen: SocketAddr::from(([0, 0, 0, 0], v.port as u16)),
-        admin_listen: SocketAddr::from(([0, 0, 0, 0], (v.port + 1) as u16)),
+        listen: SocketAddr::from(([0, 0, 0, 0], port(v.port))),
+        admin_listen: SocketAddr::from(([0, 0, 0, 0], port(v.port + 1))),
         block_size: ByteSize::b(v.block_size),
         tiers,
         metadata: match v.metadata_ttl {
@@ -75,6 +75,36 @@ pub fn worker_config(cn: &CacheNamespace, v: &ValidSpec) -> WorkerConfig {
         token_file: Some(format!("{TOKEN_DIR}/{TOKEN_KEY}").into()),
         ..WorkerConfig::new(source)
     }
+}
+
+/// A port of a valid spec: `validate` keeps the data port within 1..=65534, so it and the admin
+/// port (the next one) fit.
+fn port(p: i32) -> u16 {
+    u16::try_from(p).expect("a validated port fits in 16 bits")
+}
+
+/// The configuration file's text, as every release has written it: keys sorted, durations in
+/// milliseconds, what is unset or at its default left out. The text is hashed into the worker
+/// pod template, which rolls the workers when it changes; an operator that wrote the same
+/// configuration another way (`ByteSize`, `humantime` and field order would) would restart
+/// every cache's workers on upgrade, emptying their memory tiers, for nothing.
+pub fn config_text(cfg: &WorkerConfig) -> String {
+    let ms = |d: Duration| serde_json::Value::from(format!("{}ms", d.as_millis()));
+    let mut v = serde_json::to_value(cfg).expect("a worker configuration serializes");
+    v["source"]["timeout"] = ms(cfg.source.timeout);
+    let source = v["source"]
+        .as_object_mut()
+        .expect("the source is an object");
+    if cfg.source.credentials_dir.is_none() {
+        source.remove("credentialsDir");
+    }
+    if cfg.source.retries == SourceSpec::new("").retries {
+        source.remove("retries");
+    }
+    if let MetadataPolicy::Ttl { ttl } = cfg.metadata {
+        v["metadata"]["ttl"] = ms(ttl);
+    }
+    serde_yaml_ng::to_string(&v).expect("JSON values serialize as YAML")
 }
 
 /// The ConfigMap that holds the worker configuration file `config`.
@@ -119,7 +149,7 @@ mod tests {
     fn the_config_says_what_the_spec_says_and_holds_no_secret() {
         let cn = cn(vec![tier(TierKind::Memory, "1Gi", None, None)]);
         let v = cn.spec.validate().unwrap();
-        let y = worker_config(&cn, &v).to_yaml();
+        let y = config_text(&worker_config(&cn, &v));
         let val: serde_json::Value = serde_yaml_ng::from_str(&y).unwrap();
         assert_eq!(val["source"]["uri"], "s3://datasets/imagenet");
         assert_eq!(
@@ -132,5 +162,76 @@ mod tests {
         assert_eq!(val["tiers"][0]["size"], 1u64 << 30);
         assert_eq!(val["metadata"]["policy"], "Ttl");
         assert!(!y.contains("t0ken"));
+    }
+
+    /// What the operator of the last release wrote (d266082's `worker_config`, kept as the
+    /// reference): the text must not change, or every worker rolls on upgrade.
+    fn released_text(cn: &CacheNamespace, v: &ValidSpec) -> String {
+        let src = &cn.spec.source;
+        let mut options = serde_json::Map::new();
+        for (k, val) in &src.options {
+            options.insert(k.clone(), val.clone().into());
+        }
+        if let Some(e) = &src.endpoint {
+            options.insert("endpoint".into(), e.clone().into());
+        }
+        if let Some(r) = &src.region {
+            options.insert("region".into(), r.clone().into());
+        }
+        let mut source = serde_json::json!({
+            "uri": src.uri,
+            "options": options,
+            "timeout": format!("{}ms", v.source_timeout.as_millis()),
+        });
+        if src.credentials_secret_ref.is_some() {
+            source["credentialsDir"] = CREDENTIALS_DIR.into();
+        }
+        let mut tiers = vec![];
+        if let Some(m) = v.memory {
+            tiers.push(serde_json::json!({"kind": "Memory", "path": MEMORY_DIR, "size": m}));
+        }
+        if let Some(d) = &v.disk {
+            tiers.push(serde_json::json!({"kind": "Disk", "path": DISK_DIR, "size": d.size}));
+        }
+        let metadata = match v.metadata_ttl {
+            None => serde_json::json!({"policy": "Immutable"}),
+            Some(t) => serde_json::json!({"policy": "Ttl", "ttl": format!("{}ms", t.as_millis())}),
+        };
+        let cfg = serde_json::json!({
+            "source": source,
+            "listen": format!("0.0.0.0:{}", v.port),
+            "adminListen": format!("0.0.0.0:{}", v.port + 1),
+            "blockSize": v.block_size,
+            "tiers": tiers,
+            "metadata": metadata,
+            "tokenFile": format!("{TOKEN_DIR}/{TOKEN_KEY}"),
+        });
+        serde_yaml_ng::to_string(&cfg).expect("JSON values serialize as YAML")
+    }
+
+    #[test]
+    fn the_text_is_what_the_last_release_wrote() {
+        let mut specs = vec![
+            cn(vec![tier(TierKind::Memory, "1Gi", None, None)]),
+            cn(vec![
+                tier(TierKind::Memory, "1500M", None, None),
+                tier(TierKind::Disk, "50Gi", Some("/mnt/nvme0"), None),
+            ]),
+        ];
+        let mut plain = cn(vec![tier(TierKind::Disk, "20Gi", None, Some("fast"))]);
+        plain.spec.source.credentials_secret_ref = None;
+        plain.spec.source.endpoint = None;
+        plain.spec.source.region = None;
+        plain.spec.source.options.clear();
+        plain.spec.source.timeout = Some("45s".into());
+        plain.spec.metadata = Default::default();
+        plain.spec.block_size = None;
+        plain.spec.workers.port = Some(9000);
+        specs.push(plain);
+        for cn in specs {
+            let v = cn.spec.validate().unwrap();
+            let text = config_text(&worker_config(&cn, &v));
+            assert_eq!(text, released_text(&cn, &v));
+        }
     }
 }
