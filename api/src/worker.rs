@@ -169,9 +169,28 @@ impl WorkerConfig {
         }
     }
 
-    /// The file's text.
+    /// The file's text, as every release has written it: keys sorted, durations in
+    /// milliseconds, what is unset or at its default left out. The operator hashes this text
+    /// into the worker pod template, which rolls the workers when it changes; writing the same
+    /// configuration another way (field order, `30s` for `30000ms`) would restart every cache's
+    /// workers on an operator upgrade, emptying their memory tiers, for nothing.
     pub fn to_yaml(&self) -> String {
-        serde_yaml_ng::to_string(self).expect("a worker configuration serializes")
+        let ms = |d: Duration| serde_json::Value::from(format!("{}ms", d.as_millis()));
+        let mut v = serde_json::to_value(self).expect("a worker configuration serializes");
+        v["source"]["timeout"] = ms(self.source.timeout);
+        let source = v["source"]
+            .as_object_mut()
+            .expect("the source is an object");
+        if self.source.credentials_dir.is_none() {
+            source.remove("credentialsDir");
+        }
+        if self.source.retries == SourceSpec::new("").retries {
+            source.remove("retries");
+        }
+        if let MetadataPolicy::Ttl { ttl } = self.metadata {
+            v["metadata"]["ttl"] = ms(ttl);
+        }
+        serde_yaml_ng::to_string(&v).expect("JSON values serialize as YAML")
     }
 
     /// Checks everything that needs no I/O.

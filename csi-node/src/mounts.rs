@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix::mount::{MntFlags, MsFlags};
 
 /// One line of `/proc/self/mountinfo`, and its parser: one definition, in the client crate.
-pub use lakecache_client::mountinfo::{MountInfo, parse as parse_mountinfo};
+pub use lakecache_client::mountinfo::MountInfo;
 
 /// The current mount table of this process's mount namespace.
 pub fn mount_table() -> io::Result<Vec<MountInfo>> {

@@ -1,4 +1,4 @@
-//! Fixtures every crate's tests share, written once: deterministic file contents, a worker's
+//! Fixtures every crate's tests share, written once: deterministic file contents, a free port, a worker's
 //! configuration, the wiring of started workers into a reader's membership, and the chart's
 //! ServiceAccount and RBAC installed into a cluster with a kubeconfig of that account.
 //!
@@ -30,6 +30,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a loopback port")
+        .port()
 }
 
 /// Worker `w<i>` of `source` on loopback ports the system picks, with blocks of `block_size`,

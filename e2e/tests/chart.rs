@@ -55,6 +55,7 @@ use kube::api::{
 };
 use kube::runtime::{WatchStreamExt, watcher};
 use lakecache_e2e::cluster::{HELM_ENV, client_from_kubeconfig, eventually};
+use lakecache_e2e::kit::free_port;
 use lakecache_e2e::{Cluster, ClusterOptions};
 use lakecache_proto::csi::v1::NodeGetVolumeStatsRequest;
 use lakecache_proto::csi::v1::node_client::NodeClient;
@@ -2573,12 +2574,6 @@ async fn unix_channel(socket: &Path) -> anyhow::Result<tonic::transport::Channel
     )
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// A child process, killed when dropped.
 struct Child {
     what: String,
@@ -2760,7 +2755,7 @@ async fn dashboard_and_alerts_name_only_metrics_the_binaries_serve() -> anyhow::
     std::fs::write(lake.join("data/a.bin"), lakecache_e2e::pattern(1, 300_000))?;
     let token = "metrics-token";
     std::fs::write(dir.join("token"), token)?;
-    let (grpc, admin) = (free_port()?, free_port()?);
+    let (grpc, admin) = (free_port(), free_port());
     std::fs::write(
         dir.join("worker.json"),
         serde_json::to_vec(&json!({
@@ -2796,7 +2791,7 @@ async fn dashboard_and_alerts_name_only_metrics_the_binaries_serve() -> anyhow::
 
     // The CSI plugin, called as kubelet calls it, and the builtin registrar dialing it,
     // registered as kubelet registers it.
-    let csi_admin = free_port()?;
+    let csi_admin = free_port();
     let socket = dir.join("csi.sock");
     let mut plugin = Child::start(
         "csi-plugin",
@@ -2829,7 +2824,7 @@ async fn dashboard_and_alerts_name_only_metrics_the_binaries_serve() -> anyhow::
         "the call was not counted: {text}"
     );
     served.insert("CSI plugin".into(), families(&text)?);
-    let registrar_admin = free_port()?;
+    let registrar_admin = free_port();
     let registry = dir.join("registry");
     std::fs::create_dir_all(&registry)?;
     let mut registrar = Child::start(
@@ -2915,7 +2910,7 @@ async fn dashboard_and_alerts_name_only_metrics_the_binaries_serve() -> anyhow::
             ),
         )?;
     }
-    let operator_admin = free_port()?;
+    let operator_admin = free_port();
     let mut operator = Child::start(
         "operator",
         Command::new(bins.join("lakecache-operator"))

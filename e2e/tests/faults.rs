@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use lakecache_e2e::image::binaries_dir;
+use lakecache_e2e::kit::free_port;
 use lakecache_e2e::{Proxy, S3Server, pattern};
 use lakecache_proto::lakecache::v1::InfoRequest;
 use lakecache_proto::lakecache::v1::cache_worker_client::CacheWorkerClient;
@@ -40,12 +41,6 @@ fn dataset() -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// A `lakecache-worker` process.
 struct WorkerProcess {
     id: String,
@@ -56,7 +51,7 @@ struct WorkerProcess {
 impl WorkerProcess {
     fn start(bins: &Path, dir: &Path, s3: &S3Server, i: usize) -> anyhow::Result<Self> {
         let id = format!("w{i}");
-        let (port, admin) = (free_port()?, free_port()?);
+        let (port, admin) = (free_port(), free_port());
         let token = dir.join("token");
         std::fs::write(&token, TOKEN)?;
         let config = serde_json::json!({

@@ -7,7 +7,7 @@ use lakecache_api::{
     SourceSpec, TierKind, TierSpec, WorkersSpec,
 };
 use lakecache_operator::cache_namespace::build::{
-    CREDENTIALS_DIR, DISK_DIR, MEMORY_DIR, config_text, worker_config,
+    CREDENTIALS_DIR, DISK_DIR, MEMORY_DIR, worker_config,
 };
 use lakecache_worker::config::{WorkerConfig, WorkerConfigExt};
 use lakecache_worker::meta::MetadataPolicy;
@@ -52,7 +52,7 @@ fn the_worker_parses_the_operators_config() {
     );
     cn.metadata.namespace = Some("ml".into());
     let v = cn.spec.validate().unwrap();
-    let yaml = config_text(&worker_config(&cn, &v));
+    let yaml = worker_config(&cn, &v).to_yaml();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("worker.yaml");
     std::fs::write(&path, &yaml).unwrap();

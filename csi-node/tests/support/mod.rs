@@ -2,7 +2,7 @@
 //! the real unix socket, the way kubelet talks to the plugin.
 #![allow(dead_code)]
 
-pub use lakecache_e2e::kit::{self, pattern};
+pub use lakecache_e2e::kit::{self, free_port, pattern};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -91,15 +91,6 @@ pub fn worker_config(
         token: Some(token.to_string()),
         ..kit::worker_config(i, source, 1 << 20)
     }
-}
-
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The plugin and mounter processes of one node.

@@ -4,7 +4,7 @@
 //! helpers.
 #![allow(dead_code)]
 
-pub use lakecache_e2e::kit::pattern;
+pub use lakecache_e2e::kit::{free_port, pattern};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -53,14 +53,6 @@ pub fn worker_image() -> String {
 
 pub fn object<T: DeserializeOwned>(v: Value) -> T {
     serde_json::from_value(v).expect("a valid object")
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// kubectl's stdout, or an error with its stderr.

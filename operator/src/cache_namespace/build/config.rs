@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytesize::ByteSize;
 use k8s_openapi::ByteString;
@@ -31,7 +30,7 @@ pub const DISK_DIR: &str = "/cache/disk";
 /// The key of the token in the token Secret (and in the CSI stage secret).
 pub use lakecache_api::volume::TOKEN_KEY;
 
-/// The worker configuration file. Every worker of the StatefulSet reads the same file, so it
+/// The worker configuration file (its text: [`WorkerConfig::to_yaml`]). Every worker of the StatefulSet reads the same file, so it
 /// names no worker: each takes its id from its pod name.
 pub fn worker_config(cn: &CacheNamespace, v: &ValidSpec) -> WorkerConfig {
     let src = &cn.spec.source;
@@ -83,30 +82,6 @@ fn port(p: i32) -> u16 {
     u16::try_from(p).expect("a validated port fits in 16 bits")
 }
 
-/// The configuration file's text, as every release has written it: keys sorted, durations in
-/// milliseconds, what is unset or at its default left out. The text is hashed into the worker
-/// pod template, which rolls the workers when it changes; an operator that wrote the same
-/// configuration another way (`ByteSize`, `humantime` and field order would) would restart
-/// every cache's workers on upgrade, emptying their memory tiers, for nothing.
-pub fn config_text(cfg: &WorkerConfig) -> String {
-    let ms = |d: Duration| serde_json::Value::from(format!("{}ms", d.as_millis()));
-    let mut v = serde_json::to_value(cfg).expect("a worker configuration serializes");
-    v["source"]["timeout"] = ms(cfg.source.timeout);
-    let source = v["source"]
-        .as_object_mut()
-        .expect("the source is an object");
-    if cfg.source.credentials_dir.is_none() {
-        source.remove("credentialsDir");
-    }
-    if cfg.source.retries == SourceSpec::new("").retries {
-        source.remove("retries");
-    }
-    if let MetadataPolicy::Ttl { ttl } = cfg.metadata {
-        v["metadata"]["ttl"] = ms(ttl);
-    }
-    serde_yaml_ng::to_string(&v).expect("JSON values serialize as YAML")
-}
-
 /// The ConfigMap that holds the worker configuration file `config`.
 pub(super) fn config_map(
     cn: &CacheNamespace,
@@ -149,7 +124,7 @@ mod tests {
     fn the_config_says_what_the_spec_says_and_holds_no_secret() {
         let cn = cn(vec![tier(TierKind::Memory, "1Gi", None, None)]);
         let v = cn.spec.validate().unwrap();
-        let y = config_text(&worker_config(&cn, &v));
+        let y = worker_config(&cn, &v).to_yaml();
         let val: serde_json::Value = serde_yaml_ng::from_str(&y).unwrap();
         assert_eq!(val["source"]["uri"], "s3://datasets/imagenet");
         assert_eq!(
@@ -230,7 +205,7 @@ mod tests {
         specs.push(plain);
         for cn in specs {
             let v = cn.spec.validate().unwrap();
-            let text = config_text(&worker_config(&cn, &v));
+            let text = worker_config(&cn, &v).to_yaml();
             assert_eq!(text, released_text(&cn, &v));
         }
     }

@@ -46,7 +46,7 @@ use lakecache_api::{CacheNamespace, ValidSpec};
 
 pub use self::config::{
     CONFIG_DIR, CONFIG_FILE, CREDENTIALS_DIR, DISK_DIR, MEMORY_DIR, TOKEN_DIR, TOKEN_KEY,
-    config_text, worker_config,
+    worker_config,
 };
 pub use self::host_path::{host_dir, host_path_root, normalize_path};
 pub use self::statefulset::{CONFIG_HASH_ANNOTATION, TOKEN_HASH_ANNOTATION, WORKER_UID};
@@ -168,7 +168,7 @@ pub fn children(cn: &CacheNamespace, inp: &BuildInputs<'_>) -> Children {
         .controller_owner_ref(&())
         .expect("a CacheNamespace from the API server has a name and uid");
     let v = inp.spec;
-    let config = config_text(&worker_config(cn, v));
+    let config = worker_config(cn, v).to_yaml();
     let config_hash = blake3::hash(config.as_bytes()).to_hex()[..16].to_string();
     let token_hash = blake3::hash(inp.token.as_bytes()).to_hex()[..16].to_string();
     Children {
